@@ -1,0 +1,90 @@
+"""The `dpo-eval` command. Errors go to stderr, no traceback unless --debug."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from dpo_eval.errors import DpoEvalError
+
+app = typer.Typer(
+    name="dpo-eval",
+    help="Did the DPO alignment take? Compare a tuned checkpoint with its base, feature by feature.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DatasetOpt = typer.Option(..., "--dataset", help="File, save_to_disk folder or hub id of the preference data.")
+FormatOpt = typer.Option("auto", "--format", help="auto|orca|openai|hh-rlhf|trl")
+ColumnsOpt = typer.Option(None, "--columns", help="Explicit mapping, e.g. prompt=instruction,chosen=good,rejected=bad")
+SeedOpt = typer.Option(42, "--seed", help="Seed of the hash-based train/valid split.")
+ValidOpt = typer.Option(0.1, "--valid-fraction", help="Share of pairs in the valid split.")
+LimitOpt = typer.Option(None, "--limit", help="Keep only the first N pairs.")
+
+
+def dataset_spec(dataset: str, fmt: str, columns: Optional[str], seed: int, valid_fraction: float,
+                 limit: Optional[int]):
+    """A DatasetSpec from CLI options; bad values become a DpoEvalError naming the option."""
+    from dpo_eval.config import DatasetSpec, parse_columns
+
+    try:
+        return DatasetSpec(source=dataset, format=fmt, columns=parse_columns(columns), seed=seed,
+                           valid_fraction=valid_fraction, limit=limit)
+    except (ValidationError, ValueError) as exc:
+        raise DpoEvalError(_validation_message(exc)) from None
+
+
+def _validation_message(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                         for e in exc.errors())
+    return str(exc)
+
+
+@app.callback()
+def _root() -> None:
+    """Did the DPO alignment take? Compare a tuned checkpoint with its base, feature by feature."""
+
+
+@app.command()
+def pairs(
+    dataset: str = DatasetOpt,
+    fmt: str = FormatOpt,
+    columns: Optional[str] = ColumnsOpt,
+    seed: int = SeedOpt,
+    valid_fraction: float = ValidOpt,
+    limit: Optional[int] = LimitOpt,
+    out: Path = typer.Option(..., "--out", help="Where to write pairs.parquet."),
+) -> None:
+    """Read preference data into the pairs table; print a JSON summary of what was kept."""
+    from dpo_eval.data import read_pairs
+
+    table, report = read_pairs(dataset_spec(dataset, fmt, columns, seed, valid_fraction, limit))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.write_parquet(out)
+    print(json.dumps(report.to_dict(), indent=2))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of the console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    try:
+        app(args=args, prog_name="dpo-eval")  # click handles usage errors and --help itself
+    except DpoEvalError as exc:
+        if debug:
+            raise
+        print(f"dpo-eval: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Pydantic configs of every stage; `extra="forbid"` makes a typo in a parameter an error."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Format = Literal["auto", "orca", "openai", "hh-rlhf", "trl", "columns"]
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(Spec):
+    """Where the preference pairs come from and how they are split."""
+
+    source: str = Field(
+        description="A local .jsonl, .jsonl.gz, .json, .parquet or .csv file, a folder saved by "
+        "datasets.save_to_disk, or a Hugging Face Hub data set id."
+    )
+    format: Format = Field("auto", description="Record format; 'auto' recognises it by its fields.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Explicit column mapping {prompt, chosen, rejected, system?, split?: source column}.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+    hub_split: str | None = Field(None, description="Only this split of a hub data set or DatasetDict.")
+    seed: int = Field(42, description="Seed of the hash-based train/valid split.")
+    valid_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of pairs in the valid split.")
+    limit: int | None = Field(None, ge=1, description="Keep only the first N pairs (in input order).")
+
+    @field_validator("columns")
+    @classmethod
+    def _known_targets(cls, value: dict[str, str]) -> dict[str, str]:
+        allowed = {"prompt", "chosen", "rejected", "system", "split"}
+        unknown = set(value) - allowed
+        if unknown:
+            raise ValueError(f"unknown column mapping targets {sorted(unknown)}; use {sorted(allowed)}")
+        return value
+
+
+def parse_columns(text: str | None) -> dict[str, str]:
+    """Parse `prompt=instruction,chosen=output_good,...` into a mapping."""
+    if not text:
+        return {}
+    mapping: dict[str, str] = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise ValueError(f"--columns: '{part}' is not TARGET=SOURCE (e.g. prompt=instruction)")
+        target, source = (s.strip() for s in part.split("=", 1))
+        mapping[target] = source
+    return mapping
+
+
+def default_cache_dir() -> Path:
+    """The user's cache folder for dpo-eval (XDG_CACHE_HOME or ~/.cache)."""
+    root = os.environ.get("DPO_EVAL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpo-eval"
+    )
+    return Path(root)
