@@ -71,6 +71,36 @@ def pairs(
     print(json.dumps(report.to_dict(), indent=2))
 
 
+@app.command()
+def analyze(
+    features: Path = typer.Option(..., "--features", help="features.parquet (pair_id, split, role, features)."),
+    out: Path = typer.Option(..., "--out", help="Folder for stats.*, summary.json, report.html, plots/."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level for the q-values."),
+    bootstrap: int = typer.Option(2000, "--bootstrap", help="Bootstrap resamples for the CIs."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and permutations."),
+) -> None:
+    """Paired statistics and the report from a features table."""
+    import polars as pl
+
+    from dpo_eval.analysis import AnalysisSpec, run_analysis
+    from dpo_eval.report import write_outputs
+
+    if not features.is_file():
+        raise DpoEvalError(f"--features {features}: no such file")
+    try:
+        spec = AnalysisSpec(alpha=alpha, bootstrap=bootstrap, seed=seed)
+    except ValidationError as exc:
+        raise DpoEvalError(_validation_message(exc)) from None
+    try:
+        table = pl.read_parquet(features)
+    except Exception as exc:
+        raise DpoEvalError(f"--features {features}: cannot read as parquet ({exc})") from None
+    result = run_analysis(table, spec)
+    summary = write_outputs(result.stats, result.summary, out)
+    print("\n".join(summary["sentences"]))
+    print(f"report: {out / 'report.html'}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the console script."""
     args = list(sys.argv[1:] if argv is None else argv)
