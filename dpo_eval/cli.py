@@ -71,6 +71,58 @@ def pairs(
     print(json.dumps(report.to_dict(), indent=2))
 
 
+def model_spec(base: str, adapter: Optional[str], quantization: str, compute_dtype: str,
+               prompt_template: Optional[str]):
+    """A ModelSpec from CLI options; bad values become a DpoEvalError naming the option."""
+    from dpo_eval.config import ModelSpec
+
+    try:
+        return ModelSpec(base=base, adapter=adapter, quantization=quantization, compute_dtype=compute_dtype,
+                         prompt_template=prompt_template)
+    except ValidationError as exc:
+        raise DpoEvalError(_validation_message(exc)) from None
+
+
+@app.command()
+def generate(
+    base: str = typer.Option(..., "--base", help="Base model folder or hub id."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA/QLoRA adapter folder or hub id."),
+    dataset: str = DatasetOpt,
+    fmt: str = FormatOpt,
+    columns: Optional[str] = ColumnsOpt,
+    limit: Optional[int] = LimitOpt,
+    quantization: str = typer.Option("4bit", "--quantization", help="none|8bit|4bit (nf4, double quant)."),
+    compute_dtype: str = typer.Option("bfloat16", "--compute-dtype", help="bfloat16|float16|float32"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    prompt_template: Optional[str] = typer.Option(None, "--prompt-template",
+                                                  help="Jinja template taking system and prompt."),
+    out: Path = typer.Option(..., "--out", help="Where to write answers.parquet."),
+) -> None:
+    """Generate base (and, with an adapter, tuned) answers to every prompt."""
+    import polars as pl
+
+    from dpo_eval.config import GenerationSpec
+    from dpo_eval.data import load_pairs
+    from dpo_eval.generation import generate_both
+    from dpo_eval.models import load_model
+
+    spec = model_spec(base, adapter, quantization, compute_dtype, prompt_template)
+    try:
+        gen = GenerationSpec(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    except ValidationError as exc:
+        raise DpoEvalError(_validation_message(exc)) from None
+    pairs_table = load_pairs(dataset_spec(dataset, fmt, columns, 42, 0.1, limit))
+    loaded = load_model(spec)
+    answers = generate_both(loaded, pairs_table, gen)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    answers.write_parquet(out)
+    print(json.dumps({"answers": answers.height, "models": sorted(set(answers["model"])),
+                      "fingerprint": loaded.fingerprint, "base_fingerprint": loaded.base_fingerprint,
+                      "truncated_prompts": int(answers.filter(pl.col("model") == "base")["truncated"].sum()),
+                      "repairs": loaded.repairs}, indent=2))
+
+
 @app.command()
 def analyze(
     features: Path = typer.Option(..., "--features", help="features.parquet (pair_id, split, role, features)."),

@@ -79,3 +79,29 @@ class ScoringSpec(Spec):
     )
     cache: bool = Field(True, description="Reuse scores of texts already seen (content-addressed).")
     cache_dir: Path | None = Field(None, description="Score cache folder; default: the user's cache folder.")
+
+
+class ModelSpec(Spec):
+    """The base LLM, the DPO adapter on it, and how to load them."""
+
+    base: str = Field(description="Base model: a local folder or a Hugging Face Hub id.")
+    revision: str | None = Field(None, description="Hub revision of the base (branch, tag or commit).")
+    adapter: str | None = Field(None, description="LoRA/QLoRA adapter folder or hub id; none: base only.")
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "4bit", description="Load the base as is, in 8-bit, or in 4-bit nf4 with double quantization.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Compute dtype (float16 is unstable for QLoRA).")
+    device_map: str | None = Field(None, description="transformers device_map; default: auto on GPU, cpu otherwise.")
+    prompt_template: str | None = Field(
+        None, description="Jinja template taking `system` and `prompt`; overrides the chat template.")
+
+
+class GenerationSpec(Spec):
+    """How answers are generated; the same settings for the tuned and the base model."""
+
+    max_new_tokens: int = Field(256, ge=1, description="New tokens per answer at most.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int = Field(0, description="Seed that makes sampled runs repeatable.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate() call (sorted by length).")

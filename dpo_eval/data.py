@@ -127,7 +127,6 @@ def _split_of(given: str | None, pid: str, spec: DatasetSpec, where: str) -> str
     return name
 
 
-def prompt_messages(row: dict) -> list[dict[str, str]]:
-    """The prompt of a pairs row as chat messages, the system prompt first when there is one."""
-    turns = json.loads(row["messages"]) if row.get("messages") else [{"role": "user", "content": row["prompt"]}]
-    return ([{"role": "system", "content": row["system"]}] if row.get("system") else []) + turns
+def prompt_turns(row: dict) -> list[dict[str, str]]:
+    """The prompt of a pairs row as chat messages, system prompt excluded."""
+    return json.loads(row["messages"]) if row.get("messages") else [{"role": "user", "content": row["prompt"]}]

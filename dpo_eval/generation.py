@@ -1,0 +1,102 @@
+"""Batched generation: prompts sorted by length, left-padded, results back in input order."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from dpo_eval.config import GenerationSpec
+from dpo_eval.data import prompt_turns
+from dpo_eval.errors import DpoEvalError
+from dpo_eval.prompts import EncodedPrompt, PromptFormatter
+
+ANSWER_SCHEMA = {"pair_id": pl.String, "model": pl.String, "answer": pl.String, "n_prompt_tokens": pl.Int64,
+                 "n_new_tokens": pl.Int64, "finish_reason": pl.String, "truncated": pl.Boolean}
+
+
+def encode_prompts(formatter: PromptFormatter, pairs: pl.DataFrame, max_prompt_tokens: int) -> list[EncodedPrompt]:
+    """Every pair's prompt, rendered and tokenized by `formatter`, cut to `max_prompt_tokens`."""
+    if max_prompt_tokens < 2:
+        raise DpoEvalError(f"--max-new-tokens leaves {max_prompt_tokens} prompt tokens in the model's "
+                           "context; lower it")
+    encoded = [formatter.encode(formatter.render(row["system"], prompt_turns(row)), max_prompt_tokens)
+               for row in pairs.iter_rows(named=True)]
+    formatter.record_counts(max_prompt_tokens)
+    return encoded
+
+
+def generate_answers(model, tokenizer, pairs: pl.DataFrame, spec: GenerationSpec | None = None, *,
+                     label: str = "tuned", prompts: list[EncodedPrompt] | None = None,
+                     context_length: int | None = None, repairs: list[str] | None = None) -> pl.DataFrame:
+    """Answers of `model` to every prompt of `pairs`, as rows of answers.parquet labelled `label`."""
+    spec = spec or GenerationSpec()
+    if prompts is None:
+        context = context_length or int(getattr(model.config, "max_position_embeddings", 2048))
+        prompts = encode_prompts(PromptFormatter(tokenizer, repairs=repairs), pairs, context - spec.max_new_tokens)
+    outputs = _generate(model, tokenizer, [p.ids for p in prompts], spec)
+    return pl.DataFrame({
+        "pair_id": pairs["pair_id"].to_list(), "model": [label] * len(prompts),
+        "answer": [o[0] for o in outputs], "n_prompt_tokens": [len(p.ids) for p in prompts],
+        "n_new_tokens": [o[1] for o in outputs], "finish_reason": [o[2] for o in outputs],
+        "truncated": [p.truncated for p in prompts],
+    }, schema=ANSWER_SCHEMA)
+
+
+def generate_both(loaded, pairs: pl.DataFrame, spec: GenerationSpec | None = None,
+                  models: tuple[str, ...] = ("tuned", "base")) -> pl.DataFrame:
+    """Tuned (adapter on) and base (adapter disabled) answers from one load; base only without adapter."""
+    spec = spec or GenerationSpec()
+    formatter = PromptFormatter(loaded.tokenizer, loaded.spec.prompt_template, loaded.repairs)
+    prompts = encode_prompts(formatter, pairs, loaded.context_length - spec.max_new_tokens)
+    frames = []
+    for label in models:
+        if label == "tuned" and not loaded.has_adapter:
+            continue
+        with loaded.base_context() if label == "base" else _null():
+            frames.append(generate_answers(loaded.model, loaded.tokenizer, pairs, spec, label=label,
+                                           prompts=prompts))
+    return pl.concat(frames) if frames else pl.DataFrame(schema=ANSWER_SCHEMA)
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+def _generate(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec) -> list[tuple[str, int, str]]:
+    """(answer, n_new_tokens, finish_reason) per prompt, in input order."""
+    import torch
+
+    eos = _eos_ids(model, tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    device = next(model.parameters()).device
+    results: dict[int, tuple[str, int, str]] = {}
+    for start in range(0, len(order), spec.batch_size):
+        batch = order[start:start + spec.batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        if spec.do_sample:
+            torch.manual_seed(spec.seed + start)
+        sampling = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p} if spec.do_sample \
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=sorted(eos) or None, **sampling)
+        for row, i in enumerate(batch):
+            new = out[row, width:].tolist()
+            stop = next((k for k, t in enumerate(new) if t in eos), None)
+            tokens = new if stop is None else new[:stop]
+            results[i] = (tokenizer.decode(tokens, skip_special_tokens=True),
+                          len(tokens) + (0 if stop is None else 1), "length" if stop is None else "eos")
+    return [results[i] for i in range(len(prompts))]

@@ -1,0 +1,239 @@
+"""Load the base LLM once, quantized as asked, with the DPO adapter attached (unmerged).
+
+The tuned model is the adapter on; the base model is the same object under `disable_adapter()`: one
+load serves both. Every check runs before any generation; every repair is recorded in `repairs`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpo_eval.config import ModelSpec
+from dpo_eval.errors import DpoEvalError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A loaded checkpoint: the model (peft-wrapped when an adapter is given) and its tokenizer."""
+
+    model: object
+    tokenizer: object
+    spec: ModelSpec
+    base_fingerprint: str
+    fingerprint: str
+    context_length: int
+    repairs: list[str] = field(default_factory=list)
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.spec.adapter is not None
+
+    def base_context(self):
+        """Context in which the model is the base: adapter disabled (no-op without an adapter)."""
+        return self.model.disable_adapter() if self.has_adapter else nullcontext()
+
+
+def _is_local(name: str) -> bool:
+    return Path(name).expanduser().exists() or not HUB_ID.match(name) or name.startswith((".", "/", "~"))
+
+
+def check_paths(spec: ModelSpec) -> None:
+    """Fail before loading anything on a missing base or adapter folder."""
+    if _is_local(spec.base) and not Path(spec.base).expanduser().is_dir():
+        raise DpoEvalError(f"--base {spec.base}: no such model folder (give a local folder or a hub id)")
+    if spec.adapter is not None and _is_local(spec.adapter):
+        folder = Path(spec.adapter).expanduser()
+        if not folder.is_dir():
+            raise DpoEvalError(f"--adapter {spec.adapter}: no such adapter folder")
+        if not (folder / "adapter_config.json").is_file():
+            raise DpoEvalError(f"--adapter {spec.adapter}: no adapter_config.json; is this a peft adapter folder?")
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def hash_files(folder: Path, suffixes=WEIGHT_SUFFIXES) -> str:
+    """sha256 over the names and contents of the weight files in `folder` (memoised by size and mtime)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(suffixes))
+    for path in files:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _HASHES:
+            h = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    h.update(block)
+            _HASHES[key] = h.hexdigest()
+        digest.update(path.name.encode() + b"\0" + _HASHES[key].encode())
+    return digest.hexdigest()
+
+
+def fingerprints(spec: ModelSpec) -> tuple[str, str]:
+    """(base fingerprint, tuned fingerprint): weights (or hub id and revision), quantization, dtype."""
+    base = Path(spec.base).expanduser()
+    base_id = {"weights": hash_files(base)} if base.is_dir() else {"hub": spec.base, "revision": spec.revision}
+    key = base_id | {"quantization": spec.quantization, "compute_dtype": spec.compute_dtype}
+    base_fp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    if spec.adapter is None:
+        return base_fp, base_fp
+    adapter = Path(spec.adapter).expanduser()
+    adapter_id = hash_files(adapter, WEIGHT_SUFFIXES + ("adapter_config.json",)) if adapter.is_dir() else spec.adapter
+    tuned = hashlib.sha256(f"{base_fp}:{adapter_id}".encode()).hexdigest()[:16]
+    return base_fp, tuned
+
+
+def quantization_config(spec: ModelSpec):
+    """The BitsAndBytesConfig of `spec`, or None."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    dtype = getattr(torch, spec.compute_dtype)
+    if spec.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    if spec.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base(spec: ModelSpec, repairs: list[str]):
+    """The base model, quantized as asked, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if spec.compute_dtype == "float16":
+        message = "compute_dtype float16 is unstable for QLoRA (overflow to inf/NaN); prefer bfloat16"
+        warnings.warn(message, stacklevel=2)
+        repairs.append("warning: " + message)
+    device_map = spec.device_map or ("auto" if torch.cuda.is_available() else "cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.base, revision=spec.revision, dtype=getattr(torch, spec.compute_dtype),
+            quantization_config=quantization_config(spec), device_map=device_map)
+    except OSError as exc:
+        raise DpoEvalError(f"--base {spec.base}: cannot load ({str(exc)[:300]}); a hub id needs network "
+                           "access, or download the model and pass its folder") from None
+    model.eval()
+    fixed = fix_cpu_4bit_layers(model)
+    if fixed:
+        repairs.append(f"bitsandbytes CPU packed 4-bit kernel needs out_features % 32 == 0 and in_features % "
+                       f"blocksize == 0: generic 4-bit path for {fixed} layers")
+    return model
+
+
+def fix_cpu_4bit_layers(model) -> int:
+    """Route 4-bit layers the CPU packed kernel cannot take to bitsandbytes' generic path; returns a count.
+
+    bitsandbytes 0.50 on an AVX512-BF16 CPU repacks 4-bit weights at the first inference call and
+    asserts out_features % 32 == 0 and in_features % blocksize == 0 (stories260k's 172-wide MLP fails).
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            blocksize = getattr(module.weight.quant_state, "blocksize", 64)
+            if module.out_features % 32 or module.in_features % blocksize:
+                module.support_avx512bf16_for_cpu = False
+                count += 1
+    return count
+
+
+def check_adapter(base_model, spec: ModelSpec, repairs: list[str]) -> None:
+    """Fail when the adapter's shapes or vocabulary do not fit the base; warn when only names differ."""
+    folder = Path(spec.adapter).expanduser()
+    config = json.loads((folder / "adapter_config.json").read_text())
+    trained_on = config.get("base_model_name_or_path")
+    shapes = _adapter_shapes(folder)
+    modules = dict(base_model.named_modules())
+    vocab = base_model.get_input_embeddings().weight.shape[0]
+    problems = []
+    for key, shape in shapes.items():
+        name = re.sub(r"^base_model\.model\.", "", key.split(".lora_")[0])
+        if ".lora_" in key:
+            module = modules.get(name)
+            if module is None:
+                problems.append(f"{name} does not exist in the base")
+                continue
+            in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+            if ".lora_A" in key and in_f is not None and shape[-1] != in_f:
+                problems.append(f"{name}: adapter expects {shape[-1]} inputs, base has {in_f}")
+            if ".lora_B" in key and out_f is not None and shape[0] != out_f:
+                problems.append(f"{name}: adapter gives {shape[0]} outputs, base has {out_f}")
+        elif ("embed_tokens" in key or "lm_head" in key) and shape[0] != vocab:
+            problems.append(f"{key}: vocabulary {shape[0]}, base vocabulary {vocab}")
+    if problems:
+        raise DpoEvalError(f"--adapter {spec.adapter} was trained for base '{trained_on}' and does not fit "
+                           f"--base {spec.base}: " + "; ".join(problems[:5]))
+    if trained_on and not _same_model(trained_on, spec.base):
+        message = (f"adapter {spec.adapter} was trained on '{trained_on}', not '{spec.base}'; "
+                   "the shapes fit, so it loads, but check that this is the base you meant")
+        warnings.warn(message, stacklevel=2)
+        repairs.append("warning: " + message)
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/").split("/")[-1] == b.rstrip("/").split("/")[-1] if (pa.exists() or pb.exists()) else a == b
+
+
+def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    st = folder / "adapter_model.safetensors"
+    if st.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(st), "pt") as handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    bin_file = folder / "adapter_model.bin"
+    if bin_file.is_file():
+        import torch
+
+        return {k: tuple(v.shape) for k, v in torch.load(bin_file, map_location="cpu", weights_only=True).items()}
+    raise DpoEvalError(f"--adapter {folder}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def load_tokenizer(spec: ModelSpec, repairs: list[str]):
+    """The base's tokenizer with a pad token and left padding (each repair recorded)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.base, revision=spec.revision)
+    if tokenizer.pad_token is None:
+        substitute = "unk_token" if tokenizer.unk_token is not None else "eos_token"
+        tokenizer.pad_token = getattr(tokenizer, substitute)
+        repairs.append(f"tokenizer had no pad token: pad set to the {substitute.split('_')[0]} token "
+                       f"{tokenizer.pad_token!r}")
+    if tokenizer.padding_side != "left":
+        repairs.append(f"padding side set to left for batched generation (was {tokenizer.padding_side})")
+        tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Check, load the base once, attach the adapter (unmerged), fingerprint. See the module docstring."""
+    check_paths(spec)
+    repairs: list[str] = []
+    base_fp, tuned_fp = fingerprints(spec)
+    tokenizer = load_tokenizer(spec, repairs)
+    model = load_base(spec, repairs)
+    if spec.adapter is not None:
+        from peft import PeftModel
+
+        check_adapter(model, spec, repairs)
+        model = PeftModel.from_pretrained(model, spec.adapter, is_trainable=False)
+        model.eval()
+    context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+    return LoadedModel(model, tokenizer, spec, base_fp, tuned_fp, context, repairs)

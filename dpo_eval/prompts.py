@@ -1,0 +1,106 @@
+"""Render and tokenize prompts: chat template (or a plain format), exactly one BOS, left truncation.
+
+Generation and the log-probability passes share this, so a prompt is formatted the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jinja2
+
+PLAIN_TEMPLATE = "{% if system %}{{ system }}\n\n{% endif %}{{ prompt }}\n\n"
+
+
+@dataclass
+class EncodedPrompt:
+    ids: list[int]
+    truncated: bool
+
+
+class PromptFormatter:
+    """Turns pairs rows into token ids; records each repair it makes once, with counts."""
+
+    def __init__(self, tokenizer, prompt_template: str | None = None, repairs: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.repairs = repairs if repairs is not None else []
+        self.template = jinja2.Template(prompt_template) if prompt_template else None
+        self.use_chat = self.template is None and bool(getattr(tokenizer, "chat_template", None))
+        if self.template is None and not self.use_chat:
+            self.template = jinja2.Template(PLAIN_TEMPLATE)
+            self._note("tokenizer has no chat template: plain prompt format "
+                       f"{PLAIN_TEMPLATE!r} (override with --prompt-template)")
+        self.fold_system = False
+        bos = tokenizer.bos_token_id
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        self.bos = bos if bos is not None and probe[:1] == [bos] else None
+        self.counts = {"added_bos": 0, "removed_bos": 0, "template_bos": 0, "truncated": 0}
+
+    def _note(self, message: str) -> None:
+        if message not in self.repairs:
+            self.repairs.append(message)
+
+    def render(self, system: str, messages: list[dict]) -> str:
+        """The prompt text: the chat template with a generation prompt, or the plain template."""
+        if not self.use_chat:
+            prompt = messages[-1]["content"] if len(messages) == 1 else _transcript(messages)
+            return self.template.render(system=system or "", prompt=prompt)
+        chat = ([{"role": "system", "content": system}] if system and not self.fold_system else []) + messages
+        if system and self.fold_system:
+            chat = _fold(system, messages)
+        try:
+            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        except Exception:
+            if not system or self.fold_system:
+                raise
+            self.fold_system = True
+            self._note("chat template rejects the system role: system prompt folded into the first user turn")
+            return self.render(system, messages)
+
+    def encode(self, text: str, max_tokens: int) -> EncodedPrompt:
+        """Token ids with exactly one leading BOS (when the model uses one), cut from the left to fit."""
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self.bos is not None:
+            leading = 0
+            while leading < len(ids) and ids[leading] == self.bos:
+                leading += 1
+            if leading == 0 and self.use_chat:
+                self.counts["added_bos"] += 1
+            elif leading == 1 and self.use_chat:
+                self.counts["template_bos"] += 1
+            elif leading > 1:
+                self.counts["removed_bos"] += 1
+            ids = [self.bos] + ids[leading:]
+        truncated = len(ids) > max_tokens
+        if truncated:
+            keep = max_tokens - (1 if self.bos is not None else 0)
+            ids = ([self.bos] if self.bos is not None else []) + ids[len(ids) - keep:]
+            self.counts["truncated"] += 1
+        return EncodedPrompt(ids, truncated)
+
+    def record_counts(self, max_tokens: int) -> None:
+        """Put the per-prompt repairs into `repairs` (once, with their counts)."""
+        if self.counts["added_bos"]:
+            self._note(f"BOS added to {self.counts['added_bos']} prompts that lacked it")
+        if self.counts["template_bos"]:
+            self._note("chat template renders the BOS itself: prompts tokenized without special tokens, "
+                       "so there is no second BOS")
+        if self.counts["removed_bos"]:
+            self._note(f"duplicate BOS removed from {self.counts['removed_bos']} prompts")
+        if self.counts["truncated"]:
+            self._note(f"{self.counts['truncated']} prompts longer than {max_tokens} tokens (context minus "
+                       "max_new_tokens) truncated from the left and flagged")
+
+
+def _transcript(messages: list[dict]) -> str:
+    labels = {"user": "Human", "assistant": "Assistant"}
+    return "\n\n".join(f"{labels.get(m['role'], m['role'])}: {m['content']}" for m in messages)
+
+
+def _fold(system: str, messages: list[dict]) -> list[dict]:
+    out = [dict(m) for m in messages]
+    for m in out:
+        if m["role"] == "user":
+            m["content"] = f"{system}\n\n{m['content']}"
+            return out
+    return [{"role": "user", "content": system}] + out
