@@ -13,13 +13,12 @@ beats chance, and length-adjusted deltas (the intercept of d_j regressed on the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-from pydantic import Field
-
-from dpo_eval.config import Spec
+from dpo_eval.config import AnalysisSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.features import FAMILY_OF, LENGTH_FEATURE
 from dpo_eval.stats import (benjamini_hochberg, bootstrap_means, intercept_at_zero, rank_biserial,
@@ -29,16 +28,6 @@ META = ("pair_id", "split", "role")
 ROLES = ("chosen", "rejected", "base", "tuned")
 COMPARISONS = {"chosen_vs_rejected": ("chosen", "rejected"), "tuned_vs_base": ("tuned", "base")}
 SIGN_TEST = "pair-level sign-flip permutation test, one-sided (agreement greater than chance)"
-
-
-class AnalysisSpec(Spec):
-    """Settings of the paired statistics."""
-
-    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level for q-values.")
-    bootstrap: int = Field(2000, ge=0, description="Bootstrap resamples for the CI (0: no CI).")
-    ci_level: float = Field(0.95, gt=0, lt=1, description="Confidence level of the bootstrap CI.")
-    permutations: int = Field(2000, ge=0, description="Sign-flip permutations for sign_agreement_p.")
-    seed: int = Field(0, description="Seed of the bootstrap and the permutations.")
 
 
 @dataclass
@@ -128,7 +117,8 @@ def _bootstrap_ci(d, ok, scale, spec: AnalysisSpec, rng) -> tuple[np.ndarray, np
         return nan, nan
     means = bootstrap_means(d, ok, spec.bootstrap, rng)
     tail = (1 - spec.ci_level) / 2 * 100
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN bounds
         lo, hi = np.nanpercentile(means, [tail, 100 - tail], axis=0) if np.isfinite(means).any() \
             else (np.full(d.shape[1], np.nan),) * 2
         return lo / scale, hi / scale

@@ -123,6 +123,67 @@ def generate(
                       "repairs": loaded.repairs}, indent=2))
 
 
+def _set(tree: dict, dotted: str, value) -> None:
+    if value is None:
+        return
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+@app.command()
+def evaluate(
+    base: Optional[str] = typer.Option(None, "--base", help="Base model folder or hub id."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="The DPO adapter (checkpoint) to evaluate."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Preference data (file, folder or hub id)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory."),
+    config: Optional[Path] = typer.Option(None, "--config", help="EvalConfig as YAML; options override it."),
+    fmt: Optional[str] = typer.Option(None, "--format"),
+    columns: Optional[str] = ColumnsOpt,
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    valid_fraction: Optional[float] = typer.Option(None, "--valid-fraction"),
+    limit: Optional[int] = LimitOpt,
+    quantization: Optional[str] = typer.Option(None, "--quantization", help="none|8bit|4bit"),
+    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype"),
+    prompt_template: Optional[str] = typer.Option(None, "--prompt-template"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Prompts per generation shard."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Score cache folder."),
+    alpha: Optional[float] = typer.Option(None, "--alpha"),
+    bootstrap: Optional[int] = typer.Option(None, "--bootstrap"),
+) -> None:
+    """Evaluate a checkpoint end to end as a Prefect flow (ephemeral local server, no set-up)."""
+    import yaml
+
+    from dpo_eval.config import EvalConfig, parse_columns
+
+    tree = yaml.safe_load(config.read_text()) if config else {}
+    if config and not isinstance(tree, dict):
+        raise DpoEvalError(f"--config {config}: expected a YAML mapping of EvalConfig fields")
+    for key, value in {"dataset.source": dataset, "dataset.format": fmt, "dataset.seed": seed,
+                       "dataset.valid_fraction": valid_fraction, "dataset.limit": limit,
+                       "dataset.columns": parse_columns(columns) or None, "model.base": base,
+                       "model.adapter": adapter, "model.quantization": quantization,
+                       "model.compute_dtype": compute_dtype, "model.prompt_template": prompt_template,
+                       "generation.max_new_tokens": max_new_tokens, "generation.batch_size": batch_size,
+                       "scoring.cache_dir": str(cache_dir) if cache_dir else None, "analysis.alpha": alpha,
+                       "analysis.bootstrap": bootstrap, "shard_size": shard_size,
+                       "out": str(out) if out else None}.items():
+        _set(tree, key, value)
+    try:
+        eval_config = EvalConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise DpoEvalError(_validation_message(exc)) from None
+    from flows.evaluate import evaluate_checkpoint
+
+    summary = evaluate_checkpoint(eval_config)
+    print("\n".join(summary["sentences"]))
+    print(json.dumps({"cache": summary["cache"], "timings": summary["timings"]}))
+    print(f"report: {eval_config.out / 'report.html'}")
+
+
 @app.command()
 def analyze(
     features: Path = typer.Option(..., "--features", help="features.parquet (pair_id, split, role, features)."),

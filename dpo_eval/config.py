@@ -105,3 +105,25 @@ class GenerationSpec(Spec):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     seed: int = Field(0, description="Seed that makes sampled runs repeatable.")
     batch_size: int = Field(16, ge=1, description="Prompts per generate() call (sorted by length).")
+
+
+class AnalysisSpec(Spec):
+    """Settings of the paired statistics."""
+
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level for q-values.")
+    bootstrap: int = Field(2000, ge=0, description="Bootstrap resamples for the CI (0: no CI).")
+    ci_level: float = Field(0.95, gt=0, lt=1, description="Confidence level of the bootstrap CI.")
+    permutations: int = Field(2000, ge=0, description="Sign-flip permutations for sign_agreement_p.")
+    seed: int = Field(0, description="Seed of the bootstrap and the permutations.")
+
+
+class EvalConfig(Spec):
+    """One evaluation of a DPO checkpoint: what the Prefect UI renders as the run form."""
+
+    dataset: DatasetSpec = Field(description="The preference data set and its split.")
+    model: ModelSpec = Field(description="The base model and the DPO adapter on it.")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Generation settings.")
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="TextDescriptives scoring.")
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="Paired statistics.")
+    out: Path = Field(Path("runs/latest"), description="Run directory for every output file.")
+    shard_size: int = Field(256, ge=1, description="Prompts per generation shard (the unit of resumption).")

@@ -81,15 +81,15 @@ class PromptFormatter:
     def record_counts(self, max_tokens: int) -> None:
         """Put the per-prompt repairs into `repairs` (once, with their counts)."""
         if self.counts["added_bos"]:
-            self._note(f"BOS added to {self.counts['added_bos']} prompts that lacked it")
+            self._note("BOS added to chat-template prompts that lacked it")
         if self.counts["template_bos"]:
             self._note("chat template renders the BOS itself: prompts tokenized without special tokens, "
                        "so there is no second BOS")
         if self.counts["removed_bos"]:
-            self._note(f"duplicate BOS removed from {self.counts['removed_bos']} prompts")
+            self._note("duplicate BOS removed from prompts that had two")
         if self.counts["truncated"]:
-            self._note(f"{self.counts['truncated']} prompts longer than {max_tokens} tokens (context minus "
-                       "max_new_tokens) truncated from the left and flagged")
+            self._note(f"prompts longer than {max_tokens} tokens (context minus max_new_tokens) truncated "
+                       "from the left and flagged (answers.parquet: truncated)")
 
 
 def _transcript(messages: list[dict]) -> str:

@@ -14,6 +14,7 @@ import json
 import math
 import multiprocessing
 import os
+import threading
 import uuid
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -82,7 +83,15 @@ def feature_families(model: str = "en_core_web_sm") -> dict[str, str]:
 
 
 def feature_names(model: str = "en_core_web_sm") -> tuple[str, ...]:
-    """The 69 feature columns (with en_core_web_sm), named as TextDescriptives names them."""
+    """The 69 feature columns (with en_core_web_sm), named as TextDescriptives names them.
+
+    For the English core pipelines the names come from dpo_eval.features (checked against
+    textdescriptives by a test), so a fully cached call loads no spaCy pipeline at all.
+    """
+    from dpo_eval.features import FAMILY_OF
+
+    if model in ("en_core_web_sm", "en_core_web_md", "en_core_web_lg"):
+        return tuple(FAMILY_OF)
     return tuple(feature_families(model))
 
 
@@ -144,10 +153,17 @@ def _score(texts: list[str], spec: ScoringSpec, names: tuple[str, ...]) -> list[
     # Contiguous chunks, several per worker so a slow chunk does not leave a core idle.
     size = math.ceil(len(texts) / (n_process * 4))
     chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
-    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    context = multiprocessing.get_context(_start_method())
     with ProcessPoolExecutor(max_workers=n_process, mp_context=context) as pool:
         results = pool.map(_score_chunk, chunks, *[[a] * len(chunks) for a in args])
         return [row for chunk in results for row in chunk]
+
+
+def _start_method() -> str:
+    """fork where it is safe (one thread: the CLI, benchmarks), forkserver inside a threaded orchestrator."""
+    if os.name != "posix":
+        return "spawn"
+    return "fork" if threading.active_count() == 1 else "forkserver"
 
 
 def _score_chunk(texts: list[str], model: str, max_length: int, batch_size: int,

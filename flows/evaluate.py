@@ -1,0 +1,73 @@
+"""The evaluation DAG: pairs -> shards -> base and tuned answers -> scores -> statistics -> report."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import polars as pl
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from dpo_eval import pipeline
+from dpo_eval.config import EvalConfig
+from dpo_eval.report import stats_table_rows, summary_markdown, write_outputs
+from tasks.evaluation import (compare_features_task, fingerprint_task, generate_answers_task, load_pairs_task,
+                              score_texts_task)
+
+SCORE_SHARD = 2000  # texts per scoring task
+
+
+@contextmanager
+def _timed(timings: dict, stage: str):
+    start = time.perf_counter()
+    yield
+    timings[stage] = round(time.perf_counter() - start, 3)
+
+
+@flow(name="evaluate-checkpoint", log_prints=True)
+def evaluate_checkpoint(config: EvalConfig) -> dict:
+    """Evaluate one DPO checkpoint against its base; returns the summary (also in summary.json)."""
+    logger = get_run_logger()
+    pipeline.require_adapter(config.model)
+    out = config.out
+    timings, cache = {}, {}
+    with _timed(timings, "load_pairs"):
+        pairs, load_report = load_pairs_task(config.dataset)
+        base_fp, tuned_fp = fingerprint_task(config.model)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs.write_parquet(out / "pairs.parquet")
+    logger.info("pairs: %s", load_report["pairs"])
+
+    with _timed(timings, "generate"):
+        states = [generate_answers_task(config.model, config.generation, shard, model,
+                                        base_fp if model == "base" else tuned_fp, return_state=True)
+                  for shard in pipeline.shard_pairs(pairs, config.shard_size) for model in ("base", "tuned")]
+        results = [s.result() for s in states]
+        answers = pl.concat([r[0] for r in results])
+        repairs = list(dict.fromkeys(r for _, rs in results for r in rs))
+        hits = sum(s.name == "Cached" for s in states)
+        cache["generate"] = {"hits": hits, "misses": len(states) - hits}
+    answers.write_parquet(out / "answers.parquet")
+
+    with _timed(timings, "score"):
+        texts = pipeline.texts_of(pairs, answers)
+        futures = [score_texts_task.submit(texts.slice(i, SCORE_SHARD), config.scoring)
+                   for i in range(0, texts.height, SCORE_SHARD)]
+        results = [f.result() for f in futures]
+        scores = pl.concat([r[0] for r in results])
+        cache["score"] = {k: sum(r[1][k] for r in results) for k in ("hits", "misses")}
+    features = pipeline.features_table(texts, scores)
+    features.write_parquet(out / "features.parquet")
+
+    with _timed(timings, "analyze"):
+        analysis = compare_features_task(features, config.analysis)
+    pipeline.write_config(config, out, {"fingerprint": tuned_fp, "base_fingerprint": base_fp,
+                                        "repairs": repairs, "pairs_report": load_report})
+    with _timed(timings, "report"):
+        summary = analysis.summary | {"left_out": load_report["left_out"], "duplicates": load_report["duplicates"],
+                                      "timings": timings, "cache": cache}
+        summary = write_outputs(analysis.stats, summary, out)
+    create_markdown_artifact(summary_markdown(summary), key="dpo-eval-summary", description="dpo-eval summary")
+    create_table_artifact(stats_table_rows(analysis.stats), key="dpo-eval-stats", description="dpo-eval statistics")
+    return summary

@@ -1,0 +1,69 @@
+"""Thin Prefect tasks over dpo_eval: retries, content-based cache keys, persisted results."""
+
+from __future__ import annotations
+
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from dpo_eval import pipeline
+from dpo_eval.config import AnalysisSpec, DatasetSpec, GenerationSpec, ModelSpec, ScoringSpec
+
+
+def _generation_key(context, parameters) -> str:
+    """Model fingerprint x generation settings x shard content: never a run id."""
+    return "generate-" + "-".join([
+        parameters["fingerprint"], pipeline.spec_hash(parameters["generation"]),
+        str(parameters["spec"].prompt_template), parameters["model"],
+        pipeline.content_hash(parameters["shard"])])
+
+
+def _is_oom(task, task_run, state) -> bool:
+    """Retry on CUDA out-of-memory (with half the batch, see generate_answers_task) and transient errors."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the state carries any exception
+        return "out of memory" in str(exc).lower() or isinstance(exc, (ConnectionError, TimeoutError))
+    return False
+
+
+@task(name="load-pairs", cache_policy=NO_CACHE)
+def load_pairs_task(spec: DatasetSpec):
+    from dpo_eval.data import read_pairs
+
+    table, report = read_pairs(spec)
+    return table, report.to_dict()
+
+
+@task(name="fingerprint-checkpoint", cache_policy=NO_CACHE)
+def fingerprint_task(spec: ModelSpec) -> tuple[str, str]:
+    from dpo_eval.models import check_paths, fingerprints
+
+    check_paths(spec)
+    return fingerprints(spec)
+
+
+@task(name="generate-answers", cache_key_fn=_generation_key, persist_result=True, retries=2,
+      retry_delay_seconds=[5, 30], retry_condition_fn=_is_oom)
+def generate_answers_task(spec: ModelSpec, generation: GenerationSpec, shard: pl.DataFrame, model: str,
+                          fingerprint: str) -> tuple[pl.DataFrame, list[str]]:
+    from prefect.runtime import task_run
+
+    retries = max(0, (task_run.run_count or 1) - 1)
+    if retries:  # a retry after CUDA OOM: halve the batch each time
+        generation = generation.model_copy(update={"batch_size": max(1, generation.batch_size >> retries)})
+    return pipeline.generate_shard(spec, generation, shard, model)
+
+
+@task(name="score-texts", cache_policy=NO_CACHE, retries=1)
+def score_texts_task(texts: pl.DataFrame, spec: ScoringSpec):
+    """Scores of a shard of texts; the scoring cache makes one text scored once, ever."""
+    scores, stats = pipeline.score_frame(texts, spec)
+    return scores, {"hits": stats.hits, "misses": stats.misses}
+
+
+@task(name="compare-features", cache_policy=NO_CACHE)
+def compare_features_task(features: pl.DataFrame, spec: AnalysisSpec):
+    from dpo_eval.analysis import run_analysis
+
+    return run_analysis(features, spec)
