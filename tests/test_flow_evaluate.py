@@ -1,0 +1,142 @@
+"""The evaluation flow under a real Prefect engine and server (prefect_test_harness)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+from dpo_eval.config import DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
+from tests.builders import make_adapter
+
+RUN_FILES = ("config.json", "pairs.parquet", "answers.parquet", "features.parquet", "stats.parquet", "stats.csv",
+             "summary.json", "report.html")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    from tests.conftest import shared_path
+
+    stories = shared_path("models/stories260k")
+    root = tmp_path_factory.mktemp("flow-adapters")
+    return {"a": make_adapter(stories, root / "a", zero=False, seed=1),
+            "b": make_adapter(stories, root / "b", zero=False, seed=2)}
+
+
+@pytest.fixture
+def storage(tmp_path):
+    """Fresh Prefect result storage and score cache for one test."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path / "results")}):
+        yield tmp_path
+
+
+def config(orca, stories, adapter, out, cache, **generation) -> EvalConfig:
+    return EvalConfig(dataset=DatasetSpec(source=str(orca), limit=24),
+                      model=ModelSpec(base=str(stories), adapter=str(adapter), quantization="4bit"),
+                      generation=GenerationSpec(max_new_tokens=generation.get("max_new_tokens", 12), batch_size=8),
+                      scoring=ScoringSpec(cache_dir=cache, n_process=1), out=out, shard_size=8)
+
+
+def test_flow_writes_the_run_directory_and_artifacts(harness, storage, adapters, orca_jsonl, stories260k):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.evaluate import evaluate_checkpoint
+
+    out = storage / "run"
+    summary = evaluate_checkpoint(config(orca_jsonl, stories260k, adapters["a"], out, storage / "scores"))
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    assert len(list((out / "plots").glob("*.png"))) >= 4
+    answers = pl.read_parquet(out / "answers.parquet")
+    assert answers.height == 48 and set(answers["model"]) == {"base", "tuned"}
+    features = pl.read_parquet(out / "features.parquet")
+    assert features.height == 96 and set(features["role"]) == {"chosen", "rejected", "base", "tuned"}
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["fingerprint"] and saved["base_fingerprint"] and saved["repairs"]
+    assert saved["versions"]["prefect"] and saved["config"]["model"]["adapter"] == str(adapters["a"])
+    assert summary["cache"]["generate"] == {"hits": 0, "misses": 6}
+    with get_client(sync_client=True) as client:
+        for key in ("dpo-eval-summary", "dpo-eval-stats"):
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            assert found, key
+    assert "sign agreement" in found[0].data.lower() or found[0].type == "table"
+
+
+def test_caching_consequences(harness, storage, adapters, orca_jsonl, stories260k):
+    from flows.evaluate import evaluate_checkpoint
+
+    cache = storage / "scores"
+    first = evaluate_checkpoint(config(orca_jsonl, stories260k, adapters["a"], storage / "r1", cache))
+    assert first["cache"]["generate"]["hits"] == 0 and first["cache"]["score"]["hits"] == 0
+    # a second identical run: no generation, no scoring
+    again = evaluate_checkpoint(config(orca_jsonl, stories260k, adapters["a"], storage / "r2", cache))
+    assert again["cache"]["generate"] == {"hits": 6, "misses": 0}
+    assert again["cache"]["score"]["misses"] == 0
+    for name in ("answers.parquet", "stats.parquet"):
+        assert pl.read_parquet(storage / "r1" / name).equals(pl.read_parquet(storage / "r2" / name))
+    # a new adapter on the same base and data: base answers and chosen/rejected features are reused
+    other = evaluate_checkpoint(config(orca_jsonl, stories260k, adapters["b"], storage / "r3", cache))
+    assert other["cache"]["generate"] == {"hits": 3, "misses": 3}
+    tuned_texts = set(pl.read_parquet(storage / "r3" / "answers.parquet").filter(pl.col("model") == "tuned")["answer"])
+    pairs = pl.read_parquet(storage / "r1" / "pairs.parquet")
+    old_texts = set(pl.read_parquet(storage / "r1" / "answers.parquet")["answer"]) | set(pairs["chosen"]) | set(
+        pairs["rejected"])
+    assert other["cache"]["score"]["misses"] == len(tuned_texts - old_texts)
+    # a changed generation setting invalidates generation for both models, and nothing else
+    longer = evaluate_checkpoint(config(orca_jsonl, stories260k, adapters["a"], storage / "r4", cache, max_new_tokens=16))
+    assert longer["cache"]["generate"] == {"hits": 0, "misses": 6}
+    answers = pl.read_parquet(storage / "r4" / "answers.parquet")
+    assert longer["cache"]["score"]["misses"] <= answers["answer"].n_unique()
+    assert longer["cache"]["score"]["hits"] >= 48 - 1  # chosen and rejected (one text repeats)
+
+
+def test_sigkill_mid_run_resumes_from_finished_shards(tmp_path, adapters, orca_jsonl, stories260k):
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "dpo_eval.cli", "evaluate", "--base", str(stories260k), "--adapter",
+               str(adapters["a"]), "--dataset", str(orca_jsonl), "--limit", "32", "--shard-size", "2",
+               "--max-new-tokens", "24", "--bootstrap", "200", "--cache-dir", str(tmp_path / "scores")]
+    killed = subprocess.Popen(command + ["--out", str(tmp_path / "killed")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    finished = 0
+    deadline = time.time() + 240
+    for line in killed.stdout:
+        if "generate-answers" in line and "Completed" in line:
+            finished += 1
+            if finished == 3:
+                os.killpg(killed.pid, signal.SIGKILL)  # the spot instance vanishes, server and all
+                break
+        assert time.time() < deadline, "no generation shard finished in time"
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    resumed = subprocess.run(command + ["--out", str(tmp_path / "killed")], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    cache = json.loads((tmp_path / "killed" / "summary.json").read_text())["cache"]
+    assert cache["generate"]["hits"] >= 3 and cache["generate"]["hits"] + cache["generate"]["misses"] == 32
+    # an uninterrupted run in a fresh environment gives the same answers and statistics
+    fresh_env = dict(env, PREFECT_HOME=str(tmp_path / "prefect-fresh"))
+    clean = subprocess.run(command[:-2] + ["--cache-dir", str(tmp_path / "scores-fresh"), "--out",
+                                           str(tmp_path / "clean")], env=fresh_env, capture_output=True, text=True,
+                           timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    for name in ("answers.parquet", "stats.parquet"):
+        assert pl.read_parquet(tmp_path / "killed" / name).equals(pl.read_parquet(tmp_path / "clean" / name))
