@@ -92,6 +92,14 @@ class PromptFormatter:
                        "from the left and flagged (answers.parquet: truncated)")
 
 
+def training_prompt(formatter: PromptFormatter, system: str, turns: list[dict]) -> str:
+    """The prompt text as DPO training sees it: rendered as for generation, without a leading BOS text
+    (trl tokenizes prompts with special tokens, so a rendered BOS would make two)."""
+    text = formatter.render(system, turns)
+    bos = formatter.tokenizer.bos_token or ""
+    return text[len(bos):] if bos and text.startswith(bos) else text
+
+
 def _transcript(messages: list[dict]) -> str:
     labels = {"user": "Human", "assistant": "Assistant"}
     return "\n\n".join(f"{labels.get(m['role'], m['role'])}: {m['content']}" for m in messages)

@@ -1,0 +1,120 @@
+"""DPO training of a (Q)LoRA adapter with trl, saving checkpoints the evaluation can read.
+
+Each checkpoint folder holds the adapter and `dpo_eval_training.json`: beta, loss type, step, learning
+rate, base and data fingerprints, and the train/valid pair ids (so evaluation never tests on training
+pairs). `on_checkpoint(folder)` is called after each save (the Prefect flow emits an event there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Literal
+
+import polars as pl
+from pydantic import Field
+
+from dpo_eval.config import DatasetSpec, ModelSpec, Spec
+from dpo_eval.data import prompt_turns, read_pairs
+from dpo_eval.prompts import PromptFormatter, training_prompt
+
+METADATA = "dpo_eval_training.json"
+
+
+class TrainSpec(Spec):
+    """A DPO training run: base, data, LoRA and optimisation settings."""
+
+    base: str = Field(description="Base model folder or hub id.")
+    dataset: DatasetSpec = Field(description="Preference data; only its train split is trained on.")
+    out: Path = Field(description="Folder for checkpoint-N adapter folders.")
+    steps: int = Field(40, ge=1, description="Optimiser steps.")
+    save_every: int = Field(20, ge=1, description="Save a checkpoint every N steps.")
+    beta: float = Field(0.1, gt=0, description="DPO beta.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss.")
+    learning_rate: float = Field(5e-4, gt=0, description="Learning rate of the LoRA weights.")
+    batch_size: int = Field(4, ge=1, description="Pairs per step.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
+    quantization: Literal["none", "4bit"] = Field("4bit", description="4bit: QLoRA on an nf4 base.")
+    max_length: int = Field(512, ge=8, description="Tokens of prompt + answer kept (the answer's start).")
+    prompt_template: str | None = Field(None, description="Jinja prompt template (as for evaluation).")
+    seed: int = Field(0, description="Training seed.")
+
+
+def data_fingerprint(pairs: pl.DataFrame) -> str:
+    return hashlib.sha256("\n".join(sorted(pairs["pair_id"].to_list())).encode()).hexdigest()[:16]
+
+
+def trl_dataset(pairs: pl.DataFrame, tokenizer, prompt_template: str | None, repairs: list[str]):
+    """trl's standard format, prompts rendered exactly as generation renders them, with no BOS text
+    (trl tokenizes the prompt with special tokens: a rendered BOS would make two)."""
+    import datasets
+
+    formatter = PromptFormatter(tokenizer, prompt_template, repairs)
+    prompts = [training_prompt(formatter, row["system"], prompt_turns(row)) for row in pairs.iter_rows(named=True)]
+    return datasets.Dataset.from_dict({"prompt": prompts, "chosen": pairs["chosen"].to_list(),
+                                       "rejected": pairs["rejected"].to_list()})
+
+
+def train_dpo(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None = None) -> list[Path]:
+    """Train; returns the checkpoint folders in step order."""
+    trainer, saved = build_trainer(spec, on_checkpoint)
+    trainer.train()
+    return saved
+
+
+def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None = None):
+    """trl's DPOTrainer for `spec` (LoRA via peft_config: the reference is the adapter-disabled base),
+    and the list that fills with checkpoint folders as it saves."""
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo_eval.models import fingerprints, load_base, load_tokenizer
+
+    pairs, _ = read_pairs(spec.dataset)
+    train = pairs.filter(pl.col("split") == "train")
+    model_spec = ModelSpec(base=spec.base, quantization=spec.quantization,
+                           compute_dtype="bfloat16" if torch.cuda.is_available() else "float32")
+    repairs: list[str] = []
+    tokenizer = load_tokenizer(model_spec, repairs)
+    tokenizer.padding_side = "right"  # training pads on the right; generation repairs it to left
+    model = load_base(model_spec, repairs)
+    metadata = {"beta": spec.beta, "loss_type": spec.loss_type, "learning_rate": spec.learning_rate,
+                "base": spec.base, "base_fingerprint": fingerprints(model_spec)[0],
+                "data_fingerprint": data_fingerprint(pairs), "dataset": spec.dataset.model_dump(mode="json"),
+                "train_pair_ids": train["pair_id"].to_list(),
+                "valid_pair_ids": pairs.filter(pl.col("split") == "valid")["pair_id"].to_list(),
+                "repairs": repairs}
+    gpu = torch.cuda.is_available()
+    args = DPOConfig(
+        output_dir=str(spec.out), max_steps=spec.steps, save_strategy="steps", save_steps=spec.save_every,
+        save_only_model=True, per_device_train_batch_size=spec.batch_size, learning_rate=spec.learning_rate,
+        beta=spec.beta, loss_type=[spec.loss_type], max_length=spec.max_length, truncation_mode="keep_start",
+        use_cpu=not gpu, bf16=gpu, gradient_checkpointing=gpu, logging_steps=max(1, spec.save_every // 4),
+        report_to="none", seed=spec.seed, disable_tqdm=True, lr_scheduler_type="constant")
+    saved: list[Path] = []
+
+    class SaveMetadata(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / METADATA).write_text(json.dumps(metadata | {"step": state.global_step,
+                                                                  "log": state.log_history[-3:]}, indent=2))
+            saved.append(folder)
+            if on_checkpoint is not None:
+                on_checkpoint(folder)
+
+    peft_config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules="all-linear",
+                             task_type="CAUSAL_LM", lora_dropout=0.0)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=trl_dataset(train, tokenizer, spec.prompt_template,
+                                                                          repairs),
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[SaveMetadata()])
+    return trainer, saved
+
+
+def read_metadata(adapter: str | Path) -> dict:
+    """The training metadata of a checkpoint folder, or {} where there is none."""
+    path = Path(adapter) / METADATA
+    return json.loads(path.read_text()) if path.is_file() else {}

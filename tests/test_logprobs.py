@@ -1,0 +1,55 @@
+"""Implicit rewards against trl's own numbers, on stories260k with adapters trained or built here."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from dpo_eval.config import DatasetSpec, ModelSpec
+from dpo_eval.data import read_pairs
+from dpo_eval.errors import DpoEvalError
+from dpo_eval.logprobs import encode_pair, implicit_rewards, reward_summary
+from dpo_eval.models import load_model
+from dpo_eval.training import TrainSpec, build_trainer, trl_dataset
+from tests.builders import make_adapter
+
+
+def test_zero_adapter_gives_exactly_zero_rewards(stories260k, orca_jsonl, tmp_path):
+    adapter = make_adapter(stories260k, tmp_path / "zero", zero=True)
+    pairs, _ = read_pairs(DatasetSpec(source=str(orca_jsonl), limit=12))
+    loaded = load_model(ModelSpec(base=str(stories260k), adapter=str(adapter), quantization="4bit"))
+    rewards = implicit_rewards(loaded, pairs, beta=0.1)
+    assert (rewards["margin"] == 0).all() and (rewards["reward_chosen"] == 0).all()
+    summary = reward_summary(rewards)
+    assert all(s["accuracy"] == 0 and s["ties"] == s["n"] for s in summary.values())  # ties count as wrong
+
+
+def test_rewards_equal_trl_evaluation(stories260k, orca_jsonl, tmp_path):
+    spec = TrainSpec(base=str(stories260k), dataset=DatasetSpec(source=str(orca_jsonl), limit=48),
+                     out=tmp_path / "train", steps=6, save_every=6, batch_size=4, quantization="none",
+                     max_length=512, beta=0.2)
+    trainer, saved = build_trainer(spec)
+    trainer.train()
+    pairs, _ = read_pairs(spec.dataset)
+    tokenizer = trainer.processing_class
+    # short prompts only, so trl keeps every pair; one batch, so trl's mean over batches is the plain mean
+    lengths = [len(encode_pair(tokenizer, p, c, r)[0]) for p, c, r in
+               zip(trl_dataset(pairs, tokenizer, None, [])["prompt"], pairs["chosen"], pairs["rejected"])]
+    evalp = pairs.filter(pl.Series([n < 300 for n in lengths])).head(8)
+    trainer.args.per_device_eval_batch_size = evalp.height
+    metrics = trainer.evaluate(trl_dataset(evalp, tokenizer, None, []))
+    loaded = load_model(ModelSpec(base=str(stories260k), adapter=str(saved[-1]), quantization="none",
+                                  compute_dtype="float32"))
+    rewards = implicit_rewards(loaded, evalp.with_columns(pl.lit("x").alias("split")), beta=0.2, max_length=512)
+    ours = reward_summary(rewards)["x"]
+    assert ours["n"] == evalp.height and ours["skipped"] == 0
+    assert ours["accuracy"] == pytest.approx(metrics["eval_rewards/accuracies"], abs=1e-6)
+    assert ours["margin_mean"] == pytest.approx(metrics["eval_rewards/margins"], rel=1e-3, abs=1e-4)
+    assert np.mean(rewards["reward_chosen"].to_numpy()) == pytest.approx(metrics["eval_rewards/chosen"], rel=1e-3, abs=1e-4)
+
+
+def test_implicit_rewards_need_an_adapter(stories260k, orca_jsonl):
+    pairs, _ = read_pairs(DatasetSpec(source=str(orca_jsonl), limit=2))
+    with pytest.raises(DpoEvalError, match="need --adapter"):
+        implicit_rewards(load_model(ModelSpec(base=str(stories260k), quantization="none")), pairs)
