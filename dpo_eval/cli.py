@@ -185,6 +185,25 @@ def evaluate(
 
 
 @app.command()
+def diagnose(
+    base: str = typer.Option(..., "--base", help="Base model folder or hub id."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA/QLoRA adapter folder or hub id."),
+    dataset: str = DatasetOpt,
+    limit: int = typer.Option(8, "--limit", help="Pairs used for the logit comparisons."),
+    out: Path = typer.Option(..., "--out", help="Folder for diagnostics.json and diagnostics.html."),
+) -> None:
+    """Quantization, merge and tokenizer diagnostics: pass/warn/fail with numbers."""
+    from dpo_eval.data import load_pairs
+    from dpo_eval.diagnostics import diagnose as run_diagnose
+
+    spec = model_spec(base, adapter, "4bit", "bfloat16", None)
+    checks = run_diagnose(spec, load_pairs(dataset_spec(dataset, "auto", None, 42, 0.1, limit)), out)
+    for check in checks:
+        print(f"[{check.status:4s}] {check.name}: {check.explanation}")
+    print(f"diagnostics: {out / 'diagnostics.json'}")
+
+
+@app.command()
 def analyze(
     features: Path = typer.Option(..., "--features", help="features.parquet (pair_id, split, role, features)."),
     out: Path = typer.Option(..., "--out", help="Folder for stats.*, summary.json, report.html, plots/."),

@@ -127,3 +127,6 @@ class EvalConfig(Spec):
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="Paired statistics.")
     out: Path = Field(Path("runs/latest"), description="Run directory for every output file.")
     shard_size: int = Field(256, ge=1, description="Prompts per generation shard (the unit of resumption).")
+    rewards: bool = Field(True, description="Compute DPO implicit rewards (log-prob passes) per split.")
+    beta: float | None = Field(None, gt=0, description="DPO beta for implicit rewards; default: the "
+                               "checkpoint's training metadata, else 0.1.")

@@ -101,3 +101,29 @@ def write_config(config: EvalConfig, out: Path, extra: dict) -> None:
     payload = {"config": config.model_dump(mode="json"), "versions": package_versions()} | extra
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(payload, indent=2, default=str))
+
+
+def apply_training_split(pairs: pl.DataFrame, adapter: str | None) -> tuple[pl.DataFrame, str]:
+    """Use the train/valid split the checkpoint was trained with, so evaluation never tests on training pairs."""
+    from dpo_eval.training import read_metadata
+
+    meta = read_metadata(adapter) if adapter else {}
+    if not meta.get("train_pair_ids"):
+        return pairs, "data set"
+    train = set(meta["train_pair_ids"])
+    return pairs.with_columns(pl.when(pl.col("pair_id").is_in(train)).then(pl.lit("train"))
+                              .otherwise(pl.lit("valid")).alias("split")), "checkpoint training metadata"
+
+
+def reward_beta(config: EvalConfig) -> float:
+    from dpo_eval.training import read_metadata
+
+    if config.beta is not None:
+        return config.beta
+    return float(read_metadata(config.model.adapter).get("beta", 0.1)) if config.model.adapter else 0.1
+
+
+def compute_rewards(spec: ModelSpec, pairs: pl.DataFrame, beta: float) -> pl.DataFrame:
+    from dpo_eval.logprobs import implicit_rewards
+
+    return implicit_rewards(cached_model(spec), pairs, beta=beta)

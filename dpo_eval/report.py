@@ -218,3 +218,30 @@ table{{border-collapse:collapse;font-size:12px}}td,th{{border:1px solid #ccc;pad
 <p>Test of sign agreement: {esc(str(summary.get('sign_agreement_test', '')))}.</p>
 {extra}{figures}<h2>Statistics</h2><table><tr>{head}</tr>{body}</table></body></html>
 """
+
+
+def rewards_section(rewards: pl.DataFrame, summary: dict, out: Path) -> str:
+    """An HTML section with the implicit-reward histogram (plots/implicit_rewards.png) and figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for split in sorted(set(rewards["split"].to_list())):
+        margin = rewards.filter((pl.col("split") == split) & pl.col("scored"))["margin"].to_numpy()
+        if margin.size:
+            ax.hist(margin, bins=30, alpha=0.6, label=f"{split} (n={margin.size})")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("implicit reward margin  beta * [(log pi - log ref)(chosen) - (log pi - log ref)(rejected)]")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "implicit_rewards.png", dpi=80)
+    plt.close(fig)
+    rows = "".join(f"<tr><td>{html.escape(s)}</td><td>{_fmt(v['accuracy'])}</td><td>{_fmt(v['margin_mean'])}</td>"
+                   f"<td>{_fmt(v['margin_median'])}</td><td>{v['n']}</td><td>{v['ties']}</td></tr>"
+                   for s, v in summary.items() if isinstance(v, dict))
+    return (f"<h2>DPO implicit rewards (beta = {summary.get('beta')})</h2><table><tr><th>split</th><th>accuracy</th>"
+            f"<th>mean margin</th><th>median margin</th><th>n</th><th>ties (counted wrong)</th></tr>{rows}</table>"
+            '<img src="plots/implicit_rewards.png" alt="implicit reward margins" style="max-width:100%">')

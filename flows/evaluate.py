@@ -11,9 +11,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dpo_eval import pipeline
 from dpo_eval.config import EvalConfig
-from dpo_eval.report import stats_table_rows, summary_markdown, write_outputs
-from tasks.evaluation import (compare_features_task, fingerprint_task, generate_answers_task, load_pairs_task,
-                              score_texts_task)
+from dpo_eval.logprobs import reward_summary
+from dpo_eval.report import rewards_section, stats_table_rows, summary_markdown, write_outputs
+from tasks.evaluation import (compare_features_task, fingerprint_task, generate_answers_task,
+                              implicit_rewards_task, load_pairs_task, score_texts_task)
 
 SCORE_SHARD = 2000  # texts per scoring task
 
@@ -34,6 +35,7 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
     timings, cache = {}, {}
     with _timed(timings, "load_pairs"):
         pairs, load_report = load_pairs_task(config.dataset)
+        pairs, split_source = pipeline.apply_training_split(pairs, config.model.adapter)
         base_fp, tuned_fp = fingerprint_task(config.model)
     out.mkdir(parents=True, exist_ok=True)
     pairs.write_parquet(out / "pairs.parquet")
@@ -62,12 +64,23 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
 
     with _timed(timings, "analyze"):
         analysis = compare_features_task(features, config.analysis)
+    rewards_summary, extra = None, []
+    if config.rewards:
+        with _timed(timings, "rewards"):
+            beta = pipeline.reward_beta(config)
+            rewards = implicit_rewards_task(config.model, pairs, beta, tuned_fp)
+            rewards.write_parquet(out / "rewards.parquet")
+            rewards_summary = reward_summary(rewards) | {"beta": beta}
+            extra.append(rewards_section(rewards, rewards_summary, out))
     pipeline.write_config(config, out, {"fingerprint": tuned_fp, "base_fingerprint": base_fp,
-                                        "repairs": repairs, "pairs_report": load_report})
+                                        "repairs": repairs, "pairs_report": load_report,
+                                        "split_source": split_source})
     with _timed(timings, "report"):
         summary = analysis.summary | {"left_out": load_report["left_out"], "duplicates": load_report["duplicates"],
                                       "timings": timings, "cache": cache}
-        summary = write_outputs(analysis.stats, summary, out)
+        if rewards_summary is not None:
+            summary["implicit_reward"] = rewards_summary
+        summary = write_outputs(analysis.stats, summary, out, extra)
     create_markdown_artifact(summary_markdown(summary), key="dpo-eval-summary", description="dpo-eval summary")
     create_table_artifact(stats_table_rows(analysis.stats), key="dpo-eval-stats", description="dpo-eval statistics")
     return summary

@@ -67,3 +67,13 @@ def compare_features_task(features: pl.DataFrame, spec: AnalysisSpec):
     from dpo_eval.analysis import run_analysis
 
     return run_analysis(features, spec)
+
+
+def _rewards_key(context, parameters) -> str:
+    return "rewards-" + "-".join([parameters["fingerprint"], str(parameters["beta"]),
+                                  pipeline.content_hash(parameters["pairs"], ("pair_id", "split"))])
+
+
+@task(name="implicit-rewards", cache_key_fn=_rewards_key, persist_result=True, retries=1)
+def implicit_rewards_task(spec: ModelSpec, pairs: pl.DataFrame, beta: float, fingerprint: str) -> pl.DataFrame:
+    return pipeline.compute_rewards(spec, pairs, beta)

@@ -27,21 +27,21 @@ def shared_path(relative: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def orca_jsonl() -> Path:
     return shared_path("data/orca_dpo_pairs/validation.jsonl")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def orca_openai_jsonl() -> Path:
     return shared_path("data/orca_dpo_pairs/validation_openai_format.jsonl")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def hh_rlhf_gz() -> Path:
     return shared_path("data/hh_rlhf/harmless-base-test.jsonl.gz")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def stories260k() -> Path:
     return shared_path("models/stories260k")

@@ -1,0 +1,211 @@
+"""Technical diagnostics of a quantized DPO checkpoint: 4-bit vs full precision, fp16 vs bf16 compute,
+merged vs unmerged adapter, and the tokenizer/template traps. Each check: pass, warn or fail, with
+its numbers and a sentence a user can act on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import polars as pl
+
+from dpo_eval.config import ModelSpec
+from dpo_eval.data import prompt_turns
+from dpo_eval.logprobs import encode_pair
+from dpo_eval.prompts import PromptFormatter, training_prompt
+
+KL_WARN, KL_FAIL = 0.01, 0.1  # nats per token
+MERGE_TOLERANCE = 1e-4
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # pass | warn | fail
+    numbers: dict
+    explanation: str
+
+
+def _batch(tokenizer, pairs: pl.DataFrame, max_length: int):
+    """Training-style sequences (prompt + chosen + EOS) and the mask of their answer tokens."""
+    import torch
+
+    formatter = PromptFormatter(tokenizer)
+    rows = []
+    for row in pairs.iter_rows(named=True):
+        p, c, _ = encode_pair(tokenizer, training_prompt(formatter, row["system"], prompt_turns(row)),
+                              row["chosen"], row["rejected"])
+        ids = (p[-(max_length // 2):] + c)[:max_length]
+        rows.append((ids, min(len(p), max_length // 2)))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id or 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    answer = torch.zeros_like(input_ids, dtype=torch.bool)
+    for i, (ids, n_prompt) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = 1
+        answer[i, n_prompt:len(ids) - 1] = True  # positions that predict an answer token
+    return input_ids, mask, answer
+
+
+def _logits(model, batch):
+    import torch
+
+    ids, mask, _ = batch
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+
+
+def compare_logits(reference, other, batch) -> dict:
+    """Mean per-token KL(reference || other), top-1 agreement, max |logit diff|, over answer positions."""
+    import torch
+
+    answer = batch[2]
+    ref, oth = reference[answer], other[answer]
+    finite = bool(torch.isfinite(oth).all())
+    log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(oth, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return {"kl_mean": float(kl.mean()) if finite else float("nan"),
+            "top1_agreement": float((ref.argmax(-1) == oth.argmax(-1)).float().mean()),
+            "max_abs_logit_diff": float((ref - oth).abs().max()) if finite else float("inf"),
+            "finite": finite, "tokens": int(answer.sum())}
+
+
+def perplexity(logits, batch) -> float:
+    import torch
+
+    ids, _, answer = batch
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return float(torch.exp(-logp[answer[:, :-1]].mean()))
+
+
+def _load(spec: ModelSpec, **update):
+    from dpo_eval.models import load_model
+
+    return load_model(spec.model_copy(update=update))
+
+
+def quantization_checks(spec: ModelSpec, pairs: pl.DataFrame) -> list[Check]:
+    full = _load(spec, adapter=None, quantization="none", compute_dtype="float32")
+    batch = _batch(full.tokenizer, pairs, full.context_length)
+    ref = _logits(full.model, batch)
+    four = _load(spec, adapter=None, quantization="4bit", compute_dtype="bfloat16")
+    q = _logits(four.model, batch)
+    numbers = compare_logits(ref, q, batch) | {"perplexity_full": perplexity(ref, batch),
+                                               "perplexity_4bit": perplexity(q, batch)}
+    status = "pass" if numbers["kl_mean"] < KL_WARN else "warn" if numbers["kl_mean"] < KL_FAIL else "fail"
+    checks = [Check("quantization: 4-bit nf4 vs full precision", status, numbers,
+                    f"Quantizing the base to nf4 moves next-token distributions by {numbers['kl_mean']:.3g} nats "
+                    f"per answer token (top-1 agreement {numbers['top1_agreement']:.1%}); perplexity of the chosen "
+                    f"answers {numbers['perplexity_full']:.3g} -> {numbers['perplexity_4bit']:.3g}.")]
+    dtypes = {}
+    for dtype in ("float16", "bfloat16"):
+        logits = _logits(_load(spec, adapter=None, quantization="4bit", compute_dtype=dtype).model, batch)
+        dtypes[dtype] = compare_logits(ref, logits, batch)
+    bad = [d for d, n in dtypes.items() if not n["finite"]]
+    checks.append(Check("quantization: fp16 vs bf16 compute dtype", "fail" if bad else "pass",
+                        {d: {k: n[k] for k in ("kl_mean", "finite")} for d, n in dtypes.items()},
+                        f"{', '.join(bad)} compute gives inf or NaN logits: use bfloat16." if bad else
+                        "Both compute dtypes give finite logits; bfloat16 is the safe default for QLoRA "
+                        f"(KL vs full precision: fp16 {dtypes['float16']['kl_mean']:.3g}, "
+                        f"bf16 {dtypes['bfloat16']['kl_mean']:.3g})."))
+    return checks
+
+
+def merge_checks(spec: ModelSpec, pairs: pl.DataFrame, greedy_tokens: int = 16) -> list[Check]:
+    """Unmerged vs merge_and_unload onto the 4-bit base vs merge onto a full-precision base."""
+    from dpo_eval.config import GenerationSpec
+    from dpo_eval.generation import generate_both
+
+    import warnings
+
+    results, answers = {}, {}
+    gen = GenerationSpec(max_new_tokens=greedy_tokens, batch_size=8)
+    for label, quantization in (("4bit", "4bit"), ("full", "none")):
+        loaded = _load(spec, quantization=quantization, compute_dtype="float32")
+        batch = _batch(loaded.tokenizer, pairs, loaded.context_length)
+        unmerged = _logits(loaded.model, batch)
+        before = generate_both(loaded, pairs, gen, models=("tuned",))["answer"].to_list()
+        # A fresh load, merged before any forward pass: on an AVX512-BF16 CPU bitsandbytes repacks 4-bit
+        # weights at the first inference call, and merging a repacked weight gives garbage.
+        fresh = _load(spec, quantization=quantization, compute_dtype="float32")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft warns that merging into 4-bit rounds: we measure it
+            fresh.model = fresh.model.merge_and_unload()
+        fresh.spec = fresh.spec.model_copy(update={"adapter": None})  # now a plain (merged) model
+        merged = _logits(fresh.model, batch)
+        after = generate_both(fresh, pairs, gen, models=("base",))["answer"].to_list()
+        results[label] = compare_logits(unmerged, merged, batch)
+        answers[label] = sum(a != b for a, b in zip(before, after))
+    checks = []
+    for label, base in (("full", "a full-precision base"), ("4bit", "the 4-bit base")):
+        n = results[label] | {"greedy_answers_changed": answers[label], "prompts": pairs.height}
+        ok = n["max_abs_logit_diff"] <= MERGE_TOLERANCE and answers[label] == 0
+        checks.append(Check(f"merging: merge_and_unload onto {base}", "pass" if ok else
+                            ("fail" if label == "4bit" else "warn"), n,
+                            f"Merging onto {base} {'matches' if ok else 'does not match'} the unmerged adapter "
+                            f"(max |logit diff| {n['max_abs_logit_diff']:.3g}, top-1 agreement "
+                            f"{n['top1_agreement']:.1%}, {answers[label]} of {pairs.height} greedy answers changed)."
+                            + ("" if ok or label == "full" else " The merged weight is re-quantized: evaluate the "
+                               "adapter unmerged, or merge onto a 16-bit base.")))
+    return checks
+
+
+def tokenizer_checks(loaded, pairs: pl.DataFrame) -> list[Check]:
+    tokenizer = loaded.tokenizer
+    formatter = PromptFormatter(tokenizer, loaded.spec.prompt_template, [])
+    bos_counts = []
+    for row in pairs.iter_rows(named=True):
+        ids = formatter.encode(formatter.render(row["system"], prompt_turns(row)), loaded.context_length).ids
+        bos_counts.append(ids.count(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else 1)
+    eos_ok = [encode_pair(tokenizer, training_prompt(formatter, r["system"], prompt_turns(r)), r["chosen"],
+                          r["rejected"])[1][-1:] == [tokenizer.eos_token_id] for r in pairs.iter_rows(named=True)]
+    system_ok = None
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                          tokenize=False, add_generation_prompt=True)
+            system_ok = True
+        except Exception:  # noqa: BLE001 - any template error means "rejects the system role"
+            system_ok = False
+    once = all(c == 1 for c in bos_counts)
+    return [
+        Check("tokenizer: exactly one BOS per prompt", "pass" if once else "fail",
+              {"prompts": len(bos_counts), "bos_counts": sorted(set(bos_counts))},
+              "Every prompt starts with exactly one BOS." if once else "Some prompts lack a BOS or have two."),
+        Check("tokenizer: EOS ends training-style answers", "pass" if all(eos_ok) else "fail",
+              {"answers": len(eos_ok), "with_eos": int(sum(eos_ok))},
+              "Answers end with EOS as DPO training saw them (the model learns to stop)."),
+        Check("tokenizer: pad token and chat template", "pass" if not any("system role" in r for r in loaded.repairs)
+              and system_ok is not False else "warn",
+              {"pad_token": tokenizer.pad_token, "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+               "system_role_accepted": system_ok, "repairs": loaded.repairs},
+              "Repairs the loader made: " + ("; ".join(loaded.repairs) or "none") + "."),
+    ]
+
+
+def diagnose(spec: ModelSpec, pairs: pl.DataFrame, out: Path | None = None) -> list[Check]:
+    """Every check, written to out/diagnostics.json when `out` is given."""
+    from dpo_eval.models import load_model
+
+    loaded = load_model(spec)
+    checks = tokenizer_checks(loaded, pairs) + quantization_checks(spec, pairs)
+    if spec.adapter is not None:
+        checks += merge_checks(spec, pairs)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "diagnostics.json").write_text(json.dumps([asdict(c) for c in checks], indent=2, default=str))
+        (out / "diagnostics.html").write_text(diagnostics_html(checks))
+    return checks
+
+
+def diagnostics_html(checks: list[Check]) -> str:
+    import html
+
+    colors = {"pass": "#2a7", "warn": "#d90", "fail": "#c33"}
+    rows = "".join(f"<tr><td style='color:{colors[c.status]}'><b>{c.status}</b></td><td>{html.escape(c.name)}</td>"
+                   f"<td>{html.escape(c.explanation)}</td></tr>" for c in checks)
+    return f"<h2>Diagnostics</h2><table><tr><th>status</th><th>check</th><th>what it means</th></tr>{rows}</table>"

@@ -1,0 +1,78 @@
+"""Quantization, merge and tokenizer diagnostics on stories260k with an adapter built here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dpo_eval.config import DatasetSpec, ModelSpec
+from dpo_eval.data import read_pairs
+from dpo_eval.diagnostics import _batch, _load, _logits, compare_logits, diagnose
+from dpo_eval.errors import DpoEvalError
+from tests.builders import make_adapter, tiny_mistral
+
+
+@pytest.fixture(scope="module")
+def pairs(orca_jsonl):
+    return read_pairs(DatasetSpec(source=str(orca_jsonl), limit=6))[0]
+
+
+@pytest.fixture(scope="module")
+def adapter(stories260k, tmp_path_factory):
+    return make_adapter(stories260k, tmp_path_factory.mktemp("diag") / "adapter", zero=False, seed=5)
+
+
+def by_name(checks):
+    return {c.name: c for c in checks}
+
+
+def test_quantization_and_merge_checks(stories260k, adapter, pairs, tmp_path):
+    checks = by_name(diagnose(ModelSpec(base=str(stories260k), adapter=str(adapter)), pairs, tmp_path))
+    quant = checks["quantization: 4-bit nf4 vs full precision"].numbers
+    assert quant["kl_mean"] > 0 and quant["top1_agreement"] < 1
+    full = checks["merging: merge_and_unload onto a full-precision base"]
+    assert full.status == "pass" and full.numbers["max_abs_logit_diff"] <= 1e-4
+    four = checks["merging: merge_and_unload onto the 4-bit base"]
+    assert four.status == "fail" and four.numbers["max_abs_logit_diff"] > 1e-4
+    assert "evaluate the adapter unmerged" in four.explanation
+    assert checks["tokenizer: exactly one BOS per prompt"].status == "pass"
+    assert checks["tokenizer: EOS ends training-style answers"].status == "pass"
+    saved = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert {c["status"] for c in saved} <= {"pass", "warn", "fail"} and len(saved) == len(checks)
+
+
+def test_two_full_precision_loads_have_zero_kl(stories260k, pairs):
+    spec = ModelSpec(base=str(stories260k), quantization="none", compute_dtype="float32")
+    a, b = _load(spec), _load(spec)
+    batch = _batch(a.tokenizer, pairs, a.context_length)
+    numbers = compare_logits(_logits(a.model, batch), _logits(b.model, batch), batch)
+    assert numbers["kl_mean"] == 0 and numbers["top1_agreement"] == 1
+
+
+def test_template_rejecting_system_role_is_reported(stories260k, pairs, tmp_path):
+    from dpo_eval.diagnostics import tokenizer_checks
+    from dpo_eval.models import load_model
+
+    mistral = tiny_mistral(tmp_path / "tiny-mistral", stories260k)
+    loaded = load_model(ModelSpec(base=str(mistral), quantization="none"))
+    checks = by_name(tokenizer_checks(loaded, pairs))
+    template = checks["tokenizer: pad token and chat template"]
+    assert template.numbers["system_role_accepted"] is False and template.status == "warn"
+
+
+def test_mismatched_adapter_is_a_clear_error(stories260k, adapter, pairs, tmp_path):
+    mistral = tiny_mistral(tmp_path / "tiny-mistral", stories260k)
+    with pytest.raises(DpoEvalError, match="does not fit"):
+        diagnose(ModelSpec(base=str(mistral), adapter=str(adapter)), pairs)
+
+
+def test_cli_diagnose(stories260k, adapter, orca_jsonl, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dpo_eval.cli", "diagnose", "--base", str(stories260k),
+                             "--adapter", str(adapter), "--dataset", str(orca_jsonl), "--limit", "4",
+                             "--out", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "[fail] merging: merge_and_unload onto the 4-bit base" in result.stdout
+    assert (tmp_path / "diagnostics.json").is_file()
