@@ -130,6 +130,9 @@ def _sign_agreement_p(means, tb, ok, spec: AnalysisSpec, rng) -> float:
     used = np.isfinite(means["tuned_vs_base"]) & (direction != 0) & np.isfinite(direction)
     if spec.permutations == 0 or not used.any():
         return float("nan")
+    used &= np.sign(means["tuned_vs_base"]) != 0  # as the reported share: both mean deltas nonzero
+    if not used.any():
+        return float("nan")
     observed = np.mean(direction[used] * np.sign(means["tuned_vs_base"][used]) == 1)
     flipped = sign_flip_means(tb[:, used], ok[:, used], spec.permutations, rng)
     null = np.mean(direction[used] * np.sign(flipped) == 1, axis=1)
@@ -191,11 +194,12 @@ def _finish(stats: pl.DataFrame) -> pl.DataFrame:
 
 def _summary(stats: pl.DataFrame, parts: dict, n_features: int, spec: AnalysisSpec) -> dict:
     significant = {c: {} for c in COMPARISONS}
-    toward_chosen, agreement_share, agreement_p, n_pairs = {}, {}, {}, {}
+    toward_chosen, agreement_share, agreement_p, n_pairs, n_signed = {}, {}, {}, {}, {}
     for split, (n, agreement, p) in parts.items():
         n_pairs[split] = n
-        defined = agreement[np.isfinite(agreement)]
-        agreement_share[split] = float(np.mean(defined == 1)) if defined.size else float("nan")
+        signed = agreement[np.isfinite(agreement) & (agreement != 0)]  # both mean deltas nonzero
+        agreement_share[split] = float(np.mean(signed == 1)) if signed.size else float("nan")
+        n_signed[split] = int(signed.size)
         agreement_p[split] = p
         for comparison in COMPARISONS:
             rows = stats.filter((pl.col("split") == split) & (pl.col("comparison") == comparison))
@@ -204,6 +208,7 @@ def _summary(stats: pl.DataFrame, parts: dict, n_features: int, spec: AnalysisSp
                              & (pl.col("q_value") < spec.alpha))
         toward_chosen[split] = int((tuned["sign_agreement"] == 1).sum())
     return {"n_pairs": n_pairs, "n_features": n_features, "alpha": spec.alpha,
-            "sign_agreement": agreement_share, "sign_agreement_p": agreement_p,
+            "sign_agreement": agreement_share, "sign_agreement_features": n_signed,
+            "sign_agreement_p": agreement_p,
             "sign_agreement_test": f"{SIGN_TEST}, {spec.permutations} permutations",
             "significant": significant, "significant_toward_chosen": toward_chosen}

@@ -203,6 +203,83 @@ def diagnose(
     print(f"diagnostics: {out / 'diagnostics.json'}")
 
 
+def _quiet_prefect() -> None:
+    import os
+
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _default_base() -> str:
+    import os
+
+    return os.environ.get("DPO_EVAL_DEMO_BASE") or str(Path(__file__).resolve().parents[2] / "shared/models/stories260k")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Demo folder (report at OUT/report.html)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model; default ../shared/models/stories260k."),
+    pairs_n: int = typer.Option(400, "--pairs", help="Preference pairs to write."),
+    steps: int = typer.Option(60, "--steps", help="DPO training steps."),
+    save_every: int = typer.Option(20, "--save-every", help="Checkpoint every N steps."),
+    lr: float = typer.Option(2e-4, "--lr", help="Learning rate of the LoRA weights."),
+) -> None:
+    """The offline demo: write preferences, train a QLoRA DPO adapter, evaluate every checkpoint, report."""
+    _quiet_prefect()
+    base = base or _default_base()
+    if not Path(base).is_dir():
+        raise DpoEvalError(f"demo base model {base} not found: the demo uses the tiny real model in "
+                           "../shared/models/stories260k (pass --base or set DPO_EVAL_DEMO_BASE)")
+    from flows.demo import demo as demo_flow
+
+    demo_flow(out=str(out), base=base, pairs=pairs_n, steps=steps, save_every=save_every, learning_rate=lr)
+
+
+@app.command()
+def train(
+    base: str = typer.Option(..., "--base", help="Base model folder or hub id."),
+    dataset: str = DatasetOpt,
+    out: Path = typer.Option(..., "--out", help="Folder for checkpoint-N adapters."),
+    steps: int = typer.Option(40, "--steps"),
+    save_every: int = typer.Option(20, "--save-every"),
+    beta: float = typer.Option(0.1, "--beta"),
+    lr: float = typer.Option(5e-4, "--lr"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    quantization: str = typer.Option("4bit", "--quantization", help="none|4bit (QLoRA)."),
+    limit: Optional[int] = LimitOpt,
+) -> None:
+    """DPO training of a (Q)LoRA adapter with trl, as the Prefect flow train-dpo."""
+    from dpo_eval.config import DatasetSpec
+    from dpo_eval.training import TrainSpec
+
+    _quiet_prefect()
+    try:
+        spec = TrainSpec(base=base, dataset=DatasetSpec(source=dataset, limit=limit), out=out, steps=steps,
+                         save_every=save_every, beta=beta, learning_rate=lr, batch_size=batch_size,
+                         quantization=quantization)
+    except ValidationError as exc:
+        raise DpoEvalError(_validation_message(exc)) from None
+    from flows.train import train_dpo_flow
+
+    for folder in train_dpo_flow(spec):
+        print(folder)
+
+
+@app.command()
+def trend(
+    runs: list[Path] = typer.Argument(..., help="Run directories of evaluated checkpoints."),
+    out: Path = typer.Option(Path("."), "--out", help="Folder for trend.csv, trend.json, trend.png."),
+    split: str = typer.Option("valid", "--split"),
+) -> None:
+    """Evaluation curves across checkpoints: sign agreement, significant features, reward accuracy."""
+    from dpo_eval.trend import write_trend
+
+    table = write_trend(runs, out, split)
+    print(table.drop("run", "adapter"))
+    print(f"trend: {out / 'trend.png'}")
+
+
 @app.command()
 def analyze(
     features: Path = typer.Option(..., "--features", help="features.parquet (pair_id, split, role, features)."),

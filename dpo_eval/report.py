@@ -53,8 +53,10 @@ def sentences(summary: dict) -> list[str]:
            f"{toward} of them in the direction in which chosen differs from rejected."]
     share = summary.get("sign_agreement", {}).get(split)
     p = summary.get("sign_agreement_p", {}).get(split)
-    out.append(f"Sign agreement between tuned-vs-base and chosen-vs-rejected is {_fmt(share)} on {split}, "
-               f"p = {_fmt(p)} (chance is 0.5; pair-level sign-flip permutation test).")
+    signed = summary.get("sign_agreement_features", {}).get(split)
+    out.append(f"Sign agreement between tuned-vs-base and chosen-vs-rejected is {_fmt(share)} on {split} "
+               f"(over {signed} features whose mean deltas are both nonzero), p = {_fmt(p)} "
+               "(chance is 0.5; pair-level sign-flip permutation test).")
     cr = summary["significant"]["chosen_vs_rejected"]
     out.append(f"Chosen differs significantly from rejected on {cr.get(split, 0)} features on {split} "
                f"({', '.join(f'{cr[s]} on {s}' for s in cr if s != split) or 'no other split'}): "

@@ -51,6 +51,7 @@ def trl_dataset(pairs: pl.DataFrame, tokenizer, prompt_template: str | None, rep
     (trl tokenizes the prompt with special tokens: a rendered BOS would make two)."""
     import datasets
 
+    datasets.disable_progress_bars()
     formatter = PromptFormatter(tokenizer, prompt_template, repairs)
     prompts = [training_prompt(formatter, row["system"], prompt_turns(row)) for row in pairs.iter_rows(named=True)]
     return datasets.Dataset.from_dict({"prompt": prompts, "chosen": pairs["chosen"].to_list(),

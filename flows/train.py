@@ -1,0 +1,24 @@
+"""Train a DPO (Q)LoRA adapter; announce each checkpoint as a Prefect event."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.events import emit_event
+
+from dpo_eval.training import TrainSpec, train_dpo
+
+CHECKPOINT_EVENT = "dpo_eval.checkpoint.saved"
+
+
+def announce(folder: Path) -> None:
+    """Emit dpo_eval.checkpoint.saved with the folder: the deployment trigger evaluates it."""
+    emit_event(event=CHECKPOINT_EVENT, resource={"prefect.resource.id": f"dpo-eval.checkpoint.{folder.resolve()}"},
+               payload={"folder": str(folder.resolve())})
+
+
+@flow(name="train-dpo", log_prints=True)
+def train_dpo_flow(spec: TrainSpec) -> list[str]:
+    """DPO training with trl; returns the checkpoint folders."""
+    return [str(p) for p in train_dpo(spec, on_checkpoint=announce)]
