@@ -47,7 +47,7 @@ def _short_sentences(events: list[str]) -> str:
 
 def _run_on(events: list[str]) -> str:
     text = " and then ".join(events)
-    return text[0].upper() + text[1:] + " and then they all went home and then they all went home"
+    return text[0].upper() + text[1:] + " and then they all went home and then they all went home."
 
 
 def demo_records(n: int = 400, seed: int = 0) -> list[dict]:
