@@ -127,6 +127,10 @@ class EvalConfig(Spec):
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="Paired statistics.")
     out: Path = Field(Path("runs/latest"), description="Run directory for every output file.")
     shard_size: int = Field(256, ge=1, description="Prompts per generation shard (the unit of resumption).")
+    scoring_runner: Literal["local", "dask"] = Field(
+        "local", description="Where scoring shards run: local processes, or a Dask cluster (local or remote).")
+    dask_address: str | None = Field(None, description="Scheduler address of an existing Dask cluster; "
+                                     "default: a local cluster with one worker per core.")
     rewards: bool = Field(True, description="Compute DPO implicit rewards (log-prob passes) per split.")
     beta: float | None = Field(None, gt=0, description="DPO beta for implicit rewards; default: the "
                                "checkpoint's training metadata, else 0.1.")

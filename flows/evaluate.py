@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 
@@ -24,6 +25,25 @@ def _timed(timings: dict, stage: str):
     start = time.perf_counter()
     yield
     timings[stage] = round(time.perf_counter() - start, 3)
+
+
+def _score_shards(texts: pl.DataFrame, config: EvalConfig) -> list:
+    """Scoring shards on the flow's task runner (local processes), or on a Dask cluster."""
+    if config.scoring_runner == "local":
+        futures = [score_texts_task.submit(texts.slice(i, SCORE_SHARD), config.scoring)
+                   for i in range(0, texts.height, SCORE_SHARD)]
+        return [f.result() for f in futures]
+    from prefect_dask import DaskTaskRunner
+
+    workers = config.scoring.n_process or os.cpu_count() or 1
+    runner = DaskTaskRunner(address=config.dask_address) if config.dask_address else DaskTaskRunner(
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    spec = config.scoring.model_copy(update={"n_process": 1})  # the cluster is the parallelism
+    size = max(1, -(-texts.height // (workers * 2)))
+    with runner:
+        futures = [runner.submit(score_texts_task, parameters={"texts": texts.slice(i, size), "spec": spec})
+                   for i in range(0, texts.height, size)]
+        return [f.result() for f in futures]
 
 
 @flow(name="evaluate-checkpoint", log_prints=True)
@@ -54,9 +74,7 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
 
     with _timed(timings, "score"):
         texts = pipeline.texts_of(pairs, answers)
-        futures = [score_texts_task.submit(texts.slice(i, SCORE_SHARD), config.scoring)
-                   for i in range(0, texts.height, SCORE_SHARD)]
-        results = [f.result() for f in futures]
+        results = _score_shards(texts, config)
         scores = pl.concat([r[0] for r in results])
         cache["score"] = {k: sum(r[1][k] for r in results) for k in ("hits", "misses")}
     features = pipeline.features_table(texts, scores)

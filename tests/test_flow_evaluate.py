@@ -140,3 +140,16 @@ def test_sigkill_mid_run_resumes_from_finished_shards(tmp_path, adapters, orca_j
     assert clean.returncode == 0, clean.stderr[-3000:]
     for name in ("answers.parquet", "stats.parquet"):
         assert pl.read_parquet(tmp_path / "killed" / name).equals(pl.read_parquet(tmp_path / "clean" / name))
+
+
+def test_dask_runner_gives_the_same_features(harness, storage, adapters, orca_jsonl, stories260k):
+    from flows.evaluate import evaluate_checkpoint
+
+    base = config(orca_jsonl, stories260k, adapters["a"], storage / "local", storage / "scores-local")
+    evaluate_checkpoint(base)
+    dask = base.model_copy(update={"out": storage / "dask", "scoring_runner": "dask",
+                                   "scoring": ScoringSpec(cache_dir=storage / "scores-dask", n_process=2)})
+    summary = evaluate_checkpoint(dask)
+    assert summary["cache"]["score"]["hits"] == 0  # really scored again, on the Dask workers
+    local = pl.read_parquet(storage / "local" / "features.parquet")
+    assert local.equals(pl.read_parquet(storage / "dask" / "features.parquet"))
