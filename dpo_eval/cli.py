@@ -281,6 +281,41 @@ def trend(
 
 
 @app.command()
+def serve(
+    config: Optional[Path] = typer.Option(None, "--config", help="EvalConfig YAML: default parameters."),
+    checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="Folder the scheduled watcher scans."),
+    out_root: Path = typer.Option(Path("runs"), "--out-root", help="Where the watcher writes evaluations."),
+    cron: str = typer.Option("*/30 * * * *", "--cron", help="Schedule of the watcher."),
+) -> None:
+    """Serve evaluate-checkpoint (and a scheduled watch-checkpoints) on this machine, no work pools."""
+    import os
+
+    import yaml
+
+    from dpo_eval.config import EvalConfig
+
+    os.environ.setdefault("PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR", "reschedule")
+    params = {}
+    if config:
+        try:
+            params = {"config": EvalConfig.model_validate(yaml.safe_load(config.read_text())).model_dump(mode="json")}
+        except ValidationError as exc:
+            raise DpoEvalError(f"--config {config}: " + _validation_message(exc)) from None
+    from prefect import serve as prefect_serve
+
+    from flows.evaluate import evaluate_checkpoint
+    from flows.watch import watch_checkpoints
+
+    deployments = [evaluate_checkpoint.to_deployment(name="local", parameters=params)]
+    if checkpoints:
+        if not params:
+            raise DpoEvalError("--checkpoints needs --config (the evaluation settings of each checkpoint)")
+        deployments.append(watch_checkpoints.to_deployment(
+            name="scheduled", cron=cron, parameters={"directory": checkpoints, "out_root": str(out_root)} | params))
+    prefect_serve(*deployments)
+
+
+@app.command()
 def analyze(
     features: Path = typer.Option(..., "--features", help="features.parquet (pair_id, split, role, features)."),
     out: Path = typer.Option(..., "--out", help="Folder for stats.*, summary.json, report.html, plots/."),

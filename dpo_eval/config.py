@@ -131,6 +131,8 @@ class EvalConfig(Spec):
         "local", description="Where scoring shards run: local processes, or a Dask cluster (local or remote).")
     dask_address: str | None = Field(None, description="Scheduler address of an existing Dask cluster; "
                                      "default: a local cluster with one worker per core.")
+    max_restarts: int = Field(3, ge=0, description="Restarts after a crash (preempted worker) before the run "
+                              "fails for good; the crash automation reschedules, the flow enforces this cap.")
     rewards: bool = Field(True, description="Compute DPO implicit rewards (log-prob passes) per split.")
     beta: float | None = Field(None, gt=0, description="DPO beta for implicit rewards; default: the "
                                "checkpoint's training metadata, else 0.1.")

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import polars as pl
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dpo_eval import pipeline
@@ -50,6 +51,9 @@ def _score_shards(texts: pl.DataFrame, config: EvalConfig) -> list:
 def evaluate_checkpoint(config: EvalConfig) -> dict:
     """Evaluate one DPO checkpoint against its base; returns the summary (also in summary.json)."""
     logger = get_run_logger()
+    if (flow_run.run_count or 1) > config.max_restarts + 1:
+        raise RuntimeError(f"started {flow_run.run_count} times: more than max_restarts={config.max_restarts} "
+                           "restarts after crashes; fix the worker (or raise max_restarts) and run again")
     pipeline.require_adapter(config.model)
     out = config.out
     timings, cache = {}, {}
