@@ -12,7 +12,7 @@ import polars as pl
 
 from dpo_eval.config import ModelSpec
 from dpo_eval.data import prompt_turns
-from dpo_eval.logprobs import encode_pair
+from dpo_eval.logprobs import encode_pair, right_padded
 from dpo_eval.prompts import PromptFormatter, training_prompt
 
 KL_WARN, KL_FAIL = 0.01, 0.1  # nats per token
@@ -29,8 +29,6 @@ class Check:
 
 def _batch(tokenizer, pairs: pl.DataFrame, max_length: int):
     """Training-style sequences (prompt + chosen + EOS) and the mask of their answer tokens."""
-    import torch
-
     formatter = PromptFormatter(tokenizer)
     rows = []
     for row in pairs.iter_rows(named=True):
@@ -38,16 +36,7 @@ def _batch(tokenizer, pairs: pl.DataFrame, max_length: int):
                               row["chosen"], row["rejected"])
         ids = (p[-(max_length // 2):] + c)[:max_length]
         rows.append((ids, min(len(p), max_length // 2)))
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id or 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    answer = torch.zeros_like(input_ids, dtype=torch.bool)
-    for i, (ids, n_prompt) in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        mask[i, :len(ids)] = 1
-        answer[i, n_prompt:len(ids) - 1] = True  # positions that predict an answer token
-    return input_ids, mask, answer
+    return right_padded(rows, tokenizer.pad_token_id or 0)
 
 
 def _logits(model, batch):
@@ -63,15 +52,15 @@ def compare_logits(reference, other, batch) -> dict:
     """Mean per-token KL(reference || other), top-1 agreement, max |logit diff|, over answer positions."""
     import torch
 
-    answer = batch[2]
-    ref, oth = reference[answer], other[answer]
+    predicts = batch[2][:, 1:]  # logits positions that predict an answer token
+    ref, oth = reference[:, :-1][predicts], other[:, :-1][predicts]
     finite = bool(torch.isfinite(oth).all())
     log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(oth, -1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     return {"kl_mean": float(kl.mean()) if finite else float("nan"),
             "top1_agreement": float((ref.argmax(-1) == oth.argmax(-1)).float().mean()),
             "max_abs_logit_diff": float((ref - oth).abs().max()) if finite else float("inf"),
-            "finite": finite, "tokens": int(answer.sum())}
+            "finite": finite, "tokens": int(predicts.sum())}
 
 
 def perplexity(logits, batch) -> float:
@@ -79,7 +68,7 @@ def perplexity(logits, batch) -> float:
 
     ids, _, answer = batch
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-    return float(torch.exp(-logp[answer[:, :-1]].mean()))
+    return float(torch.exp(-logp[answer[:, 1:]].mean()))
 
 
 def _load(spec: ModelSpec, **update):

@@ -39,6 +39,22 @@ def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str) -> tuple[lis
     return prompt_ids[:cut], full_c[cut:], full_r[cut:]
 
 
+def right_padded(rows: list[tuple[list[int], int]], pad: int):
+    """(input_ids, attention_mask, answer_mask) of right-padded (ids, n_prompt_tokens) rows; the answer
+    mask marks the answer tokens, so `answer[:, 1:]` marks the logits positions that predict them."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    answer = torch.zeros_like(input_ids, dtype=torch.bool)
+    for i, (ids, n_prompt) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = 1
+        answer[i, n_prompt:len(ids)] = True
+    return input_ids, mask, answer
+
+
 def sequence_logprobs(model, tokenizer, prompts: list[list[int]], responses: list[list[int]],
                       max_length: int | None = None, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(sum, mean) of log p(response tokens | prompt) per pair, batched; ids as `encode_pair` gives them."""
@@ -52,14 +68,7 @@ def sequence_logprobs(model, tokenizer, prompts: list[list[int]], responses: lis
         for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
             ids = (p + r)[:max_length] if max_length else p + r
             rows.append((ids, len(p)))
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        answer = torch.zeros_like(input_ids, dtype=torch.bool)
-        for i, (ids, n_prompt) in enumerate(rows):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            mask[i, :len(ids)] = 1
-            answer[i, n_prompt:len(ids)] = True
+        input_ids, mask, answer = right_padded(rows, pad)
         with torch.inference_mode():
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None].to(device))[..., 0]
