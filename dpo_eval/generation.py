@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import polars as pl
 
 from dpo_eval.config import GenerationSpec
@@ -51,16 +53,10 @@ def generate_both(loaded, pairs: pl.DataFrame, spec: GenerationSpec | None = Non
     for label in models:
         if label == "tuned" and not loaded.has_adapter:
             continue
-        with loaded.base_context() if label == "base" else _null():
+        with loaded.base_context() if label == "base" else nullcontext():
             frames.append(generate_answers(loaded.model, loaded.tokenizer, pairs, spec, label=label,
                                            prompts=prompts))
     return pl.concat(frames) if frames else pl.DataFrame(schema=ANSWER_SCHEMA)
-
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -25,7 +25,7 @@ PACKAGES = ("dpo-eval", "torch", "transformers", "peft", "bitsandbytes", "trl", 
 
 def shard_pairs(pairs: pl.DataFrame, shard_size: int) -> list[pl.DataFrame]:
     """Consecutive shards of at most `shard_size` pairs (the unit of caching and resumption)."""
-    return [pairs.slice(i, shard_size) for i in range(0, max(pairs.height, 1), shard_size) if pairs.slice(i, shard_size).height]
+    return [pairs.slice(i, shard_size) for i in range(0, pairs.height, shard_size)]
 
 
 def content_hash(frame: pl.DataFrame, columns: tuple[str, ...] = ("pair_id", "system", "messages")) -> str:

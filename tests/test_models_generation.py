@@ -55,6 +55,14 @@ def test_4bit_loading_gives_bitsandbytes_layers_and_generates(stories260k, adapt
     assert (answers["n_new_tokens"] > 0).all() and answers["answer"].str.len_chars().min() > 0
 
 
+def test_8bit_loading_gives_bitsandbytes_int8_layers(stories260k):
+    import bitsandbytes as bnb
+
+    loaded = load_model(ModelSpec(base=str(stories260k), quantization="8bit"))
+    assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in loaded.model.modules()) >= 30
+    assert generate_both(loaded, story_pairs(2), GEN)["n_new_tokens"].min() > 0
+
+
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
 def test_base_under_disable_adapter_equals_plain_base(stories260k, adapters, quantization):
     pairs = story_pairs()
