@@ -18,6 +18,11 @@ def _generation_key(context, parameters) -> str:
         pipeline.content_hash(parameters["shard"])])
 
 
+def batch_for_attempt(batch_size: int, run_count: int) -> int:
+    """The batch size of attempt `run_count` (1 = first): halved on every retry, at least 1."""
+    return max(1, batch_size >> max(0, run_count - 1))
+
+
 def _is_oom(task, task_run, state) -> bool:
     """Retry on CUDA out-of-memory (with half the batch, see generate_answers_task) and transient errors."""
     try:
@@ -49,9 +54,9 @@ def generate_answers_task(spec: ModelSpec, generation: GenerationSpec, shard: pl
                           fingerprint: str) -> tuple[pl.DataFrame, list[str]]:
     from prefect.runtime import task_run
 
-    retries = max(0, (task_run.run_count or 1) - 1)
-    if retries:  # a retry after CUDA OOM: halve the batch each time
-        generation = generation.model_copy(update={"batch_size": max(1, generation.batch_size >> retries)})
+    batch = batch_for_attempt(generation.batch_size, task_run.run_count or 1)
+    if batch != generation.batch_size:  # a retry after CUDA OOM: half the batch each time
+        generation = generation.model_copy(update={"batch_size": batch})
     return pipeline.generate_shard(spec, generation, shard, model)
 
 

@@ -153,3 +153,17 @@ def test_dask_runner_gives_the_same_features(harness, storage, adapters, orca_js
     assert summary["cache"]["score"]["hits"] == 0  # really scored again, on the Dask workers
     local = pl.read_parquet(storage / "local" / "features.parquet")
     assert local.equals(pl.read_parquet(storage / "dask" / "features.parquet"))
+
+
+def test_retry_condition_and_batch_halving():
+    import torch
+    from prefect.states import Completed, Failed
+
+    from tasks.evaluation import _is_oom, batch_for_attempt
+
+    oom = Failed(data=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert _is_oom(None, None, oom)
+    assert _is_oom(None, None, Failed(data=ConnectionError("connection reset")))
+    assert not _is_oom(None, None, Failed(data=ValueError("bad prompt")))
+    assert not _is_oom(None, None, Completed(data=1))
+    assert [batch_for_attempt(16, n) for n in (1, 2, 3, 6)] == [16, 8, 4, 1]

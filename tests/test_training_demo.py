@@ -87,6 +87,14 @@ def test_watcher_evaluates_each_checkpoint_once(trained, stories260k, tmp_path):
     assert watch_checkpoints(str(trained["spec"].out), config, out_root=str(tmp_path / "evals")) == []
     trend = pl.read_csv(tmp_path / "evals" / "trend.csv")
     assert trend["step"].to_list() == [2, 4] and (tmp_path / "evals" / "trend.png").is_file()
+    import subprocess
+    import sys
+
+    cli = subprocess.run([sys.executable, "-m", "dpo_eval.cli", "trend", str(tmp_path / "evals" / "checkpoint-4"),
+                          str(tmp_path / "evals" / "checkpoint-2"), "--out", str(tmp_path / "cli-trend")],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert pl.read_csv(tmp_path / "cli-trend" / "trend.csv")["step"].to_list() == [2, 4]
     meta = json.loads((trained["folders"][0] / METADATA).read_text())
     pairs = pl.read_parquet(tmp_path / "evals" / "checkpoint-2" / "pairs.parquet")
     assert set(pairs.filter(pl.col("split") == "valid")["pair_id"]) == set(meta["valid_pair_ids"])
