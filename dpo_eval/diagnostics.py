@@ -5,6 +5,7 @@ its numbers and a sentence a user can act on."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -187,7 +188,13 @@ def diagnose(spec: ModelSpec, pairs: pl.DataFrame, out: Path | None = None) -> l
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "diagnostics.json").write_text(json.dumps([asdict(c) for c in checks], indent=2, default=str))
-        (out / "diagnostics.html").write_text(diagnostics_html(checks))
+        section = diagnostics_html(checks)
+        (out / "diagnostics.html").write_text(section)
+        report = out / "report.html"
+        if report.is_file():  # a run directory: the checks become (or replace) a section of its report
+            text = re.sub(r"<!--diagnostics-->.*?<!--/diagnostics-->", "", report.read_text(), flags=re.S)
+            block = f"<!--diagnostics-->{section}<!--/diagnostics-->"
+            report.write_text(text.replace("<h2>Statistics</h2>", block + "<h2>Statistics</h2>", 1))
     return checks
 
 

@@ -30,6 +30,7 @@ def by_name(checks):
 
 
 def test_quantization_and_merge_checks(stories260k, adapter, pairs, tmp_path):
+    (tmp_path / "report.html").write_text("<html><body><h2>Statistics</h2></body></html>")  # a run directory
     checks = by_name(diagnose(ModelSpec(base=str(stories260k), adapter=str(adapter)), pairs, tmp_path))
     quant = checks["quantization: 4-bit nf4 vs full precision"].numbers
     assert quant["kl_mean"] > 0 and quant["top1_agreement"] < 1
@@ -42,6 +43,7 @@ def test_quantization_and_merge_checks(stories260k, adapter, pairs, tmp_path):
     assert checks["tokenizer: EOS ends training-style answers"].status == "pass"
     saved = json.loads((tmp_path / "diagnostics.json").read_text())
     assert {c["status"] for c in saved} <= {"pass", "warn", "fail"} and len(saved) == len(checks)
+    assert "merge_and_unload onto the 4-bit base" in (tmp_path / "report.html").read_text()
 
 
 def test_two_full_precision_loads_have_zero_kl(stories260k, pairs):
