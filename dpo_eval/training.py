@@ -32,6 +32,8 @@ class TrainSpec(Spec):
     save_every: int = Field(20, ge=1, description="Save a checkpoint every N steps.")
     beta: float = Field(0.1, gt=0, description="DPO beta.")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss.")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of an added NLL loss on chosen (trl's 'sft' "
+                              "loss; RPO-style), which keeps the tuned model fluent. 0: plain DPO.")
     learning_rate: float = Field(5e-4, gt=0, description="Learning rate of the LoRA weights.")
     batch_size: int = Field(4, ge=1, description="Pairs per step.")
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
@@ -83,7 +85,8 @@ def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None 
     tokenizer = load_tokenizer(model_spec, repairs)
     tokenizer.padding_side = "right"  # training pads on the right; generation repairs it to left
     model = load_base(model_spec, repairs)
-    metadata = {"beta": spec.beta, "loss_type": spec.loss_type, "learning_rate": spec.learning_rate,
+    metadata = {"beta": spec.beta, "loss_type": spec.loss_type, "sft_weight": spec.sft_weight,
+                "learning_rate": spec.learning_rate,
                 "base": spec.base, "base_fingerprint": fingerprints(model_spec)[0],
                 "data_fingerprint": data_fingerprint(pairs), "dataset": spec.dataset.model_dump(mode="json"),
                 "train_pair_ids": train["pair_id"].to_list(),
@@ -93,7 +96,9 @@ def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None 
     args = DPOConfig(
         output_dir=str(spec.out), max_steps=spec.steps, save_strategy="steps", save_steps=spec.save_every,
         save_only_model=True, per_device_train_batch_size=spec.batch_size, learning_rate=spec.learning_rate,
-        beta=spec.beta, loss_type=[spec.loss_type], max_length=spec.max_length, truncation_mode="keep_start",
+        beta=spec.beta, loss_type=[spec.loss_type] + (["sft"] if spec.sft_weight else []),
+        loss_weights=[1.0, spec.sft_weight] if spec.sft_weight else None,
+        max_length=spec.max_length, truncation_mode="keep_start",
         use_cpu=not gpu, bf16=gpu, gradient_checkpointing=gpu, logging_steps=max(1, spec.save_every // 4),
         report_to="none", seed=spec.seed, disable_tqdm=True, lr_scheduler_type="constant")
     saved: list[Path] = []

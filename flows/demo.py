@@ -42,7 +42,7 @@ def base_sample(base: str) -> str:
 
 @flow(name="dpo-eval-demo")
 def demo(out: str = "runs/demo", base: str = "../shared/models/stories260k", pairs: int = 400,
-         steps: int = 60, save_every: int = 20, learning_rate: float = 2e-4,
+         steps: int = 60, save_every: int = 20, learning_rate: float = 2e-4, sft_weight: float = 0.0,
          scoring_cache: str | None = None) -> dict:
     """Train a QLoRA DPO adapter on the demo preferences and show what it changed."""
     root = Path(out)
@@ -53,7 +53,7 @@ def demo(out: str = "runs/demo", base: str = "../shared/models/stories260k", pai
     dataset = DatasetSpec(source=str(data))
     shutil.rmtree(root / "train", ignore_errors=True)
     train_dpo_flow(TrainSpec(base=base, dataset=dataset, out=root / "train", steps=steps, save_every=save_every,
-                             batch_size=8, learning_rate=learning_rate, max_length=256))
+                             batch_size=8, learning_rate=learning_rate, sft_weight=sft_weight, max_length=256))
     checkpoints = find_checkpoints(root / "train")
     progress.stage(f"QLoRA DPO training: {steps} steps, checkpoints {[c.name for c in checkpoints]}")
     config = EvalConfig(dataset=dataset, model=ModelSpec(base=base, adapter=str(checkpoints[-1])),

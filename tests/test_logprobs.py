@@ -53,3 +53,17 @@ def test_implicit_rewards_need_an_adapter(stories260k, orca_jsonl):
     pairs, _ = read_pairs(DatasetSpec(source=str(orca_jsonl), limit=2))
     with pytest.raises(DpoEvalError, match="need --adapter"):
         implicit_rewards(load_model(ModelSpec(base=str(stories260k), quantization="none")), pairs)
+
+
+def test_sft_weight_adds_trl_sft_loss(stories260k, tmp_path):
+    from dpo_eval.demo import write_demo_dataset
+
+    data = write_demo_dataset(tmp_path / "pairs.jsonl", n=16)
+    spec = TrainSpec(base=str(stories260k), dataset=DatasetSpec(source=str(data)), out=tmp_path / "t", steps=1,
+                     save_every=1, batch_size=4, max_length=128, sft_weight=0.5, quantization="none")
+    trainer, saved = build_trainer(spec)
+    assert trainer.args.loss_type == ["sigmoid", "sft"] and trainer.args.loss_weights == [1.0, 0.5]
+    trainer.train()
+    import json
+
+    assert json.loads((saved[0] / "dpo_eval_training.json").read_text())["sft_weight"] == 0.5
