@@ -50,7 +50,7 @@ def _prefill_seconds(loaded, pairs, args) -> float:
     """Time of the prompt forward passes alone (batched): work that batching cannot remove."""
     import torch
 
-    from dpo_eval.generation import encode_prompts
+    from dpo_eval.generation import encode_prompts, left_padded
     from dpo_eval.prompts import PromptFormatter
 
     prompts = encode_prompts(PromptFormatter(loaded.tokenizer), pairs, loaded.context_length - args.new_tokens)
@@ -58,10 +58,7 @@ def _prefill_seconds(loaded, pairs, args) -> float:
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(prompts), args.batch_size):
-            batch = prompts[i:i + args.batch_size]
-            width = max(map(len, batch))
-            ids = torch.tensor([[loaded.tokenizer.pad_token_id] * (width - len(p)) + p for p in batch])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            ids, mask = left_padded(prompts[i:i + args.batch_size], loaded.tokenizer.pad_token_id)
             loaded.model(input_ids=ids, attention_mask=mask)
     return time.perf_counter() - start
 

@@ -38,8 +38,13 @@ class Pair:
         """The prompt as one string: the user text, or a Human/Assistant transcript if multi-turn."""
         if len(self.turns) == 1 and self.turns[0][0] == "user":
             return self.turns[0][1]
-        labels = {"user": "Human", "assistant": "Assistant"}
-        return "\n\n".join(f"{labels.get(role, role.title())}: {text}" for role, text in self.turns)
+        return transcript(self.turns)
+
+
+def transcript(turns) -> str:
+    """(role, text) turns as a Human/Assistant transcript, one turn a paragraph."""
+    labels = {"user": "Human", "assistant": "Assistant"}
+    return "\n\n".join(f"{labels.get(role, role.title())}: {text}" for role, text in turns)
 
 
 def detect_format(record: dict[str, Any], where: str) -> str:

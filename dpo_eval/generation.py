@@ -65,6 +65,19 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
+def left_padded(prompts: list[list[int]], pad: int):
+    """(input_ids, attention_mask) of prompts padded on the left to the longest, for generation."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
 def _generate(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec) -> list[tuple[str, int, str]]:
     """(answer, n_new_tokens, finish_reason) per prompt, in input order."""
     import torch
@@ -75,12 +88,8 @@ def _generate(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec) 
     results: dict[int, tuple[str, int, str]] = {}
     for start in range(0, len(order), spec.batch_size):
         batch = order[start:start + spec.batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
+        ids, mask = left_padded([prompts[i] for i in batch], tokenizer.pad_token_id)
+        width = ids.shape[1]
         if spec.do_sample:
             torch.manual_seed(spec.seed + start)
         sampling = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p} if spec.do_sample \

@@ -185,10 +185,13 @@ def check_adapter(base_model, spec: ModelSpec, repairs: list[str]) -> None:
 
 
 def _same_model(a: str, b: str) -> bool:
+    """The same folder; or, where only one is a local folder (a copy of a hub model), the same name."""
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     if pa.exists() and pb.exists():
         return pa.resolve() == pb.resolve()
-    return a.rstrip("/").split("/")[-1] == b.rstrip("/").split("/")[-1] if (pa.exists() or pb.exists()) else a == b
+    if pa.exists() or pb.exists():
+        return pa.name == pb.name
+    return a == b
 
 
 def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:

