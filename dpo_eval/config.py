@@ -103,8 +103,13 @@ class GenerationSpec(Spec):
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    seed: int = Field(0, description="Seed that makes sampled runs repeatable.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generate() call (sorted by length).")
+    seed: int = Field(0, description="Seed that makes sampled runs repeatable (each prompt is seeded from it "
+                      "and its pair, so answers do not depend on batch size or shard layout).")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate() call (sorted by length); halved on "
+                            "each retry after an out-of-memory error.")
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description="Memory budget of one batch in tokens (prompts x (padded prompt + new tokens)); "
+        "a larger batch fails as out of memory before it runs, and the retry halves it. None: no budget.")
 
 
 class AnalysisSpec(Spec):

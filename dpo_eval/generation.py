@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import nullcontext
 
 import polars as pl
@@ -34,7 +35,8 @@ def generate_answers(model, tokenizer, pairs: pl.DataFrame, spec: GenerationSpec
     if prompts is None:
         context = context_length or int(getattr(model.config, "max_position_embeddings", 2048))
         prompts = encode_prompts(PromptFormatter(tokenizer, repairs=repairs), pairs, context - spec.max_new_tokens)
-    outputs = _generate(model, tokenizer, [p.ids for p in prompts], spec)
+    outputs = _generate(model, tokenizer, [p.ids for p in prompts], spec,
+                        [prompt_seed(spec.seed, pid) for pid in pairs["pair_id"].to_list()])
     return pl.DataFrame({
         "pair_id": pairs["pair_id"].to_list(), "model": [label] * len(prompts),
         "answer": [o[0] for o in outputs], "n_prompt_tokens": [len(p.ids) for p in prompts],
@@ -59,6 +61,44 @@ def generate_both(loaded, pairs: pl.DataFrame, spec: GenerationSpec | None = Non
     return pl.concat(frames) if frames else pl.DataFrame(schema=ANSWER_SCHEMA)
 
 
+def prompt_seed(seed: int, pair_id: str) -> int:
+    """The sampling seed of one prompt: from the run's seed and the pair, never from its batch position,
+    so a retry with another batch size (or another shard layout) samples the same answer."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{pair_id}".encode()).digest()[:8], "big") >> 1
+
+
+def per_prompt_sampler(seeds: list[int], device):
+    """A logits processor that draws each row's next token from that row's own seeded generator.
+
+    It runs after generate()'s temperature / top-k / top-p warpers and leaves only the drawn token
+    possible, so generate()'s own (batch-wide) draw can only pick it.
+    """
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class PerPromptSampler(LogitsProcessor):
+        def __init__(self):
+            self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+        def __call__(self, input_ids, scores):
+            probs = torch.softmax(scores.float(), dim=-1)
+            drawn = torch.stack([torch.multinomial(probs[row], 1, generator=g)
+                                 for row, g in enumerate(self.generators)])
+            return torch.full_like(scores, float("-inf")).scatter(1, drawn, 0.0)
+
+    return LogitsProcessorList([PerPromptSampler()])
+
+
+def check_batch_budget(n_prompts: int, width: int, spec: GenerationSpec) -> None:
+    """Raise torch's out-of-memory error, before generating, for a batch over `spec.max_batch_tokens`."""
+    import torch
+
+    tokens = n_prompts * (width + spec.max_new_tokens)
+    if spec.max_batch_tokens is not None and tokens > spec.max_batch_tokens:
+        raise torch.OutOfMemoryError(f"out of memory: a batch of {n_prompts} prompts x {width + spec.max_new_tokens} "
+                                     f"tokens = {tokens} exceeds max_batch_tokens={spec.max_batch_tokens}")
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = eos if eos is not None else tokenizer.eos_token_id
@@ -78,8 +118,9 @@ def left_padded(prompts: list[list[int]], pad: int):
     return ids, mask
 
 
-def _generate(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec) -> list[tuple[str, int, str]]:
-    """(answer, n_new_tokens, finish_reason) per prompt, in input order."""
+def _generate(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec,
+              seeds: list[int]) -> list[tuple[str, int, str]]:
+    """(answer, n_new_tokens, finish_reason) per prompt, in input order; `seeds[i]` seeds prompt i's sampling."""
     import torch
 
     eos = _eos_ids(model, tokenizer)
@@ -90,10 +131,10 @@ def _generate(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec) 
         batch = order[start:start + spec.batch_size]
         ids, mask = left_padded([prompts[i] for i in batch], tokenizer.pad_token_id)
         width = ids.shape[1]
-        if spec.do_sample:
-            torch.manual_seed(spec.seed + start)
-        sampling = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p} if spec.do_sample \
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        check_batch_budget(len(batch), width, spec)
+        sampling = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p,
+                    "logits_processor": per_prompt_sampler([seeds[i] for i in batch], device)} \
+            if spec.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,

@@ -55,6 +55,21 @@ def right_padded(rows: list[tuple[list[int], int]], pad: int):
     return input_ids, mask, answer
 
 
+def token_logprobs(logits, input_ids, rows_per_chunk: int = 1):
+    """log p(input_ids[:, t+1] | ..t) for every position, [batch, width-1], in float32.
+
+    The full-vocabulary float32 log-softmax is taken `rows_per_chunk` sequences at a time, so a batch
+    never holds a float32 copy of all its logits (for a 32k vocabulary, 8 x 2048 tokens would be 2 GB).
+    """
+    import torch
+
+    out = torch.empty(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], rows_per_chunk):
+        part = torch.log_softmax(logits[start:start + rows_per_chunk, :-1].float(), dim=-1)
+        out[start:start + rows_per_chunk] = part.gather(-1, input_ids[start:start + rows_per_chunk, 1:, None])[..., 0]
+    return out
+
+
 def sequence_logprobs(model, tokenizer, prompts: list[list[int]], responses: list[list[int]],
                       max_length: int | None = None, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(sum, mean) of log p(response tokens | prompt) per pair, batched; ids as `encode_pair` gives them."""
@@ -70,8 +85,9 @@ def sequence_logprobs(model, tokenizer, prompts: list[list[int]], responses: lis
             rows.append((ids, len(p)))
         input_ids, mask, answer = right_padded(rows, pad)
         with torch.inference_mode():
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None].to(device))[..., 0]
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            logp = token_logprobs(logits, input_ids.to(device))
+        del logits
         token_mask = answer[:, 1:].to(device)
         total = (logp * token_mask).sum(dim=1).cpu().numpy()
         count = token_mask.sum(dim=1).cpu().numpy()

@@ -6,7 +6,6 @@ load serves both. Every check runs before any generation; every repair is record
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import warnings
@@ -16,8 +15,8 @@ from pathlib import Path
 
 from dpo_eval.config import ModelSpec
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.identity import ModelIdentity, model_identity
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -28,10 +27,17 @@ class LoadedModel:
     model: object
     tokenizer: object
     spec: ModelSpec
-    base_fingerprint: str
-    fingerprint: str
+    identity: ModelIdentity
     context_length: int
     repairs: list[str] = field(default_factory=list)
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.identity.base_key
+
+    @property
+    def fingerprint(self) -> str:
+        return self.identity.tuned_key
 
     @property
     def has_adapter(self) -> bool:
@@ -58,38 +64,12 @@ def check_paths(spec: ModelSpec) -> None:
             raise DpoEvalError(f"--adapter {spec.adapter}: no adapter_config.json; is this a peft adapter folder?")
 
 
-_HASHES: dict[tuple, str] = {}
-
-
-def hash_files(folder: Path, suffixes=WEIGHT_SUFFIXES) -> str:
-    """sha256 over the names and contents of the weight files in `folder` (memoised by size and mtime)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(suffixes))
-    for path in files:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in _HASHES:
-            h = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    h.update(block)
-            _HASHES[key] = h.hexdigest()
-        digest.update(path.name.encode() + b"\0" + _HASHES[key].encode())
-    return digest.hexdigest()
-
-
 def fingerprints(spec: ModelSpec) -> tuple[str, str]:
-    """(base fingerprint, tuned fingerprint): weights (or hub id and revision), quantization, dtype."""
-    base = Path(spec.base).expanduser()
-    base_id = {"weights": hash_files(base)} if base.is_dir() else {"hub": spec.base, "revision": spec.revision}
-    key = base_id | {"quantization": spec.quantization, "compute_dtype": spec.compute_dtype}
-    base_fp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    if spec.adapter is None:
-        return base_fp, base_fp
-    adapter = Path(spec.adapter).expanduser()
-    adapter_id = hash_files(adapter, WEIGHT_SUFFIXES + ("adapter_config.json",)) if adapter.is_dir() else spec.adapter
-    tuned = hashlib.sha256(f"{base_fp}:{adapter_id}".encode()).hexdigest()[:16]
-    return base_fp, tuned
+    """(base key, tuned key) of the complete model identity (dpo_eval.identity)."""
+    from dpo_eval.identity import model_identity
+
+    identity = model_identity(spec)
+    return identity.base_key, identity.tuned_key
 
 
 def quantization_config(spec: ModelSpec):
@@ -154,7 +134,7 @@ def fix_cpu_4bit_layers(model) -> int:
 def check_adapter(base_model, spec: ModelSpec, repairs: list[str]) -> None:
     """Fail when the adapter's shapes or vocabulary do not fit the base; warn when only names differ."""
     folder = Path(spec.adapter).expanduser()
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = read_adapter_config(folder)
     trained_on = config.get("base_model_name_or_path")
     shapes = _adapter_shapes(folder)
     modules = dict(base_model.named_modules())
@@ -182,6 +162,19 @@ def check_adapter(base_model, spec: ModelSpec, repairs: list[str]) -> None:
                    "the shapes fit, so it loads, but check that this is the base you meant")
         warnings.warn(message, stacklevel=2)
         repairs.append("warning: " + message)
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """adapter_config.json of an adapter folder, or a DpoEvalError naming the file and the problem."""
+    path = Path(folder).expanduser() / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DpoEvalError(f"{path}: not a readable adapter config ({exc}); re-save the adapter with peft's "
+                           "save_pretrained") from None
+    if not isinstance(config, dict):
+        raise DpoEvalError(f"{path}: expected a JSON object (peft's LoraConfig), found {type(config).__name__}")
+    return config
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -225,11 +218,15 @@ def load_tokenizer(spec: ModelSpec, repairs: list[str]):
     return tokenizer
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
-    """Check, load the base once, attach the adapter (unmerged), fingerprint. See the module docstring."""
+def load_model(spec: ModelSpec, identity: ModelIdentity | None = None) -> LoadedModel:
+    """Check, identify, load the base once, attach the adapter (unmerged). See the module docstring.
+
+    The identity is taken again after loading: files rewritten during the load (a trainer saving over
+    `checkpoint/latest`) would otherwise put new weights under the old key, so that is an error.
+    """
     check_paths(spec)
+    identity = identity or model_identity(spec)
     repairs: list[str] = []
-    base_fp, tuned_fp = fingerprints(spec)
     tokenizer = load_tokenizer(spec, repairs)
     model = load_base(spec, repairs)
     if spec.adapter is not None:
@@ -238,5 +235,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         check_adapter(model, spec, repairs)
         model = PeftModel.from_pretrained(model, spec.adapter, is_trainable=False)
         model.eval()
+    if model_identity(spec) != identity:
+        raise DpoEvalError(f"the files of --base {spec.base} or --adapter {spec.adapter} changed while the run "
+                           "was using them (a checkpoint being rewritten?); run again once they are complete")
     context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-    return LoadedModel(model, tokenizer, spec, base_fp, tuned_fp, context, repairs)
+    return LoadedModel(model, tokenizer, spec, identity, context, repairs)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
-from functools import lru_cache
+import threading
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -17,15 +18,32 @@ import polars as pl
 
 from dpo_eval.config import EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.identity import ModelIdentity, model_identity
 
 ROLES = ("chosen", "rejected", "base", "tuned")
 PACKAGES = ("dpo-eval", "torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "spacy",
             "textdescriptives", "scipy", "polars", "prefect", "numpy")
 
 
+def shard_of(pair_id: str, n_shards: int) -> int:
+    """The bucket of a pair: its place in sha256 space cut into `n_shards` equal ranges."""
+    return int(hashlib.sha256(pair_id.encode()).hexdigest()[:15], 16) * n_shards >> 60
+
+
 def shard_pairs(pairs: pl.DataFrame, shard_size: int) -> list[pl.DataFrame]:
-    """Consecutive shards of at most `shard_size` pairs (the unit of caching and resumption)."""
-    return [pairs.slice(i, shard_size) for i in range(0, pairs.height, shard_size)]
+    """Shards of about `shard_size` pairs (the unit of caching and resumption), bucketed by a hash of pair_id.
+
+    The number of buckets is the power of two nearest above n / shard_size, so adding or removing a
+    record changes one shard (its bucket), not every shard after it; only crossing a power of two
+    re-buckets. A shard holds between about half and one `shard_size` pairs on average; pairs keep
+    their input order inside a shard. Empty buckets are left out.
+    """
+    if pairs.height == 0:
+        return []
+    n_shards = 1 << max(0, math.ceil(math.log2(max(1.0, pairs.height / shard_size))))
+    bucket = pl.Series([shard_of(p, n_shards) for p in pairs["pair_id"].to_list()])
+    tagged = pairs.with_columns(bucket.alias("__bucket"))
+    return [tagged.filter(pl.col("__bucket") == b).drop("__bucket") for b in sorted(set(bucket.to_list()))]
 
 
 def content_hash(frame: pl.DataFrame, columns: tuple[str, ...] = ("pair_id", "system", "messages")) -> str:
@@ -40,21 +58,60 @@ def spec_hash(*specs) -> str:
     return hashlib.sha256(json.dumps([s.model_dump(mode="json") for s in specs], sort_keys=True).encode()).hexdigest()[:16]
 
 
-@lru_cache(maxsize=1)
-def cached_model(spec: ModelSpec):
-    """One load per worker process for all the shards it generates."""
+_MODEL: dict[str, object] = {}
+_MODEL_LOCK = threading.Lock()
+
+
+def cached_model(spec: ModelSpec, identity: ModelIdentity | None = None):
+    """One load per worker process for all the shards it generates, keyed on the complete model identity
+    (never on the path: a checkpoint rewritten at the same path is a new model). A load for another
+    identity releases the one held first, so a worker never holds two models."""
     from dpo_eval.models import load_model
 
-    return load_model(spec)
+    identity = identity or model_identity(spec)
+    with _MODEL_LOCK:
+        loaded = _MODEL.get(identity.tuned_key)
+        if loaded is None or loaded.spec != spec:
+            release_models()
+            loaded = _MODEL[identity.tuned_key] = load_model(spec, identity)
+        return loaded
+
+
+def release_models() -> None:
+    """Drop the cached model and give its memory back (between stages and after an out-of-memory error)."""
+    import gc
+
+    _MODEL.clear()
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def check_identity(spec: ModelSpec, expected: str, model: str) -> ModelIdentity:
+    """The identity of `spec` now; an error when its key for `model` is not the one the run started with
+    (the files changed during the run, so the cache key would name other weights)."""
+    identity = model_identity(spec)
+    if identity.key(model) != expected:
+        raise DpoEvalError(f"the {model} model's files changed since this run identified them (--base {spec.base}, "
+                           f"--adapter {spec.adapter}); run again once the checkpoint is complete")
+    return identity
 
 
 def generate_shard(spec: ModelSpec, generation: GenerationSpec, shard: pl.DataFrame,
-                   model: str) -> tuple[pl.DataFrame, list[str]]:
-    """Answers of one model ('base' or 'tuned') to one shard, and the loader's repairs."""
+                   model: str, key: str) -> tuple[pl.DataFrame, list[str]]:
+    """Answers of one model ('base' or 'tuned') to one shard, and the loader's repairs; `key` is the
+    identity key the cache stores them under, checked against the files before and after."""
     from dpo_eval.generation import generate_both
 
-    loaded = cached_model(spec)
-    return generate_both(loaded, shard, generation, models=(model,)), list(loaded.repairs)
+    loaded = cached_model(spec, check_identity(spec, key, model))
+    answers = generate_both(loaded, shard, generation, models=(model,))
+    check_identity(spec, key, model)
+    return answers, list(loaded.repairs)
 
 
 def require_adapter(spec: ModelSpec) -> None:
@@ -123,7 +180,18 @@ def reward_beta(config: EvalConfig) -> float:
     return float(read_metadata(config.model.adapter).get("beta", 0.1)) if config.model.adapter else 0.1
 
 
-def compute_rewards(spec: ModelSpec, pairs: pl.DataFrame, beta: float) -> pl.DataFrame:
+def reward_max_length(config: EvalConfig) -> int | None:
+    """The max_length DPO training cut sequences to (trl's truncation), from the checkpoint's metadata;
+    None (the model's context) for a checkpoint trained elsewhere."""
+    from dpo_eval.training import read_metadata
+
+    meta = read_metadata(config.model.adapter) if config.model.adapter else {}
+    return int(meta["max_length"]) if meta.get("max_length") else None
+
+
+def compute_rewards(spec: ModelSpec, pairs: pl.DataFrame, beta: float, max_length: int | None,
+                    key: str) -> pl.DataFrame:
     from dpo_eval.logprobs import implicit_rewards
 
-    return implicit_rewards(cached_model(spec), pairs, beta=beta)
+    loaded = cached_model(spec, check_identity(spec, key, "tuned"))
+    return implicit_rewards(loaded, pairs, beta=beta, max_length=max_length)

@@ -86,7 +86,8 @@ def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None 
     tokenizer.padding_side = "right"  # training pads on the right; generation repairs it to left
     model = load_base(model_spec, repairs)
     metadata = {"beta": spec.beta, "loss_type": spec.loss_type, "sft_weight": spec.sft_weight,
-                "learning_rate": spec.learning_rate,
+                "learning_rate": spec.learning_rate, "max_length": spec.max_length, "truncation_mode": "keep_start",
+                "prompt_template": spec.prompt_template,
                 "base": spec.base, "base_fingerprint": fingerprints(model_spec)[0],
                 "data_fingerprint": data_fingerprint(pairs), "dataset": spec.dataset.model_dump(mode="json"),
                 "train_pair_ids": train["pair_id"].to_list(),

@@ -15,8 +15,8 @@ from dpo_eval import pipeline
 from dpo_eval.config import EvalConfig
 from dpo_eval.logprobs import reward_summary
 from dpo_eval.report import rewards_section, stats_table_rows, summary_markdown, write_outputs
-from tasks.evaluation import (compare_features_task, fingerprint_task, generate_answers_task,
-                              implicit_rewards_task, load_pairs_task, score_texts_task)
+from tasks.evaluation import (compare_features_task, generate_answers_task, identify_task, implicit_rewards_task,
+                              load_pairs_task, release_models_task, score_texts_task)
 
 SCORE_SHARD = 2000  # texts per scoring task
 
@@ -60,14 +60,14 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
     with _timed(timings, "load_pairs"):
         pairs, load_report = load_pairs_task(config.dataset)
         pairs, split_source = pipeline.apply_training_split(pairs, config.model.adapter)
-        base_fp, tuned_fp = fingerprint_task(config.model)
+        identity = identify_task(config.model)
     out.mkdir(parents=True, exist_ok=True)
     pairs.write_parquet(out / "pairs.parquet")
     logger.info("pairs: %s", load_report["pairs"])
 
     with _timed(timings, "generate"):
-        states = [generate_answers_task(config.model, config.generation, shard, model,
-                                        base_fp if model == "base" else tuned_fp, return_state=True)
+        states = [generate_answers_task(config.model, config.generation, shard, model, identity.key(model),
+                                        return_state=True)
                   for shard in pipeline.shard_pairs(pairs, config.shard_size) for model in ("base", "tuned")]
         results = [s.result() for s in states]
         answers = pl.concat([r[0] for r in results])
@@ -75,6 +75,7 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
         hits = sum(s.name == "Cached" for s in states)
         cache["generate"] = {"hits": hits, "misses": len(states) - hits}
     answers.write_parquet(out / "answers.parquet")
+    release_models_task()  # scoring needs the memory, not the model
 
     with _timed(timings, "score"):
         texts = pipeline.texts_of(pairs, answers)
@@ -89,19 +90,22 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
     rewards_summary, extra = None, []
     if config.rewards:
         with _timed(timings, "rewards"):
-            beta = pipeline.reward_beta(config)
-            rewards = implicit_rewards_task(config.model, pairs, beta, tuned_fp)
+            beta, max_length = pipeline.reward_beta(config), pipeline.reward_max_length(config)
+            rewards = implicit_rewards_task(config.model, pairs, beta, max_length, identity.tuned_key)
+            release_models_task()
             rewards.write_parquet(out / "rewards.parquet")
-            rewards_summary = reward_summary(rewards) | {"beta": beta}
+            rewards_summary = reward_summary(rewards)
             extra.append(rewards_section(rewards, rewards_summary, out))
-    pipeline.write_config(config, out, {"fingerprint": tuned_fp, "base_fingerprint": base_fp,
-                                        "repairs": repairs, "pairs_report": load_report,
-                                        "split_source": split_source})
+    pipeline.write_config(config, out, {"fingerprint": identity.tuned_key, "base_fingerprint": identity.base_key,
+                                        "model_identity": identity.to_dict(), "repairs": repairs,
+                                        "pairs_report": load_report, "split_source": split_source})
     with _timed(timings, "report"):
         summary = analysis.summary | {"left_out": load_report["left_out"], "duplicates": load_report["duplicates"],
                                       "timings": timings, "cache": cache}
         if rewards_summary is not None:
-            summary["implicit_reward"] = rewards_summary
+            summary["implicit_reward"] = rewards_summary  # one object per split, nothing else
+            summary["implicit_reward_beta"] = beta
+            summary["implicit_reward_max_length"] = max_length
         summary = write_outputs(analysis.stats, summary, out, extra)
     create_markdown_artifact(summary_markdown(summary), key="dpo-eval-summary", description="dpo-eval summary")
     create_table_artifact(stats_table_rows(analysis.stats), key="dpo-eval-stats", description="dpo-eval statistics")

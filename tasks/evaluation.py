@@ -11,10 +11,9 @@ from dpo_eval.config import AnalysisSpec, DatasetSpec, GenerationSpec, ModelSpec
 
 
 def _generation_key(context, parameters) -> str:
-    """Model fingerprint x generation settings x shard content: never a run id."""
+    """Model identity (dpo_eval.identity) x generation settings x shard content: never a run id or a path."""
     return "generate-" + "-".join([
-        parameters["fingerprint"], pipeline.spec_hash(parameters["generation"]),
-        str(parameters["spec"].prompt_template), parameters["model"],
+        parameters["key"], pipeline.spec_hash(parameters["generation"]), parameters["model"],
         pipeline.content_hash(parameters["shard"])])
 
 
@@ -40,24 +39,27 @@ def load_pairs_task(spec: DatasetSpec):
     return table, report.to_dict()
 
 
-@task(name="fingerprint-checkpoint", cache_policy=NO_CACHE)
-def fingerprint_task(spec: ModelSpec) -> tuple[str, str]:
-    from dpo_eval.models import check_paths, fingerprints
+@task(name="identify-checkpoint", cache_policy=NO_CACHE)
+def identify_task(spec: ModelSpec):
+    """The complete identity of the base and the tuned model, taken once per run."""
+    from dpo_eval.identity import model_identity
+    from dpo_eval.models import check_paths
 
     check_paths(spec)
-    return fingerprints(spec)
+    return model_identity(spec)
 
 
 @task(name="generate-answers", cache_key_fn=_generation_key, persist_result=True, retries=2,
       retry_delay_seconds=[5, 30], retry_condition_fn=_is_oom)
 def generate_answers_task(spec: ModelSpec, generation: GenerationSpec, shard: pl.DataFrame, model: str,
-                          fingerprint: str) -> tuple[pl.DataFrame, list[str]]:
+                          key: str) -> tuple[pl.DataFrame, list[str]]:
     from prefect.runtime import task_run
 
     batch = batch_for_attempt(generation.batch_size, task_run.run_count or 1)
-    if batch != generation.batch_size:  # a retry after CUDA OOM: half the batch each time
+    if batch != generation.batch_size:  # a retry after an out-of-memory error: half the batch each time
+        pipeline.release_models()  # and a clean slate: what the failed attempt held is given back
         generation = generation.model_copy(update={"batch_size": batch})
-    return pipeline.generate_shard(spec, generation, shard, model)
+    return pipeline.generate_shard(spec, generation, shard, model, key)
 
 
 @task(name="score-texts", cache_policy=NO_CACHE, retries=1)
@@ -75,10 +77,18 @@ def compare_features_task(features: pl.DataFrame, spec: AnalysisSpec):
 
 
 def _rewards_key(context, parameters) -> str:
-    return "rewards-" + "-".join([parameters["fingerprint"], str(parameters["beta"]),
+    """Tuned identity (prompt template included) x beta x max_length x pairs content."""
+    return "rewards-" + "-".join([parameters["key"], str(parameters["beta"]), str(parameters["max_length"]),
                                   pipeline.content_hash(parameters["pairs"], ("pair_id", "split"))])
 
 
 @task(name="implicit-rewards", cache_key_fn=_rewards_key, persist_result=True, retries=1)
-def implicit_rewards_task(spec: ModelSpec, pairs: pl.DataFrame, beta: float, fingerprint: str) -> pl.DataFrame:
-    return pipeline.compute_rewards(spec, pairs, beta)
+def implicit_rewards_task(spec: ModelSpec, pairs: pl.DataFrame, beta: float, max_length: int | None,
+                          key: str) -> pl.DataFrame:
+    return pipeline.compute_rewards(spec, pairs, beta, max_length, key)
+
+
+@task(name="release-models", cache_policy=NO_CACHE)
+def release_models_task() -> None:
+    """Give the model's memory back before a stage that does not need it."""
+    pipeline.release_models()

@@ -100,6 +100,32 @@ def test_sampling_is_repeatable_with_a_seed(stories260k):
     assert a.equals(b) and not a.equals(c)
 
 
+def test_sampled_answers_do_not_depend_on_batch_size_or_neighbours(stories260k):
+    """Each prompt is seeded from the run's seed and its pair: an OOM retry with half the batch, or the
+    same pair in another shard, samples the same answer."""
+    loaded = load_model(ModelSpec(base=str(stories260k), quantization="none", compute_dtype="float32"))
+    spec = GenerationSpec(max_new_tokens=16, do_sample=True, temperature=1.0, seed=3, batch_size=6)
+    pairs = story_pairs()
+    whole = generate_answers(loaded.model, loaded.tokenizer, pairs, spec)
+    halves = generate_answers(loaded.model, loaded.tokenizer, pairs, spec.model_copy(update={"batch_size": 3}))
+    alone = generate_answers(loaded.model, loaded.tokenizer, pairs.slice(2, 1), spec.model_copy(update={"batch_size": 1}))
+    assert whole.equals(halves)
+    assert alone["answer"][0] == whole["answer"][2]
+    assert whole["answer"].n_unique() > 1  # really sampled per prompt
+
+
+def test_a_batch_over_the_token_budget_fails_as_out_of_memory(stories260k):
+    import torch
+
+    loaded = load_model(ModelSpec(base=str(stories260k), quantization="none", compute_dtype="float32"))
+    pairs = story_pairs()
+    spec = GenerationSpec(max_new_tokens=8, batch_size=6, max_batch_tokens=40)
+    with pytest.raises(torch.OutOfMemoryError, match="max_batch_tokens=40"):
+        generate_answers(loaded.model, loaded.tokenizer, pairs, spec)
+    fits = generate_answers(loaded.model, loaded.tokenizer, pairs, spec.model_copy(update={"batch_size": 1}))
+    assert fits.equals(generate_answers(loaded.model, loaded.tokenizer, pairs, GenerationSpec(max_new_tokens=8)))
+
+
 def test_repairs_on_stories260k(stories260k):
     loaded = load_model(ModelSpec(base=str(stories260k), quantization="none", compute_dtype="float32"))
     formatter = PromptFormatter(loaded.tokenizer, repairs=loaded.repairs)
@@ -168,12 +194,13 @@ def test_adapter_for_another_name_with_fitting_shapes_warns(stories260k, adapter
     assert any(r.startswith("warning: adapter") for r in loaded.repairs)
 
 
-def test_fingerprints(stories260k, adapters):
+def test_fingerprints_are_the_model_identity(stories260k, adapters):
     a = load_model(ModelSpec(base=str(stories260k), adapter=str(adapters["zero"]), quantization="none"))
     b = load_model(ModelSpec(base=str(stories260k), adapter=str(adapters["trained"]), quantization="none"))
     c = load_model(ModelSpec(base=str(stories260k), adapter=str(adapters["zero"]), quantization="4bit"))
     assert a.base_fingerprint == b.base_fingerprint and a.fingerprint != b.fingerprint
     assert a.base_fingerprint != c.base_fingerprint
+    assert a.identity.tuned_key == a.fingerprint and a.identity.adapter is not None
 
 
 def test_cli_generate(stories260k, adapters, orca_jsonl, tmp_path):

@@ -1,0 +1,168 @@
+"""One complete identity of the model a run evaluates, used by every cache that stores model outputs.
+
+Anything that can change a generated answer or a log-prob is part of it: the base's weights,
+tokenizer files, chat template, model and generation config; quantization and compute dtype; the
+prompt template; the adapter's files (trainer state left out, so identical adapters hit); hub
+revisions resolved to a commit; the versions of the libraries that compute the outputs.
+
+A local folder is identified by the content of its files, never by its path, so a copy hits and a
+file rewritten in place at the same path misses. File digests are remembered in the cache folder by
+(path, size, mtime), so a 14 GB base is hashed once, not on every run and watcher tick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from dpo_eval.config import ModelSpec, default_cache_dir
+from dpo_eval.errors import DpoEvalError
+
+# Files a trainer writes beside the adapter that never change what the adapter computes.
+TRAINER_STATE = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json",
+                           "rng_state.pth", "dpo_eval_training.json"})
+# Documentation files of a model folder.
+DOCUMENTATION = frozenset({"README.md", ".gitattributes", "LICENSE", "LICENSE.txt", "USE_POLICY.md"})
+# Libraries whose versions change the numbers a model computes.
+OUTPUT_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def _ignored(name: str) -> bool:
+    return name in TRAINER_STATE or name in DOCUMENTATION or name.startswith("rng_state") or name.startswith(".")
+
+
+class DigestStore:
+    """sha256 of files, remembered on disk by (resolved path, size, mtime_ns); safe across threads and processes."""
+
+    def __init__(self, folder: Path | None = None):
+        self.path = Path(folder or default_cache_dir()) / "file-digests.sqlite"
+        self._lock = threading.Lock()
+        self.hashed = 0  # files actually read by this store (the rest came from the table)
+
+    def _connect(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=60)
+        db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, size INTEGER, mtime_ns INTEGER, sha256 TEXT, "
+                   "PRIMARY KEY (path, size, mtime_ns))")
+        return db
+
+    def digest(self, path: Path) -> str:
+        resolved = path.resolve()
+        stat = resolved.stat()
+        key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            db = self._connect()
+            try:
+                row = db.execute("SELECT sha256 FROM digests WHERE path=? AND size=? AND mtime_ns=?", key).fetchone()
+                if row:
+                    return row[0]
+                value = _sha256(resolved)
+                self.hashed += 1
+                with db:
+                    db.execute("DELETE FROM digests WHERE path=?", key[:1])
+                    db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", key + (value,))
+                return value
+            finally:
+                db.close()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_files(folder: Path, store: DigestStore) -> dict[str, str]:
+    """{file name: sha256} of the files at the top of `folder` that can change outputs."""
+    return {p.name: store.digest(p) for p in sorted(folder.iterdir()) if p.is_file() and not _ignored(p.name)}
+
+
+def hub_revision(repo_id: str, revision: str | None) -> str:
+    """The commit a hub revision points at: asked of the hub when online, else read from the local
+    hub cache (its snapshot folder is named by the commit); 'unpinned' when neither can tell."""
+    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if not offline:
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().model_info(repo_id, revision=revision).sha
+        except Exception:  # noqa: BLE001 - no network or no such repo: fall back to the local cache
+            pass
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True)).name
+    except Exception:  # noqa: BLE001 - not in the local cache either
+        return "unpinned"
+
+
+def _source(name: str, revision: str | None, store: DigestStore) -> dict:
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return {"files": folder_files(folder, store)}
+    return {"hub": name, "revision": revision, "commit": hub_revision(name, revision)}
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in OUTPUT_LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _key(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What the base and the tuned model are; `base_key` and `tuned_key` key every cache of their outputs."""
+
+    base: dict
+    adapter: dict | None
+    loading: dict
+    versions: dict
+    base_key: str
+    tuned_key: str
+
+    def key(self, model: str) -> str:
+        """The key of the 'base' or 'tuned' side."""
+        return self.base_key if model == "base" else self.tuned_key
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def unpinned(self) -> list[str]:
+        """Hub models whose commit could not be resolved: their cached outputs may be stale."""
+        parts = [("base", self.base)] + ([("adapter", self.adapter)] if self.adapter else [])
+        return [f"{label} {part['hub']}" for label, part in parts if part.get("commit") == "unpinned"]
+
+
+def model_identity(spec: ModelSpec, store: DigestStore | None = None) -> ModelIdentity:
+    """The complete identity of `spec`'s base and tuned model (see the module docstring)."""
+    store = store or DigestStore()
+    try:
+        base = _source(spec.base, spec.revision, store)
+        adapter = _source(spec.adapter, None, store) if spec.adapter else None
+    except OSError as exc:
+        raise DpoEvalError(f"cannot read the model files to identify them: {exc}") from None
+    loading = {"quantization": spec.quantization, "compute_dtype": spec.compute_dtype,
+               "prompt_template": spec.prompt_template}
+    versions = library_versions()
+    base_key = _key({"base": base, "loading": loading, "versions": versions})
+    tuned_key = _key({"base": base_key, "adapter": adapter}) if adapter else base_key
+    return ModelIdentity(base, adapter, loading, versions, base_key, tuned_key)
