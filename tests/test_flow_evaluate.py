@@ -38,6 +38,13 @@ def storage(tmp_path):
         yield tmp_path
 
 
+def n_shards(orca, limit: int, shard_size: int) -> int:
+    from dpo_eval.data import read_pairs
+    from dpo_eval.pipeline import shard_pairs
+
+    return len(shard_pairs(read_pairs(DatasetSpec(source=str(orca), limit=limit))[0], shard_size))
+
+
 def config(orca, stories, adapter, out, cache, **generation) -> EvalConfig:
     return EvalConfig(dataset=DatasetSpec(source=str(orca), limit=24),
                       model=ModelSpec(base=str(stories), adapter=str(adapter), quantization="4bit"),
@@ -63,12 +70,15 @@ def test_flow_writes_the_run_directory_and_artifacts(harness, storage, adapters,
     saved = json.loads((out / "config.json").read_text())
     assert saved["fingerprint"] and saved["base_fingerprint"] and saved["repairs"]
     assert saved["versions"]["prefect"] and saved["config"]["model"]["adapter"] == str(adapters["a"])
-    assert summary["cache"]["generate"] == {"hits": 0, "misses": 6}
+    assert summary["cache"]["generate"] == {"hits": 0, "misses": 2 * n_shards(orca_jsonl, 24, 8)}
+    assert saved["model_identity"]["tuned_key"] == saved["fingerprint"]
+    assert set(saved["model_identity"]["base"]["files"]) >= {"tokenizer.json", "config.json", "model.safetensors"}
     with get_client(sync_client=True) as client:
-        for key in ("dpo-eval-summary", "dpo-eval-stats"):
-            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-            assert found, key
-    assert "sign agreement" in found[0].data.lower() or found[0].type == "table"
+        found = {key: client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+                 for key in ("dpo-eval-summary", "dpo-eval-stats")}
+    assert found["dpo-eval-summary"][0].type == "markdown"
+    assert "sign agreement" in found["dpo-eval-summary"][0].data.lower()
+    assert found["dpo-eval-stats"][0].type == "table" and "norm_mean_delta" in str(found["dpo-eval-stats"][0].data)
 
 
 def test_caching_consequences(harness, storage, adapters, orca_jsonl, stories260k):
@@ -79,13 +89,14 @@ def test_caching_consequences(harness, storage, adapters, orca_jsonl, stories260
     assert first["cache"]["generate"]["hits"] == 0 and first["cache"]["score"]["hits"] == 0
     # a second identical run: no generation, no scoring
     again = evaluate_checkpoint(config(orca_jsonl, stories260k, adapters["a"], storage / "r2", cache))
-    assert again["cache"]["generate"] == {"hits": 6, "misses": 0}
+    tasks = 2 * n_shards(orca_jsonl, 24, 8)
+    assert again["cache"]["generate"] == {"hits": tasks, "misses": 0}
     assert again["cache"]["score"]["misses"] == 0
     for name in ("answers.parquet", "stats.parquet"):
         assert pl.read_parquet(storage / "r1" / name).equals(pl.read_parquet(storage / "r2" / name))
     # a new adapter on the same base and data: base answers and chosen/rejected features are reused
     other = evaluate_checkpoint(config(orca_jsonl, stories260k, adapters["b"], storage / "r3", cache))
-    assert other["cache"]["generate"] == {"hits": 3, "misses": 3}
+    assert other["cache"]["generate"] == {"hits": tasks // 2, "misses": tasks // 2}
     tuned_texts = set(pl.read_parquet(storage / "r3" / "answers.parquet").filter(pl.col("model") == "tuned")["answer"])
     pairs = pl.read_parquet(storage / "r1" / "pairs.parquet")
     old_texts = set(pl.read_parquet(storage / "r1" / "answers.parquet")["answer"]) | set(pairs["chosen"]) | set(
@@ -93,7 +104,7 @@ def test_caching_consequences(harness, storage, adapters, orca_jsonl, stories260
     assert other["cache"]["score"]["misses"] == len(tuned_texts - old_texts)
     # a changed generation setting invalidates generation for both models, and nothing else
     longer = evaluate_checkpoint(config(orca_jsonl, stories260k, adapters["a"], storage / "r4", cache, max_new_tokens=16))
-    assert longer["cache"]["generate"] == {"hits": 0, "misses": 6}
+    assert longer["cache"]["generate"] == {"hits": 0, "misses": tasks}
     answers = pl.read_parquet(storage / "r4" / "answers.parquet")
     assert longer["cache"]["score"]["misses"] <= answers["answer"].n_unique()
     assert longer["cache"]["score"]["hits"] >= 48 - 1  # chosen and rejected (one text repeats)
@@ -102,7 +113,7 @@ def test_caching_consequences(harness, storage, adapters, orca_jsonl, stories260
 def test_sigkill_mid_run_resumes_from_finished_shards(tmp_path, adapters, orca_jsonl, stories260k):
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "dpo_eval.cli", "evaluate", "--base", str(stories260k), "--adapter",
+    command = [sys.executable, "-m", "dpo_eval", "evaluate", "--base", str(stories260k), "--adapter",
                str(adapters["a"]), "--dataset", str(orca_jsonl), "--limit", "32", "--shard-size", "2",
                "--max-new-tokens", "24", "--bootstrap", "200", "--cache-dir", str(tmp_path / "scores")]
     killed = subprocess.Popen(command + ["--out", str(tmp_path / "killed")], env=env, stdout=subprocess.PIPE,
@@ -123,7 +134,8 @@ def test_sigkill_mid_run_resumes_from_finished_shards(tmp_path, adapters, orca_j
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     cache = json.loads((tmp_path / "killed" / "summary.json").read_text())["cache"]
-    assert cache["generate"]["hits"] >= 3 and cache["generate"]["hits"] + cache["generate"]["misses"] == 32
+    assert cache["generate"]["hits"] >= 3
+    assert cache["generate"]["hits"] + cache["generate"]["misses"] == 2 * n_shards(orca_jsonl, 32, 2)
     # an uninterrupted run in a fresh environment gives the same answers and statistics
     fresh_env = dict(env, PREFECT_HOME=str(tmp_path / "prefect-fresh"))
     clean = subprocess.run(command[:-2] + ["--cache-dir", str(tmp_path / "scores-fresh"), "--out",
@@ -159,3 +171,73 @@ def test_retry_condition_and_batch_halving():
     assert not _is_oom(None, None, Failed(data=ValueError("bad prompt")))
     assert not _is_oom(None, None, Completed(data=1))
     assert [batch_for_attempt(16, n) for n in (1, 2, 3, 6)] == [16, 8, 4, 1]
+
+
+def small(orca, base, adapter, out, cache, **generation) -> EvalConfig:
+    """A fast evaluation: 8 pairs, one shard, no rewards, few resamples."""
+    return EvalConfig(dataset=DatasetSpec(source=str(orca), limit=8),
+                      model=ModelSpec(base=str(base), adapter=str(adapter), quantization="none",
+                                      compute_dtype="float32"),
+                      generation=GenerationSpec(**({"max_new_tokens": 6, "batch_size": 8} | generation)),
+                      scoring=ScoringSpec(cache_dir=cache, n_process=1), out=out, shard_size=8, rewards=False,
+                      analysis={"bootstrap": 50, "permutations": 50})
+
+
+def test_generation_cache_follows_the_model_identity(harness, storage, orca_jsonl, stories260k):
+    """A copy at another path hits; a changed generation config or chat template misses; an adapter
+    rewritten at the same path misses for tuned only and generates with the new weights."""
+    import shutil
+
+    from dpo_eval.generation import generate_both
+    from dpo_eval.models import load_model
+    from flows.evaluate import evaluate_checkpoint
+
+    cache = storage / "scores"
+    first, second = shutil.copytree(stories260k, storage / "m1"), shutil.copytree(stories260k, storage / "m2")
+    latest = make_adapter(stories260k, storage / "latest", zero=False, seed=3)
+    hit = {"hits": 2, "misses": 0}
+    assert evaluate_checkpoint(small(orca_jsonl, first, latest, storage / "r1", cache))["cache"]["generate"] == \
+        {"hits": 0, "misses": 2}
+    assert evaluate_checkpoint(small(orca_jsonl, second, latest, storage / "r2", cache))["cache"]["generate"] == hit
+    generation = json.loads((second / "generation_config.json").read_text()) | {"eos_token_id": [2, 13]}
+    (second / "generation_config.json").write_text(json.dumps(generation))
+    assert evaluate_checkpoint(small(orca_jsonl, second, latest, storage / "r3", cache))["cache"]["generate"] == \
+        {"hits": 0, "misses": 2}
+    tokenizer = json.loads((first / "tokenizer_config.json").read_text())
+    tokenizer["chat_template"] = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    (first / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    assert evaluate_checkpoint(small(orca_jsonl, first, latest, storage / "r4", cache))["cache"]["generate"] == \
+        {"hits": 0, "misses": 2}
+    shutil.rmtree(latest)
+    make_adapter(stories260k, latest, zero=False, seed=4)  # /checkpoints/latest, rewritten in place
+    rewritten = small(orca_jsonl, first, latest, storage / "r5", cache)
+    assert evaluate_checkpoint(rewritten)["cache"]["generate"] == {"hits": 1, "misses": 1}
+    answers = pl.read_parquet(storage / "r5" / "answers.parquet").filter(pl.col("model") == "tuned")
+    pairs = pl.read_parquet(storage / "r5" / "pairs.parquet")
+    fresh = generate_both(load_model(rewritten.model), pairs, rewritten.generation, models=("tuned",))
+    assert answers.sort("pair_id")["answer"].equals(fresh.sort("pair_id")["answer"])
+
+
+def test_out_of_memory_retry_halves_the_batch_and_gives_the_same_answers(harness, storage, orca_jsonl,
+                                                                         stories260k):
+    """The first attempt's batch of 8 is over the token budget (a real torch.OutOfMemoryError before any
+    generation); the retry runs batches of 4 and stores the same answers an unconstrained run gives."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.evaluate import evaluate_checkpoint
+
+    adapter = make_adapter(stories260k, storage / "adapter", zero=False, seed=6)
+    budget = 5 * 512  # stories260k's context is 512: 8 x (longest prompt + 6 new) > 2560 >= 4 x 512
+    constrained = small(orca_jsonl, stories260k, adapter, storage / "oom", storage / "scores", max_batch_tokens=budget)
+    state = evaluate_checkpoint(constrained, return_state=True)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    generation = [r for r in runs if r.name.startswith("generate-answers")]
+    assert len(generation) == 2 and all(r.run_count == 2 and r.state.is_completed() for r in generation)
+    answers = pl.read_parquet(storage / "oom" / "answers.parquet")
+    assert 8 * (answers["n_prompt_tokens"].max() + 6) > budget  # the first attempt really was over budget
+    plain = small(orca_jsonl, stories260k, adapter, storage / "plain", storage / "scores", batch_size=4)
+    evaluate_checkpoint(plain)
+    assert answers.equals(pl.read_parquet(storage / "plain" / "answers.parquet"))
