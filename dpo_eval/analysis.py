@@ -1,14 +1,19 @@
 """Paired statistics: does tuned-vs-base move the way chosen-vs-rejected does, feature by feature?
 
 The study's method, exactly (design.md): per feature j, records with any of the four values NaN or
-missing are dropped for j only; d_cr = chosen - rejected, d_tb = tuned - base; the scale S_j is the
-sample standard deviation (ddof=1) of d_cr over the train split, used for every split and both
-comparisons; norm_mean_delta = mean(d) / S_j; sign_agreement = sign(mean d_cr) * sign(mean d_tb);
-p_value is the two-sided Wilcoxon signed-rank test of d (scipy.stats.wilcoxon).
+missing are dropped for j only (+/-inf too, counted apart: reason and summary["dropped_inf"]);
+d_cr = chosen - rejected, d_tb = tuned - base; the scale S_j is the sample standard deviation
+(ddof=1) of d_cr over the train split, used for every split and both comparisons (with no train
+split at all, the valid split's own, as summary["scale_source"] says); norm_mean_delta = mean(d) / S_j;
+sign_agreement = sign(mean d_cr) * sign(mean d_tb), NaN where either comparison has no test (no
+records, or all deltas zero); p_value is the two-sided Wilcoxon signed-rank test of d (scipy.stats.wilcoxon).
 
-Beyond it: BH q-values per comparison and split, the matched-pairs rank-biserial effect size, a
-seeded bootstrap CI of norm_mean_delta, a pair-level sign-flip permutation test that sign agreement
-beats chance, and length-adjusted deltas (the intercept of d_j regressed on the n_tokens delta).
+Beyond it: BH q-values over the features of one comparison and split (column q_family), the
+matched-pairs rank-biserial effect size, a seeded bootstrap CI of norm_mean_delta, a pair-level
+sign-flip permutation test that sign agreement beats chance, length-adjusted deltas (the intercept of
+d_j regressed on the n_tokens delta), and the Wilcoxon test's power to find a shift of 0.5 S per split.
+Every random draw comes from its own stream per split and purpose (stats.rng_for); both comparisons
+of a split resample the same records.
 """
 
 from __future__ import annotations
@@ -21,13 +26,19 @@ import polars as pl
 from dpo_eval.config import AnalysisSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.features import FAMILY_OF, LENGTH_FEATURE
-from dpo_eval.stats import (benjamini_hochberg, bootstrap_means, intercept_at_zero, rank_biserial,
-                            sign_flip_means, wilcoxon)
+from dpo_eval.stats import (benjamini_hochberg, bootstrap_means, intercept_at_zero, mean_signs, rank_biserial,
+                            rng_for, sign_agreement_test, wilcoxon, wilcoxon_power)
 
 META = ("pair_id", "split", "role")
 ROLES = ("chosen", "rejected", "base", "tuned")
 COMPARISONS = {"chosen_vs_rejected": ("chosen", "rejected"), "tuned_vs_base": ("tuned", "base")}
-SIGN_TEST = "pair-level sign-flip permutation test, one-sided (agreement greater than chance)"
+SIGN_TEST = ("pair-level sign-flip permutation test, one-sided (agreement greater than chance); features "
+             "whose mean tuned-base delta is 0 are left out, in the observed share and in every flip")
+Q_FAMILY = "Benjamini-Hochberg over the features of one comparison and split (NaN p-values left out)"
+POWER_SHIFT = 0.5
+POWER_METHOD = ("two-sided Wilcoxon signed-rank test at alpha for a mean shift of 0.5 S with n pairs, normal "
+                "deltas of sd S: the paired t-test's power (noncentral t) at n * 3/pi pairs (the Wilcoxon "
+                "test's asymptotic relative efficiency); 0 where the exact test cannot reach alpha")
 
 
 @dataclass
@@ -51,31 +62,35 @@ def run_analysis(features: pl.DataFrame, spec: AnalysisSpec | None = None) -> An
     spec = spec or AnalysisSpec()
     names = feature_columns(features)
     splits, values = _wide(features, names)
-    rng = np.random.default_rng(spec.seed)
     cr = values["chosen"] - values["rejected"]
     tb = values["tuned"] - values["base"]
-    valid = np.all([np.isfinite(values[r]) for r in ROLES], axis=0)
-    train = splits == "train"
-    with np.errstate(invalid="ignore", divide="ignore"):
-        scale = np.array([np.std(cr[train & valid[:, j], j], ddof=1) if (train & valid[:, j]).sum() > 1
-                          else np.nan for j in range(len(names))])
+    with np.errstate(invalid="ignore"):
+        finite = np.all([np.isfinite(values[r]) for r in ROLES], axis=0) & np.isfinite(cr) & np.isfinite(tb)
+        infinite = ~finite & ~np.any([np.isnan(values[r]) for r in ROLES], axis=0)  # +/-inf, or a delta overflows
+    scale, scale_source = _scale(cr, finite, splits)
     length = names.index(LENGTH_FEATURE) if LENGTH_FEATURE in names else None
-    rows, summary_parts = [], {}
+    rows, parts = [], {}
     for split in _split_order(splits):
         in_split = splits == split
+        ok = finite[in_split]
         deltas = {"chosen_vs_rejected": cr[in_split], "tuned_vs_base": tb[in_split]}
-        ok = valid[in_split]
-        means = {c: _masked_mean(d, ok) for c, d in deltas.items()}
-        agreement = np.sign(means["chosen_vs_rejected"]) * np.sign(means["tuned_vs_base"])
-        summary_parts[split] = (int(in_split.sum()), agreement,
-                                _sign_agreement_p(means, deltas["tuned_vs_base"], ok, spec, rng))
+        signs = {c: _signs(d, ok) for c, d in deltas.items()}
+        tested = {c: (np.where(ok, d, 0.0) != 0).any(axis=0) for c, d in deltas.items()}
+        both = tested["chosen_vs_rejected"] & tested["tuned_vs_base"]
+        agreement = np.where(both, signs["chosen_vs_rejected"] * signs["tuned_vs_base"], np.nan)
+        _, p, _ = sign_agreement_test(np.where(both, signs["chosen_vs_rejected"], np.nan), deltas["tuned_vs_base"],
+                                      ok, spec.permutations, rng_for(spec.seed, split, "permutations"))
+        parts[split] = {"n": int(in_split.sum()), "agreement": agreement, "p": p,
+                        "inf": infinite[in_split].sum(axis=0),
+                        "length": deltas["tuned_vs_base"][ok[:, length], length] if length is not None else None}
         for comparison, d in deltas.items():
-            ci = _bootstrap_ci(d, ok, scale, spec, rng)
-            block = _comparison_rows(names, split, comparison, d, ok, scale, means[comparison],
-                                     agreement, ci, length)
-            rows.extend(block)
+            # a fresh copy of the split's bootstrap stream: both comparisons resample the same records
+            ci = _bootstrap_ci(d, ok, scale, spec, rng_for(spec.seed, split, "bootstrap"))
+            other = next(c for c in COMPARISONS if c != comparison)
+            rows += _comparison_rows(names, split, comparison, d, ok, scale, agreement, ci, length, spec,
+                                     parts[split]["inf"], tested[comparison], tested[other], other)
     stats = _finish(pl.DataFrame(rows, infer_schema_length=None))
-    return Analysis(stats, _summary(stats, summary_parts, len(names), spec))
+    return Analysis(stats, _summary(stats, parts, names, spec, scale_source))
 
 
 def _wide(features: pl.DataFrame, names: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -106,9 +121,26 @@ def _split_order(splits: np.ndarray) -> list[str]:
     return ["train", "valid"] + sorted(present - {"train", "valid"})
 
 
-def _masked_mean(d: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(ok, d, 0.0).sum(axis=0) / ok.sum(axis=0)
+def _scale(cr: np.ndarray, ok: np.ndarray, splits: np.ndarray) -> tuple[np.ndarray, str]:
+    """S_j = std(d_cr, ddof=1) over train; with no train pair at all, over valid (and the source says so)."""
+    if (splits == "train").any():
+        source, text = "train", "train"
+    elif (splits == "valid").any():
+        source = "valid"
+        text = ("valid (no train split: every pair is valid, as when a checkpoint is evaluated on a data set "
+                "other than its training set, so S_j is the valid split's own std of chosen - rejected)")
+    else:
+        return np.full(cr.shape[1], np.nan), "none (no train or valid split)"
+    rows = (splits == source)[:, None] & ok
+    scale = np.array([np.std(cr[rows[:, j], j], ddof=1) if rows[:, j].sum() > 1 else np.nan
+                      for j in range(cr.shape[1])])
+    return scale, text
+
+
+def _signs(d: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """sign(mean d) per feature (stats.mean_signs), NaN where a feature has no valid record."""
+    x = np.where(ok, d, 0.0)
+    return np.where(ok.any(axis=0), mean_signs(x.sum(axis=0), np.abs(x).sum(axis=0)), np.nan)
 
 
 def _bootstrap_ci(d, ok, scale, spec: AnalysisSpec, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -124,44 +156,31 @@ def _bootstrap_ci(d, ok, scale, spec: AnalysisSpec, rng) -> tuple[np.ndarray, np
         return lo / scale, hi / scale
 
 
-def _sign_agreement_p(means, tb, ok, spec: AnalysisSpec, rng) -> float:
-    """P(agreement >= observed) when each pair's tuned-base deltas flip sign at random (one-sided)."""
-    direction = np.sign(means["chosen_vs_rejected"])
-    used = np.isfinite(means["tuned_vs_base"]) & (direction != 0) & np.isfinite(direction)
-    if spec.permutations == 0 or not used.any():
-        return float("nan")
-    used &= np.sign(means["tuned_vs_base"]) != 0  # as the reported share: both mean deltas nonzero
-    if not used.any():
-        return float("nan")
-    observed = np.mean(direction[used] * np.sign(means["tuned_vs_base"][used]) == 1)
-    flipped = sign_flip_means(tb[:, used], ok[:, used], spec.permutations, rng)
-    null = np.mean(direction[used] * np.sign(flipped) == 1, axis=1)
-    return float((1 + np.sum(null >= observed)) / (1 + spec.permutations))
-
-
-def _comparison_rows(names, split, comparison, d, ok, scale, mean, agreement, ci, length) -> list[dict]:
+def _comparison_rows(names, split, comparison, d, ok, scale, agreement, ci, length, spec, n_inf,
+                     tested, other_tested, other) -> list[dict]:
     rows = []
     for j, name in enumerate(names):
         dj = d[ok[:, j], j]
-        reasons = []
-        if dj.size == 0:
-            reasons.append("no records")
+        reasons = [f"{n_inf[j]} record{'s' * (n_inf[j] > 1)} dropped for +/-inf"] if n_inf[j] else []
         if not np.isfinite(scale[j]):
-            reasons.append("fewer than 2 train records: no scale")
+            reasons.append("fewer than 2 records on the scale's split: no scale")
         elif scale[j] == 0:
-            reasons.append("zero scale: chosen and rejected never differ on train")
-        stat, p, why = wilcoxon(dj)
+            reasons.append("zero scale: chosen and rejected never differ on the scale's split")
+        stat, p, why = wilcoxon(dj, spec.alpha)
+        if tested[j] and not other_tested[j]:
+            reasons.append(f"no sign agreement: {other} has no test")
+        usable_scale = scale[j] if np.isfinite(scale[j]) and scale[j] > 0 else np.nan
+        lo, hi = (ci[0][j], ci[1][j]) if np.isfinite(usable_scale) else (np.nan, np.nan)
+        if np.isfinite(lo) and lo == hi:
+            reasons.append("zero-width CI: every bootstrap mean is the same")
         adjusted, adjusted_p, why_len = _length_adjusted(d, ok, j, length)
         reasons += [r for r in (why, why_len) if r and r not in reasons]
-        usable_scale = scale[j] if np.isfinite(scale[j]) and scale[j] > 0 else np.nan
         rows.append({
             "feature": name, "family": FAMILY_OF.get(name, "other"), "split": split,
-            "comparison": comparison, "n": int(dj.size), "mean_delta": float(mean[j]),
-            "norm_mean_delta": float(mean[j] / usable_scale), "scale": float(scale[j]),
-            "ci_low": float(ci[0][j]) if np.isfinite(usable_scale) else np.nan,
-            "ci_high": float(ci[1][j]) if np.isfinite(usable_scale) else np.nan,
-            "wilcoxon_stat": stat, "p_value": p, "effect_size": rank_biserial(dj),
-            "sign_agreement": float(agreement[j]),
+            "comparison": comparison, "n": int(dj.size), "mean_delta": float(dj.mean()) if dj.size else np.nan,
+            "norm_mean_delta": float(dj.mean() / usable_scale) if dj.size else np.nan, "scale": float(scale[j]),
+            "ci_low": float(lo), "ci_high": float(hi), "wilcoxon_stat": stat, "p_value": p,
+            "effect_size": rank_biserial(dj), "sign_agreement": float(agreement[j]),
             "length_adjusted_delta": adjusted, "length_adjusted_norm_delta": adjusted / usable_scale,
             "length_adjusted_p": adjusted_p, "reason": "; ".join(reasons),
         })
@@ -172,43 +191,52 @@ def _length_adjusted(d, ok, j, length) -> tuple[float, float, str]:
     if length is None:
         return np.nan, np.nan, f"no {LENGTH_FEATURE} feature for length control"
     if j == length:
-        return np.nan, np.nan, ""
+        return np.nan, np.nan, f"{LENGTH_FEATURE} is the length control itself: no length-adjusted delta"
     both = ok[:, j] & ok[:, length]
     return intercept_at_zero(d[both, j], d[both, length])
 
 
 def _finish(stats: pl.DataFrame) -> pl.DataFrame:
-    """Add BH q-values per comparison x split, with NaN (not null) for undefined numbers."""
+    """Add BH q-values per comparison x split (and q_family), with NaN (not null) for undefined numbers."""
     floats = [c for c, t in stats.schema.items() if t in (pl.Float64, pl.Int64) and c != "n"]
     stats = stats.with_columns([pl.col(c).cast(pl.Float64).fill_null(np.nan) for c in floats])
-    q = np.full(stats.height, np.nan)
+    q, family = np.full(stats.height, np.nan), np.full(stats.height, "", dtype=object)
     groups = stats.with_row_index().group_by("comparison", "split").agg(pl.col("index"))
-    for idx in groups["index"].to_list():
-        q[idx] = benjamini_hochberg(stats["p_value"].to_numpy()[idx])
-    stats = stats.with_columns(pl.Series("q_value", q))
+    for comparison, split, idx in groups.iter_rows():
+        p = stats["p_value"].to_numpy()[idx]
+        q[idx] = benjamini_hochberg(p)
+        family[idx] = f"{comparison}, {split}: BH over {int(np.isfinite(p).sum())} features with a p-value"
+    stats = stats.with_columns(pl.Series("q_value", q), pl.Series("q_family", family.tolist(), dtype=pl.String))
     order = ["feature", "family", "split", "comparison", "n", "mean_delta", "norm_mean_delta", "scale",
-             "ci_low", "ci_high", "wilcoxon_stat", "p_value", "q_value", "effect_size", "sign_agreement",
-             "length_adjusted_delta", "length_adjusted_norm_delta", "length_adjusted_p", "reason"]
+             "ci_low", "ci_high", "wilcoxon_stat", "p_value", "q_value", "q_family", "effect_size",
+             "sign_agreement", "length_adjusted_delta", "length_adjusted_norm_delta", "length_adjusted_p", "reason"]
     return stats.select(order)
 
 
-def _summary(stats: pl.DataFrame, parts: dict, n_features: int, spec: AnalysisSpec) -> dict:
+def _summary(stats: pl.DataFrame, parts: dict, names: list[str], spec: AnalysisSpec, scale_source: str) -> dict:
     significant = {c: {} for c in COMPARISONS}
-    toward_chosen, agreement_share, agreement_p, n_pairs, n_signed = {}, {}, {}, {}, {}
-    for split, (n, agreement, p) in parts.items():
-        n_pairs[split] = n
-        signed = agreement[np.isfinite(agreement) & (agreement != 0)]  # both mean deltas nonzero
-        agreement_share[split] = float(np.mean(signed == 1)) if signed.size else float("nan")
+    toward_chosen, share, agreement_p, n_pairs, n_signed = {}, {}, {}, {}, {}
+    power, length_share, dropped_inf = {}, {}, {}
+    for split, part in parts.items():
+        n_pairs[split] = part["n"]
+        signed = part["agreement"][np.isfinite(part["agreement"]) & (part["agreement"] != 0)]  # both means nonzero
+        share[split] = float(np.mean(signed == 1)) if signed.size else float("nan")
         n_signed[split] = int(signed.size)
-        agreement_p[split] = p
+        agreement_p[split] = part["p"]
+        power[split] = {"n": part["n"], "shift": POWER_SHIFT, "power": wilcoxon_power(part["n"], POWER_SHIFT, spec.alpha)}
+        if part["length"] is not None:
+            dl = part["length"]
+            length_share[split] = float(max((dl > 0).sum(), (dl < 0).sum()) / dl.size) if dl.size else float("nan")
+        dropped_inf[split] = {names[j]: int(k) for j, k in enumerate(part["inf"]) if k}
         for comparison in COMPARISONS:
             rows = stats.filter((pl.col("split") == split) & (pl.col("comparison") == comparison))
             significant[comparison][split] = int((rows["q_value"] < spec.alpha).sum())
         tuned = stats.filter((pl.col("split") == split) & (pl.col("comparison") == "tuned_vs_base")
                              & (pl.col("q_value") < spec.alpha))
         toward_chosen[split] = int((tuned["sign_agreement"] == 1).sum())
-    return {"n_pairs": n_pairs, "n_features": n_features, "alpha": spec.alpha,
-            "sign_agreement": agreement_share, "sign_agreement_features": n_signed,
-            "sign_agreement_p": agreement_p,
+    return {"n_pairs": n_pairs, "n_features": len(names), "alpha": spec.alpha, "scale_source": scale_source,
+            "sign_agreement": share, "sign_agreement_features": n_signed, "sign_agreement_p": agreement_p,
             "sign_agreement_test": f"{SIGN_TEST}, {spec.permutations} permutations",
-            "significant": significant, "significant_toward_chosen": toward_chosen}
+            "significant": significant, "significant_toward_chosen": toward_chosen, "q_family": Q_FAMILY,
+            "power": power, "power_method": POWER_METHOD, "length_sign_share": length_share,
+            "dropped_inf": dropped_inf}

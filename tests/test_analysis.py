@@ -196,33 +196,58 @@ def test_sign_agreement_p_small_for_independent_agreeing_features_and_uniformish
     assert np.mean(np.array(null_p) < 0.05) <= 0.15  # about 5% of 30 null runs
 
 
-@pytest.mark.parametrize("case", ["all_zero", "constant_feature", "one_record", "no_valid_split", "zero_scale"])
-def test_degenerate_inputs_never_crash(case):
-    n = 1 if case == "one_record" else 8
-    splits = ["train"] * n  # and never a valid split: its rows must say "no records"
-    ones = [1.0] * n
-    if case in ("all_zero", "constant_feature"):
-        values = {r: {"x": ones} for r in ("chosen", "rejected", "tuned", "base")}
-    elif case == "zero_scale":
-        values = {"chosen": {"x": ones}, "rejected": {"x": ones}, "tuned": {"x": [float(i) for i in range(n)]},
-                  "base": {"x": [0.0] * n}}
-    elif case == "no_valid_split":
-        values = {"chosen": {"x": [float(i * i) for i in range(n)]}, "rejected": {"x": [0.0] * n},
-                  "tuned": {"x": [float(i) for i in range(n)]}, "base": {"x": [0.0] * n}}
-    else:
-        values = {"chosen": {"x": [2.0]}, "rejected": {"x": [1.0]}, "tuned": {"x": [3.0]}, "base": {"x": [1.0]}}
-    result = run_analysis(table(values, splits), AnalysisSpec(bootstrap=100, permutations=100))
+DEGENERATE = {  # case: (per-role values of x, splits); each case differs from every other
+    "all_zero": ({r: [0.0] * 8 for r in ("chosen", "rejected", "tuned", "base")}, ["train"] * 8),
+    "constant_nonzero_deltas": ({"chosen": [2.0] * 8, "rejected": [1.0] * 8, "tuned": [3.0] * 8, "base": [1.0] * 8},
+                                ["train"] * 8),
+    "one_record": ({"chosen": [2.0], "rejected": [1.0], "tuned": [3.0], "base": [1.0]}, ["train"]),
+    "two_records": ({"chosen": [2.0, 5.0], "rejected": [1.0, 1.0], "tuned": [3.0, 1.0], "base": [1.0, 2.0]},
+                    ["train"] * 2),
+    "no_valid_split": ({"chosen": [float(i * i) for i in range(8)], "rejected": [0.0] * 8,
+                        "tuned": [float(i) for i in range(8)], "base": [0.0] * 8}, ["train"] * 8),
+    "zero_scale": ({"chosen": [1.0] * 8, "rejected": [1.0] * 8, "tuned": [float(i) for i in range(8)],
+                    "base": [0.0] * 8}, ["train"] * 8),
+    "zero_width_ci": ({"chosen": [float(i * i) for i in range(8)] + [4.0] * 4, "rejected": [0.0] * 12,
+                       "tuned": [float(i) for i in range(8)] + [2.0] * 4, "base": [0.0] * 12},
+                      ["train"] * 8 + ["valid"] * 4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+def test_degenerate_inputs_carry_a_reason(case):
+    values, splits = DEGENERATE[case]
+    result = run_analysis(table({r: {"x": v} for r, v in values.items()}, splits),
+                          AnalysisSpec(bootstrap=100, permutations=100))
     stats = result.stats
     assert stats.height == 4  # x train/valid, both comparisons
-    valid = stats.filter(pl.col("split") == "valid")
-    assert (valid["n"] == 0).all() and valid["reason"].str.contains("no records").all()
-    train = stats.filter(pl.col("split") == "train")
-    if case in ("all_zero", "constant_feature", "zero_scale"):
-        assert train["reason"].str.contains("zero scale").all()
-        assert train["norm_mean_delta"].is_nan().all()
-    if case == "one_record":
-        assert train["reason"].str.contains("no scale").all() and train["scale"].is_nan().all()
     json.dumps(result.summary)  # serialisable
+    no_test = stats.filter(pl.col("p_value").is_nan())
+    assert (no_test["reason"] != "").all() and no_test["sign_agreement"].is_nan().all()
+    train = stats.filter(pl.col("split") == "train")
+    cr, tb = (row(stats, "x", "train", c) for c in ("chosen_vs_rejected", "tuned_vs_base"))
+    if "valid" not in splits:  # its rows say "no records"
+        valid = stats.filter(pl.col("split") == "valid")
+        assert (valid["n"] == 0).all() and valid["reason"].str.contains("no records").all()
+    if case == "all_zero":
+        assert train["reason"].str.contains("all deltas zero").all() and train["reason"].str.contains("zero scale").all()
+        assert train["p_value"].is_nan().all() and train["sign_agreement"].is_nan().all()
+    elif case == "constant_nonzero_deltas":  # a real test (8 of 8 positive), but no scale to normalise by
+        assert cr["p_value"] == pytest.approx(sps.wilcoxon([1.0] * 8).pvalue) and cr["sign_agreement"] == 1
+        assert train["reason"].str.contains("zero scale").all() and train["norm_mean_delta"].is_nan().all()
+    elif case == "one_record":
+        assert train["reason"].str.contains("no scale").all() and train["scale"].is_nan().all()
+        assert train["reason"].str.contains("only 1 nonzero deltas").all()
+    elif case == "two_records":
+        assert train["reason"].str.contains("smallest possible two-sided p is 0.5").all()
+    elif case == "no_valid_split":
+        assert cr["reason"] == "no n_tokens feature for length control" and cr["sign_agreement"] == 1
+    elif case == "zero_scale":  # chosen never differs from rejected: no test, no direction
+        assert math.isnan(cr["p_value"]) and math.isnan(tb["sign_agreement"]) and tb["p_value"] < 0.05
+        assert "no sign agreement: chosen_vs_rejected has no test" in tb["reason"]
+    elif case == "zero_width_ci":
+        valid_tb = row(stats, "x", "valid", "tuned_vs_base")
+        assert valid_tb["ci_low"] == valid_tb["ci_high"] and "zero-width CI" in valid_tb["reason"]
+        assert "zero-width CI" not in tb["reason"]
 
 
 def test_cli_analyze_writes_every_file(tmp_path):
@@ -230,7 +255,7 @@ def test_cli_analyze_writes_every_file(tmp_path):
     path = tmp_path / "features.parquet"
     features.write_parquet(path)
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "dpo_eval.cli", "analyze", "--features", str(path),
+    result = subprocess.run([sys.executable, "-m", "dpo_eval", "analyze", "--features", str(path),
                              "--out", str(out), "--bootstrap", "200"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     for name in ("stats.parquet", "stats.csv", "summary.json", "report.html"):
