@@ -5,7 +5,6 @@ its numbers and a sentence a user can act on."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from dpo_eval.config import ModelSpec
 from dpo_eval.data import prompt_turns
 from dpo_eval.logprobs import encode_pair, right_padded
 from dpo_eval.prompts import PromptFormatter, training_prompt
+from dpo_eval.report import Section, add_section, render_page
 
 KL_WARN, KL_FAIL = 0.01, 0.1  # nats per token
 MERGE_TOLERANCE = 1e-4
@@ -78,12 +78,24 @@ def _load(spec: ModelSpec, **update):
     return load_model(spec.model_copy(update=update))
 
 
+def _release() -> None:
+    """Give a finished model's memory back before the next load: the checks load one model at a time,
+    so a 7B base is never held twice in full precision."""
+    from dpo_eval.pipeline import release_models
+
+    release_models()  # gc.collect() and the CUDA cache, once the caller has dropped its references
+
+
 def quantization_checks(spec: ModelSpec, pairs: pl.DataFrame) -> list[Check]:
     full = _load(spec, adapter=None, quantization="none", compute_dtype="float32")
     batch = _batch(full.tokenizer, pairs, full.context_length)
     ref = _logits(full.model, batch)
+    del full
+    _release()
     four = _load(spec, adapter=None, quantization="4bit", compute_dtype="bfloat16")
     q = _logits(four.model, batch)
+    del four
+    _release()
     numbers = compare_logits(ref, q, batch) | {"perplexity_full": perplexity(ref, batch),
                                                "perplexity_4bit": perplexity(q, batch)}
     status = "pass" if numbers["kl_mean"] < KL_WARN else "warn" if numbers["kl_mean"] < KL_FAIL else "fail"
@@ -117,6 +129,8 @@ def merge_checks(spec: ModelSpec, pairs: pl.DataFrame, greedy_tokens: int = 16) 
         batch = _batch(loaded.tokenizer, pairs, loaded.context_length)
         unmerged = _logits(loaded.model, batch)
         before = generate_both(loaded, pairs, gen, models=("tuned",))["answer"].to_list()
+        del loaded
+        _release()
         # A fresh load, merged before any forward pass: on an AVX512-BF16 CPU bitsandbytes repacks 4-bit
         # weights at the first inference call, and merging a repacked weight gives garbage.
         fresh = _load(spec, quantization=quantization, compute_dtype="float32")
@@ -126,6 +140,8 @@ def merge_checks(spec: ModelSpec, pairs: pl.DataFrame, greedy_tokens: int = 16) 
         fresh.spec = fresh.spec.model_copy(update={"adapter": None})  # now a plain (merged) model
         merged = _logits(fresh.model, batch)
         after = generate_both(fresh, pairs, gen, models=("base",))["answer"].to_list()
+        del fresh
+        _release()
         results[label] = compare_logits(unmerged, merged, batch)
         answers[label] = sum(a != b for a, b in zip(before, after))
     checks = []
@@ -180,26 +196,23 @@ def diagnose(spec: ModelSpec, pairs: pl.DataFrame, out: Path | None = None) -> l
     from dpo_eval.models import load_model
 
     loaded = load_model(spec)
-    checks = tokenizer_checks(loaded, pairs) + quantization_checks(spec, pairs)
+    checks = tokenizer_checks(loaded, pairs)
+    del loaded
+    _release()
+    checks += quantization_checks(spec, pairs)
     if spec.adapter is not None:
         checks += merge_checks(spec, pairs)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "diagnostics.json").write_text(json.dumps([asdict(c) for c in checks], indent=2, default=str))
-        section = diagnostics_html(checks)
-        (out / "diagnostics.html").write_text(section)
-        report = out / "report.html"
-        if report.is_file():  # a run directory: the checks become (or replace) a section of its report
-            text = re.sub(r"<!--diagnostics-->.*?<!--/diagnostics-->", "", report.read_text(), flags=re.S)
-            block = f"<!--diagnostics-->{section}<!--/diagnostics-->"
-            report.write_text(text.replace("<h2>Statistics</h2>", block + "<h2>Statistics</h2>", 1))
+        section = diagnostics_section(checks)
+        (out / "diagnostics.html").write_text(render_page([section], title="dpo-eval diagnostics"))
+        if (out / "report.html").is_file():  # a run directory: the checks become (or replace) a report section
+            add_section(out, section)
     return checks
 
 
-def diagnostics_html(checks: list[Check]) -> str:
-    import html
-
-    colors = {"pass": "#2a7", "warn": "#d90", "fail": "#c33"}
-    rows = "".join(f"<tr><td style='color:{colors[c.status]}'><b>{c.status}</b></td><td>{html.escape(c.name)}</td>"
-                   f"<td>{html.escape(c.explanation)}</td></tr>" for c in checks)
-    return f"<h2>Diagnostics</h2><table><tr><th>status</th><th>check</th><th>what it means</th></tr>{rows}</table>"
+def diagnostics_section(checks: list[Check]) -> Section:
+    """The checks as a report section (id "diagnostics": adding it again replaces it)."""
+    return Section("diagnostics", "Diagnostics", columns=["status", "check", "what it means"],
+                   rows=[[c.status, c.name, c.explanation] for c in checks])

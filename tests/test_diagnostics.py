@@ -72,9 +72,34 @@ def test_mismatched_adapter_is_a_clear_error(stories260k, adapter, pairs, tmp_pa
 
 
 def test_cli_diagnose(stories260k, adapter, orca_jsonl, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dpo_eval.cli", "diagnose", "--base", str(stories260k),
+    result = subprocess.run([sys.executable, "-m", "dpo_eval", "diagnose", "--base", str(stories260k),
                              "--adapter", str(adapter), "--dataset", str(orca_jsonl), "--limit", "4",
                              "--out", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "[fail] merging: merge_and_unload onto the 4-bit base" in result.stdout
     assert (tmp_path / "diagnostics.json").is_file()
+
+
+def test_checks_hold_one_model_at_a_time(stories260k, adapter, pairs, monkeypatch):
+    """Each load starts with no earlier model alive, so a 7B base is never held twice in full precision."""
+    import gc
+    import weakref
+
+    from dpo_eval import diagnostics
+
+    live, alive_at_load = [], []
+    real = diagnostics._load
+
+    def tracked(spec, **update):
+        gc.collect()
+        alive_at_load.append(sum(ref() is not None for ref in live))
+        loaded = real(spec, **update)
+        model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+        live.append(weakref.ref(model))
+        return loaded
+
+    monkeypatch.setattr(diagnostics, "_load", tracked)
+    spec = ModelSpec(base=str(stories260k), adapter=str(adapter))
+    diagnostics.quantization_checks(spec, pairs)
+    diagnostics.merge_checks(spec, pairs.head(2), greedy_tokens=4)
+    assert len(alive_at_load) == 7 and alive_at_load == [0] * 7

@@ -72,6 +72,10 @@ def test_flow_writes_the_run_directory_and_artifacts(harness, storage, adapters,
     assert saved["versions"]["prefect"] and saved["config"]["model"]["adapter"] == str(adapters["a"])
     assert summary["cache"]["generate"] == {"hits": 0, "misses": 2 * n_shards(orca_jsonl, 24, 8)}
     assert saved["model_identity"]["tuned_key"] == saved["fingerprint"]
+    # one object per split and nothing else; beta beside it
+    assert summary["implicit_reward"] and all(set(v) >= {"accuracy", "margin_mean", "n"}
+                                              for v in summary["implicit_reward"].values())
+    assert set(summary["implicit_reward"]) <= {"train", "valid"} and summary["implicit_reward_beta"] == 0.1
     assert set(saved["model_identity"]["base"]["files"]) >= {"tokenizer.json", "config.json", "model.safetensors"}
     with get_client(sync_client=True) as client:
         found = {key: client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))

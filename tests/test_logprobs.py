@@ -67,3 +67,16 @@ def test_sft_weight_adds_trl_sft_loss(stories260k, tmp_path):
     import json
 
     assert json.loads((saved[0] / "dpo_eval_training.json").read_text())["sft_weight"] == 0.5
+
+
+def test_chunked_token_logprobs_equal_the_whole_batch_log_softmax():
+    import torch
+
+    from dpo_eval.logprobs import token_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 33, dtype=torch.bfloat16)
+    ids = torch.randint(0, 33, (5, 7))
+    whole = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    for rows in (1, 2, 5):
+        assert torch.equal(token_logprobs(logits, ids, rows_per_chunk=rows), whole)

@@ -9,6 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from dpo_eval import pipeline
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.demo import demo_records, write_demo_dataset
 from dpo_eval.training import METADATA, TrainSpec
@@ -53,6 +54,9 @@ def test_training_writes_checkpoints_with_metadata_and_emits_events(trained):
         assert meta["step"] == step and meta["beta"] == 0.1 and meta["loss_type"] == "sigmoid"
         assert meta["learning_rate"] == trained["spec"].learning_rate
         assert meta["base_fingerprint"] and meta["data_fingerprint"]
+        assert meta["max_length"] == 128 and meta["truncation_mode"] == "keep_start"
+        config = eval_config(trained["data"], trained["spec"].base, folder, folder / "run", folder / "scores")
+        assert pipeline.reward_max_length(config) == 128  # implicit rewards cut sequences as training did
         assert len(meta["train_pair_ids"]) + len(meta["valid_pair_ids"]) == 60
         assert not set(meta["train_pair_ids"]) & set(meta["valid_pair_ids"])
     seen: set[str] = set()
@@ -82,7 +86,7 @@ def test_watcher_evaluates_each_checkpoint_once(trained, stories260k, tmp_path):
     import subprocess
     import sys
 
-    cli = subprocess.run([sys.executable, "-m", "dpo_eval.cli", "trend", str(tmp_path / "evals" / "checkpoint-4"),
+    cli = subprocess.run([sys.executable, "-m", "dpo_eval", "trend", str(tmp_path / "evals" / "checkpoint-4"),
                           str(tmp_path / "evals" / "checkpoint-2"), "--out", str(tmp_path / "cli-trend")],
                          capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
