@@ -168,8 +168,12 @@ def apply_training_split(pairs: pl.DataFrame, adapter: str | None) -> tuple[pl.D
     if not meta.get("train_pair_ids"):
         return pairs, "data set"
     train = set(meta["train_pair_ids"])
-    return pairs.with_columns(pl.when(pl.col("pair_id").is_in(train)).then(pl.lit("train"))
-                              .otherwise(pl.lit("valid")).alias("split")), "checkpoint training metadata"
+    split = pairs.with_columns(pl.when(pl.col("pair_id").is_in(train)).then(pl.lit("train"))
+                               .otherwise(pl.lit("valid")).alias("split"))
+    if not (split["split"] == "train").any():
+        return split, ("checkpoint training metadata: none of these pairs was trained on (another data set?), so "
+                       "every pair is valid and the scale S_j is the valid split's own std")
+    return split, "checkpoint training metadata"
 
 
 def reward_beta(config: EvalConfig) -> float:
