@@ -21,6 +21,12 @@ FORMATS = {
     "or chosen, rejected as message lists with an implicit prompt",
     "columns": "any fields, through an explicit --columns prompt=...,chosen=...,rejected=... mapping",
 }
+REQUIRED_FIELDS = {
+    "orca": ("question", "chosen", "rejected"),
+    "openai": ("input", "preferred_output", "non_preferred_output"),
+    "hh-rlhf": ("chosen", "rejected"),
+    "trl": ("chosen", "rejected"),
+}
 HH_ASSISTANT = "\n\nAssistant:"
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
@@ -68,7 +74,11 @@ def detect_format(record: dict[str, Any], where: str) -> str:
 
 
 def normalise(record: dict[str, Any], fmt: str, columns: dict[str, str], where: str) -> Pair:
-    """One record of format `fmt` as a Pair; raises DpoEvalError on non-text values."""
+    """One record of format `fmt` as a Pair; raises DpoEvalError on missing fields or non-text values."""
+    missing = [name for name in REQUIRED_FIELDS.get(fmt, ()) if name not in record]
+    if missing:
+        raise DpoEvalError(f"{where}: the {fmt} format (--format) needs the fields {missing}, which this record "
+                           f"lacks (it has {sorted(record)}); use --format auto, another --format, or --columns")
     split = _opt_text(record.get(columns.get("split", "split")), where, "split")
     if fmt == "orca":
         return Pair(

@@ -8,10 +8,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jinja2
+import jinja2.meta
 
+from dpo_eval.errors import DpoEvalError
 from dpo_eval.formats import transcript
 
 PLAIN_TEMPLATE = "{% if system %}{{ system }}\n\n{% endif %}{{ prompt }}\n\n"
+
+
+def compile_prompt_template(text: str) -> jinja2.Template:
+    """`text` as a Jinja template of `system` and `prompt`; a DpoEvalError naming --prompt-template when it
+    does not parse, uses a variable it is never given, ignores the prompt, or fails on a probe prompt."""
+    env = jinja2.Environment()
+    try:
+        parsed = env.parse(text)
+        template = env.from_string(parsed)  # compiling also finds unknown filters and tests
+    except jinja2.TemplateSyntaxError as exc:
+        raise DpoEvalError(f"--prompt-template: not a valid Jinja template (line {exc.lineno}: {exc.message}); "
+                           "it takes {{ system }} and {{ prompt }}, e.g. " + repr(PLAIN_TEMPLATE)) from exc
+    names = jinja2.meta.find_undeclared_variables(parsed) - set(env.globals)
+    unknown = sorted(names - {"system", "prompt"})
+    if unknown:
+        raise DpoEvalError(f"--prompt-template uses {unknown}, but a prompt template is given only "
+                           "{{ system }} and {{ prompt }}")
+    if "prompt" not in names:
+        raise DpoEvalError("--prompt-template never uses {{ prompt }}: every model would see the same text")
+    try:
+        template.render(system="probe system", prompt="probe prompt")
+    except Exception as exc:  # any runtime failure of the user's template (a bad call, a type error)
+        raise DpoEvalError(f"--prompt-template fails to render ({type(exc).__name__}: {exc})") from exc
+    return template
 
 
 @dataclass
@@ -26,7 +52,7 @@ class PromptFormatter:
     def __init__(self, tokenizer, prompt_template: str | None = None, repairs: list[str] | None = None):
         self.tokenizer = tokenizer
         self.repairs = repairs if repairs is not None else []
-        self.template = jinja2.Template(prompt_template) if prompt_template else None
+        self.template = compile_prompt_template(prompt_template) if prompt_template else None
         self.use_chat = self.template is None and bool(getattr(tokenizer, "chat_template", None))
         if self.template is None and not self.use_chat:
             self.template = jinja2.Template(PLAIN_TEMPLATE)
@@ -47,17 +73,35 @@ class PromptFormatter:
         if not self.use_chat:
             prompt = messages[-1]["content"] if len(messages) == 1 else transcript((m["role"], m["content"]) for m in messages)
             return self.template.render(system=system or "", prompt=prompt)
-        chat = ([{"role": "system", "content": system}] if system and not self.fold_system else []) + messages
         if system and self.fold_system:
-            chat = _fold(system, messages)
+            return self._apply_chat(_fold(system, messages))
+        chat = ([{"role": "system", "content": system}] if system else []) + messages
+        try:
+            return self._apply_chat(chat)
+        except DpoEvalError as error:
+            if not system:
+                raise
+            failure = error
+        # A template that fails with a system turn and works without one rejects the system role
+        # (Mistral-Instruct's): fold it. One that fails either way is broken: report its own failure.
+        try:
+            text = self._apply_chat(_fold(system, messages))
+        except DpoEvalError:
+            raise failure from failure.__cause__
+        self.fold_system = True
+        self._note("chat template rejects the system role: system prompt folded into the first user turn")
+        return text
+
+    def _apply_chat(self, chat: list[dict]) -> str:
         try:
             return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        except Exception:
-            if not system or self.fold_system:
-                raise
-            self.fold_system = True
-            self._note("chat template rejects the system role: system prompt folded into the first user turn")
-            return self.render(system, messages)
+        except Exception as exc:  # templates signal errors with any type (raise_exception, TypeError, ...)
+            raise self._template_error(exc) from exc
+
+    def _template_error(self, exc: Exception) -> DpoEvalError:
+        name = getattr(self.tokenizer, "name_or_path", "") or "the tokenizer"
+        return DpoEvalError(f"the chat template of {name} fails ({type(exc).__name__}: {exc}); fix the "
+                            "template in its tokenizer_config.json / chat_template.jinja, or pass --prompt-template")
 
     def encode(self, text: str, max_tokens: int) -> EncodedPrompt:
         """Token ids with exactly one leading BOS (when the model uses one), cut from the left to fit."""

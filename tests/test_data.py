@@ -208,7 +208,7 @@ def test_limit_keeps_the_first_pairs(orca_jsonl):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "dpo_eval.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "dpo_eval", *args], capture_output=True, text=True)
 
 
 def test_cli_pairs_prints_counts(orca_jsonl, tmp_path):

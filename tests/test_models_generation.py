@@ -205,7 +205,7 @@ def test_fingerprints_are_the_model_identity(stories260k, adapters):
 
 def test_cli_generate(stories260k, adapters, orca_jsonl, tmp_path):
     out = tmp_path / "answers.parquet"
-    result = subprocess.run([sys.executable, "-m", "dpo_eval.cli", "generate", "--base", str(stories260k),
+    result = subprocess.run([sys.executable, "-m", "dpo_eval", "generate", "--base", str(stories260k),
                              "--adapter", str(adapters["trained"]), "--dataset", str(orca_jsonl), "--limit", "4",
                              "--quantization", "4bit", "--max-new-tokens", "8", "--out", str(out)],
                             capture_output=True, text=True)
@@ -215,7 +215,7 @@ def test_cli_generate(stories260k, adapters, orca_jsonl, tmp_path):
     answers = pl.read_parquet(out)
     assert answers.columns == ["pair_id", "model", "answer", "n_prompt_tokens", "n_new_tokens", "finish_reason",
                                "truncated"]
-    bad = subprocess.run([sys.executable, "-m", "dpo_eval.cli", "generate", "--base", str(stories260k),
+    bad = subprocess.run([sys.executable, "-m", "dpo_eval", "generate", "--base", str(stories260k),
                           "--dataset", str(orca_jsonl), "--quantization", "3bit", "--out", str(out)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--quantization" in bad.stderr and "Traceback" not in bad.stderr

@@ -68,7 +68,7 @@ def test_ui_style_run_of_a_served_deployment(server, tmp_path, stories260k, orca
                 "adapter": str(adapter)}, "out": str(tmp_path / "default-run")}
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(defaults))
     serve_env = dict(env, PREFECT_API_URL=api, PREFECT_LOGGING_LEVEL="WARNING")
-    serve = subprocess.Popen([sys.executable, "-m", "dpo_eval.cli", "serve", "--config", str(tmp_path / "eval.yaml")],
+    serve = subprocess.Popen([sys.executable, "-m", "dpo_eval", "serve", "--config", str(tmp_path / "eval.yaml")],
                              env=serve_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True, cwd=ROOT)
     try:

@@ -1,0 +1,52 @@
+"""The dpo-eval app: every command registered here, and `main`, which turns user errors into one line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from dpo_eval.errors import DpoEvalError
+from dpo_eval_cli import core_commands, flow_commands
+
+app = typer.Typer(
+    name="dpo-eval",
+    help="Did the DPO alignment take? Compare a tuned checkpoint with its base, feature by feature.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error "
+                                     "(anywhere on the command line).")) -> None:
+    """Did the DPO alignment take? Compare a tuned checkpoint with its base, feature by feature."""
+
+
+app.command()(flow_commands.evaluate)
+app.command()(core_commands.pairs)
+app.command()(core_commands.generate)
+app.command()(core_commands.analyze)
+app.command()(core_commands.diagnose)
+app.command()(flow_commands.train)
+app.command()(core_commands.trend)
+app.command()(flow_commands.serve)
+app.command()(flow_commands.demo)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of `dpo-eval` and `python -m dpo_eval`: a user error is one line on stderr, exit 2;
+    `--debug` re-raises it with the original traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    try:
+        app(args=args, prog_name="dpo-eval")  # click handles usage errors and --help itself
+    except DpoEvalError as exc:
+        if debug:
+            raise
+        print(f"dpo-eval: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,137 @@
+"""The commands that run dpo_eval directly, without Prefect: pairs, generate, diagnose, analyze, trend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dpo_eval.config import AnalysisSpec, GenerationSpec
+from dpo_eval.errors import DpoEvalError
+from dpo_eval_cli.options import (AdapterOpt, BaseOpt, ColumnsOpt, DatasetOpt, DtypeOpt, FormatOpt, LimitOpt,
+                                  QuantOpt, SeedOpt, TemplateOpt, ValidOpt, build, dataset_spec, model_spec,
+                                  spec_option)
+
+
+def pairs(
+    dataset: str = DatasetOpt,
+    fmt: str = FormatOpt,
+    columns: Optional[str] = ColumnsOpt,
+    seed: int = SeedOpt,
+    valid_fraction: float = ValidOpt,
+    limit: Optional[int] = LimitOpt,
+    out: Path = typer.Option(..., "--out", help="Where to write pairs.parquet."),
+) -> None:
+    """Read preference data into the pairs table; print a JSON summary of what was kept."""
+    from dpo_eval.data import read_pairs
+
+    spec = dataset_spec(dataset, fmt, columns, seed=seed, valid_fraction=valid_fraction, limit=limit)
+    table, report = read_pairs(spec)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.write_parquet(out)
+    print(json.dumps(report.to_dict(), indent=2))
+
+
+def generate(
+    base: str = BaseOpt,
+    adapter: Optional[str] = AdapterOpt,
+    dataset: str = DatasetOpt,
+    fmt: str = FormatOpt,
+    columns: Optional[str] = ColumnsOpt,
+    limit: Optional[int] = LimitOpt,
+    quantization: str = QuantOpt,
+    compute_dtype: str = DtypeOpt,
+    max_new_tokens: int = spec_option(GenerationSpec, "max_new_tokens", "--max-new-tokens"),
+    batch_size: int = spec_option(GenerationSpec, "batch_size", "--batch-size"),
+    prompt_template: Optional[str] = TemplateOpt,
+    out: Path = typer.Option(..., "--out", help="Where to write answers.parquet."),
+) -> None:
+    """Generate base (and, with an adapter, tuned) answers to every prompt."""
+    spec = model_spec(base=base, adapter=adapter, quantization=quantization, compute_dtype=compute_dtype,
+                      prompt_template=prompt_template)
+    gen = build(GenerationSpec, {"max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size"},
+                max_new_tokens=max_new_tokens, batch_size=batch_size)
+    data = dataset_spec(dataset, fmt, columns, limit=limit)
+    from dpo_eval.preflight import check_model
+
+    check_model(spec)
+    import polars as pl
+
+    from dpo_eval.data import load_pairs
+    from dpo_eval.generation import generate_both
+    from dpo_eval.models import load_model
+
+    pairs_table = load_pairs(data)
+    loaded = load_model(spec)
+    answers = generate_both(loaded, pairs_table, gen)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    answers.write_parquet(out)
+    print(json.dumps({"answers": answers.height, "models": sorted(set(answers["model"])),
+                      "fingerprint": loaded.fingerprint, "base_fingerprint": loaded.base_fingerprint,
+                      "truncated_prompts": int(answers.filter(pl.col("model") == "base")["truncated"].sum()),
+                      "repairs": loaded.repairs}, indent=2))
+
+
+def diagnose(
+    base: str = BaseOpt,
+    adapter: Optional[str] = AdapterOpt,
+    dataset: str = DatasetOpt,
+    limit: int = typer.Option(8, "--limit", help="Pairs used for the logit comparisons."),
+    out: Path = typer.Option(..., "--out", help="Folder for diagnostics.json and diagnostics.html."),
+) -> None:
+    """Quantization, merge and tokenizer diagnostics: pass/warn/fail with numbers."""
+    from dpo_eval.data import load_pairs
+    from dpo_eval.diagnostics import diagnose as run_diagnose
+    from dpo_eval.preflight import check_model
+
+    spec = model_spec(base=base, adapter=adapter)
+    check_model(spec)
+    checks = run_diagnose(spec, load_pairs(dataset_spec(dataset, limit=limit)), out)
+    for check in checks:
+        print(f"[{check.status:4s}] {check.name}: {check.explanation}")
+    print(f"diagnostics: {out / 'diagnostics.json'}")
+
+
+def analyze(
+    features: Path = typer.Option(..., "--features", help="features.parquet (pair_id, split, role, features)."),
+    out: Path = typer.Option(..., "--out", help="Folder for stats.*, summary.json, report.html, plots/."),
+    alpha: float = spec_option(AnalysisSpec, "alpha", "--alpha"),
+    bootstrap: int = spec_option(AnalysisSpec, "bootstrap", "--bootstrap"),
+    seed: int = spec_option(AnalysisSpec, "seed", "--seed"),
+) -> None:
+    """Paired statistics and the report from a features table."""
+    import polars as pl
+
+    from dpo_eval.analysis import run_analysis
+    from dpo_eval.report import write_outputs
+
+    if not features.is_file():
+        raise DpoEvalError(f"--features {features}: no such file")
+    spec = build(AnalysisSpec, {"alpha": "--alpha", "bootstrap": "--bootstrap", "seed": "--seed"},
+                 alpha=alpha, bootstrap=bootstrap, seed=seed)
+    try:
+        table = pl.read_parquet(features)
+    except Exception as exc:  # polars raises several types for unreadable files
+        raise DpoEvalError(f"--features {features}: cannot read as parquet ({exc})") from exc
+    result = run_analysis(table, spec)
+    summary = write_outputs(result.stats, result.summary, out)
+    print("\n".join(summary["sentences"]))
+    print(f"report: {out / 'report.html'}")
+
+
+def trend(
+    runs: list[Path] = typer.Argument(..., help="Run directories of evaluated checkpoints."),
+    out: Path = typer.Option(Path("."), "--out", help="Folder for trend.csv, trend.json, trend.png."),
+    split: str = typer.Option("valid", "--split", help="Split whose figures are plotted: train|valid."),
+) -> None:
+    """Evaluation curves across checkpoints: sign agreement, significant features, reward accuracy."""
+    from dpo_eval.preflight import check_run_dir
+    from dpo_eval.trend import write_trend
+
+    for run in runs:
+        check_run_dir(run)
+    table = write_trend(runs, out, split)
+    print(table.drop("run", "adapter"))
+    print(f"trend: {out / 'trend.png'}")
