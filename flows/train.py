@@ -13,7 +13,8 @@ CHECKPOINT_EVENT = "dpo_eval.checkpoint.saved"
 
 
 def announce(folder: Path) -> None:
-    """Emit dpo_eval.checkpoint.saved with the folder: the deployment trigger evaluates it."""
+    """Emit dpo_eval.checkpoint.saved with the folder, after its training metadata is written: the trigger
+    of the `scheduled` deployment starts a watcher tick, which evaluates the checkpoint once."""
     emit_event(event=CHECKPOINT_EVENT, resource={"prefect.resource.id": f"dpo-eval.checkpoint.{folder.resolve()}"},
                payload={"folder": str(folder.resolve())})
 

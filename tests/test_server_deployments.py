@@ -1,10 +1,12 @@
-"""A real `prefect server start`, `dpo-eval serve` against it, a run created through the REST API (what the
-UI's Run button does), and the deployment, automation and docker files."""
+"""A real `prefect server start` (one per test session), `dpo-eval serve` against it, a run created through
+the REST API (what the UI's Run button does), `prefect deploy` of deployments/prefect.yaml with its trigger,
+the crash automation on a really crashed run, the watcher through a deployment, and the docker files."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,10 +17,40 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prefect import flow
 
+from dpo_eval.config import EvalConfig
 from tests.builders import make_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
+TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+@flow(name="crash-probe")
+def crash_probe(max_restarts: int, pid_dir: str) -> int:
+    """A flow that waits to be killed, behind the real restart cap (flows/restarts.py)."""
+    from flows.restarts import check_restarts
+
+    start = check_restarts(max_restarts)
+    Path(pid_dir, f"start-{start}.pid").write_text(str(os.getpid()))
+    time.sleep(300)  # the test SIGKILLs this process long before
+    return start
+
+
+@flow(name="evaluate-stub")
+def evaluate_stub(config: EvalConfig) -> str:
+    """Stands in for evaluate-checkpoint behind a deployment: fails while the data set is missing."""
+    if not Path(config.dataset.source).is_file():
+        raise FileNotFoundError(config.dataset.source)
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "stub.json").write_text(json.dumps({"adapter": config.model.adapter}))
+    return str(config.out)
+
+
+SERVE_TEST_FLOWS = ("from prefect import serve\n"
+                    "from tests.test_server_deployments import crash_probe, evaluate_stub\n"
+                    "serve(crash_probe.to_deployment('probe', concurrency_limit=1),\n"
+                    "      evaluate_stub.to_deployment('stub', concurrency_limit=1))\n")
 
 
 def free_port() -> int:
@@ -27,24 +59,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(check, timeout: float, what: str):
+def wait_for(check, timeout: float, what: str, interval: float = 1):
+    """Poll `check` until it returns something true; at most `timeout` seconds (and so a bounded count)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    for _ in range(int(timeout / interval) + 1):
         value = check()
         if value:
             return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
+        if time.time() > deadline:
+            break
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-@pytest.fixture
-def server(tmp_path):
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One `prefect server start` on 127.0.0.1 and a free port for the test session."""
+    home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_UI_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
     prefect = Path(sys.executable).parent / "prefect"
+    log = open(home / "server.log", "w")
     proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
 
     def healthy():
@@ -58,7 +97,50 @@ def server(tmp_path):
         yield api, env
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def on_server(server):
+    """This process's Prefect client pointed at the session server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server[0]}):
+        yield server[0]
+
+
+def deployment_named(api: str, flow_name: str, name: str) -> dict | None:
+    found = httpx.post(f"{api}/deployments/filter", json={"flows": {"name": {"any_": [flow_name]}},
+                                                         "deployments": {"name": {"any_": [name]}}},
+                       timeout=10).json()
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="module")
+def served_flows(server, tmp_path_factory):
+    """crash-probe/probe and evaluate-stub/stub served by one runner process (polling every second)."""
+    api, env = server
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w")
+    serve_env = dict(env, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="1", PREFECT_LOGGING_LEVEL="INFO",
+                     PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_TEST_FLOWS], env=serve_env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield {name: wait_for(lambda: deployment_named(api, flow_name, name), 120, f"deployment {name}")
+               for flow_name, name in (("crash-probe", "probe"), ("evaluate-stub", "stub"))}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
 
 
 def test_ui_style_run_of_a_served_deployment(server, tmp_path, stories260k, orca_jsonl):
@@ -108,14 +190,20 @@ def test_ui_style_run_of_a_served_deployment(server, tmp_path, stories260k, orca
 
 
 def test_prefect_yaml_deployments_and_trigger():
+    from prefect.cli.deploy._models import PrefectYamlModel
+
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    PrefectYamlModel.model_validate(spec)
     by_name = {d["name"]: d for d in spec["deployments"]}
     gpu, scheduled = by_name["gpu"], by_name["scheduled"]
     assert gpu["entrypoint"] == "flows/evaluate.py:evaluate_checkpoint" and gpu["work_pool"]["name"] == "gpu-pool"
     assert scheduled["entrypoint"] == "flows/watch.py:watch_checkpoints" and scheduled["schedules"][0]["cron"]
-    trigger = gpu["triggers"][0]
-    assert trigger["expect"] == ["dpo_eval.checkpoint.saved"]
-    assert "event.payload.folder" in trigger["parameters"]["config"]["model"]["adapter"]
+    # one path evaluates checkpoints: the watcher; the event only starts a watcher tick
+    assert "triggers" not in gpu and scheduled["parameters"]["deployment"] == "evaluate-checkpoint/gpu"
+    (trigger,) = scheduled["triggers"]
+    assert trigger["expect"] == ["dpo_eval.checkpoint.saved"] and trigger["enabled"] and "parameters" not in trigger
+    assert scheduled["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    assert gpu["concurrency_limit"]["limit"] >= 1
     from dpo_eval.config import EvalConfig
 
     EvalConfig.model_validate(gpu["parameters"]["config"])  # the default parameters are a valid config
@@ -125,13 +213,137 @@ def test_prefect_yaml_deployments_and_trigger():
         assert f"def {name}(" in source
 
 
-def test_crash_automation_reschedules_crashed_runs():
+def test_prefect_deploy_registers_limits_and_the_checkpoint_trigger(server, tmp_path):
+    """`prefect deploy` of deployments/prefect.yaml against the server; a checkpoint event starts a watcher
+    tick, never an evaluation."""
+    api, env = server
+    for pool in ("gpu-pool", "cpu-pool"):
+        response = httpx.post(f"{api}/work_pools/", json={"name": pool, "type": "process"}, timeout=10)
+        assert response.status_code in (201, 409), response.text
+    prefect = Path(sys.executable).parent / "prefect"
+    deploy_env = dict(env, PREFECT_API_URL=api)
+    deployed = subprocess.run([str(prefect), "--no-prompt", "deploy", "--all", "--prefect-file",
+                               "deployments/prefect.yaml"], env=deploy_env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    gpu = deployment_named(api, "evaluate-checkpoint", "gpu")
+    scheduled = deployment_named(api, "watch-checkpoints", "scheduled")
+    assert gpu["global_concurrency_limit"]["limit"] == 1
+    assert gpu["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert scheduled["global_concurrency_limit"]["limit"] == 1
+    assert scheduled["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    automations = httpx.post(f"{api}/automations/filter", json={}, timeout=10).json()
+    triggered = [a for a in automations if "dpo_eval.checkpoint.saved" in a["trigger"].get("expect", [])]
+    assert [a["actions"][0]["deployment_id"] for a in triggered] == [scheduled["id"]]
+
+    folder = tmp_path / "run-x" / "checkpoint-2"
+    folder.mkdir(parents=True)
+    announce = "import sys\nfrom pathlib import Path\nfrom flows.train import announce\nannounce(Path(sys.argv[1]))\n"
+    emitted = subprocess.run([sys.executable, "-c", announce, str(folder)], env=dict(deploy_env, PYTHONPATH=str(ROOT)),
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert emitted.returncode == 0, emitted.stderr[-3000:]
+
+    def runs_of(deployment):
+        found = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}},
+                           timeout=10).json()
+        return [r for r in found if (r.get("created_by") or {}).get("type") == "AUTOMATION"]
+
+    (tick,) = wait_for(lambda: runs_of(scheduled), 90, "the watcher tick started by the checkpoint event")
+    assert tick["parameters"]["deployment"] == "evaluate-checkpoint/gpu"
+    assert runs_of(gpu) == []
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def test_crash_automation_reschedules_crashed_runs_until_the_cap(server, on_server, served_flows, tmp_path):
+    """A served run SIGKILLed mid-run crashes for real; the automation reschedules it; started more than
+    max_restarts + 1 times, the run fails (the real cap, flows/restarts.py) and stays failed."""
     sys.path.insert(0, str(ROOT / "deployments"))
     from automations import crash_restart_automation
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-    automation = crash_restart_automation("0000-dep", "evaluate-checkpoint/gpu")
-    assert automation.trigger.expect == {"prefect.flow-run.Crashed"}
-    assert automation.actions[0].type == "change-flow-run-state" and automation.actions[0].state.value == "SCHEDULED"
+    api = on_server
+    probe = served_flows["probe"]
+    automation = crash_restart_automation(probe["id"], "crash-probe/probe").create()
+    try:
+        run = httpx.post(f"{api}/deployments/{probe['id']}/create_flow_run",
+                         json={"parameters": {"max_restarts": 1, "pid_dir": str(tmp_path)}}, timeout=10).json()
+        pids = []
+        for start in (1, 2):
+            pid = wait_for(lambda: read_pid(tmp_path / f"start-{start}.pid"), 120, f"start {start} of the run")
+            os.kill(pid, signal.SIGKILL)  # the spot instance vanishes mid-run
+            pids.append(pid)
+
+        def final():
+            current = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=10).json()
+            return current if current["state"]["type"] in ("FAILED", "COMPLETED", "CANCELLED") else None
+
+        ended = wait_for(final, 120, "the run to be rescheduled and then stopped by max_restarts")
+        assert ended["state"]["type"] == "FAILED", ended["state"]
+        assert "max_restarts=1" in ended["state"]["message"]
+        assert ended["run_count"] == 3 and len(set(pids)) == 2
+        assert not (tmp_path / "start-3.pid").exists()  # the third start stopped before doing any work
+        history = httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": run["id"]}, timeout=10).json()
+        types = [s["type"] for s in sorted(history, key=lambda s: s["timestamp"])]
+        assert types.count("CRASHED") == 2 and types[-1] == "FAILED"
+        rescheduled = [s for s in history if s["type"] == "SCHEDULED" and "after a crash" in (s["message"] or "")]
+        assert len(rescheduled) == 2
+        with get_client(sync_client=True) as client:
+            events = client.read_events(EventFilter(event=EventNameFilter(name=["prefect.flow-run.Crashed"]),
+                                                    resource=EventResourceFilter(id=[f"prefect.flow-run.{run['id']}"])),
+                                        limit=50).events
+        assert len(events) == 2
+        time.sleep(3)  # a failed run is not rescheduled
+        assert httpx.get(f"{api}/flow_runs/{run['id']}", timeout=10).json()["state"]["type"] == "FAILED"
+    finally:
+        automation.delete()
+
+
+def test_watcher_through_a_deployment_runs_each_checkpoint_once(on_server, served_flows, stories260k, tmp_path):
+    """The watcher with `deployment`: a failed child run is retried next tick with a new idempotency key; a
+    tick that died while waiting re-attaches to its child run instead of starting another."""
+    from dpo_eval.demo import write_demo_dataset
+    from flows.watch import watch_checkpoints
+    from tests.test_watch import make_checkpoint, small_config
+
+    api = on_server
+    source = write_demo_dataset(tmp_path / "source.jsonl", n=16)
+    a = make_checkpoint(stories260k, tmp_path / "ckpt" / "run-a" / "checkpoint-2", source, 2, seed=1)
+    b = make_checkpoint(stories260k, tmp_path / "ckpt" / "run-b" / "checkpoint-2", source, 2, seed=2)
+    late, out = tmp_path / "pairs.jsonl", tmp_path / "evals"
+    config = small_config(late, stories260k, tmp_path / "scores")
+
+    def tick():
+        return sorted(watch_checkpoints(str(tmp_path / "ckpt"), config, out_root=str(out),
+                                        deployment="evaluate-stub/stub"))
+
+    with pytest.raises(RuntimeError, match="attempt 1 of 3"):
+        tick()
+    shutil.copy(source, late)
+    assert tick() == sorted([str(a), str(b)])
+    assert tick() == []
+    state = json.loads((out / "evaluated.json").read_text())
+    done = {e["flow_run"] for e in state["checkpoints"].values()}
+    for entry in state["checkpoints"].values():  # as a tick killed while waiting on its child runs leaves it
+        entry["status"] = "running"
+    (out / "evaluated.json").write_text(json.dumps(state))
+    assert tick() == sorted([str(a), str(b)])
+    state = json.loads((out / "evaluated.json").read_text())
+    assert {e["flow_run"] for e in state["checkpoints"].values()} == done
+    assert all(e["status"] == "done" and e["attempts"] == 2 for e in state["checkpoints"].values())
+    runs = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
+        "flow_runs": {"deployment_id": {"any_": [served_flows["stub"]["id"]]}}}).json()
+    assert sorted(r["state"]["type"] for r in runs) == ["COMPLETED", "COMPLETED", "FAILED", "FAILED"]
+    assert len({r["idempotency_key"] for r in runs}) == 4
+    assert {r["id"] for r in runs if r["state"]["type"] == "COMPLETED"} == done
+    outs = {json.loads((Path(e["run"]) / "stub.json").read_text())["adapter"] for e in state["checkpoints"].values()}
+    assert outs == {str(a), str(b)}
 
 
 def test_docker_files_install_what_the_makefile_installs():
@@ -139,6 +351,10 @@ def test_docker_files_install_what_the_makefile_installs():
     services = compose["services"]
     assert {"postgres", "prefect-server", "cpu-worker", "gpu-worker"} <= set(services)
     assert "postgresql+asyncpg" in json.dumps(services["prefect-server"]["environment"])
+    for worker in ("cpu-worker", "gpu-worker"):  # one result storage that both workers share
+        assert services[worker]["environment"]["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == "/results"
+        assert "results:/results" in services[worker]["volumes"]
+    assert "results" in compose["volumes"]
     devices = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     for image in ("Dockerfile.gpu", "Dockerfile.cpu"):
