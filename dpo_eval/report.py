@@ -1,172 +1,214 @@
-"""Plots, the HTML report, and the markdown/table builders for Prefect artifacts."""
+"""The HTML report (one jinja2 template, autoescaped), its headline sentences, and the markdown/table
+builders for Prefect artifacts.
+
+A run directory keeps the report's parts as data: stats.parquet, summary.json and
+report_sections.json (extra sections such as implicit rewards, diagnostics, the checkpoint trend).
+`render_report(run_dir)` renders report.html from them; `add_section(run_dir, section)` adds or
+replaces one section by its id and re-renders. Nothing ever edits a finished page.
+"""
 
 from __future__ import annotations
 
-import html
 import json
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from dpo_eval.features import FAMILIES
+from dpo_eval.plots import Q_FAMILY, Plot, alpha_of, extrapolated, paired, splits_of, write_plots
 
-SPLITS = ("train", "valid")
-COLORS = {"chosen_vs_rejected": "#4c72b0", "tuned_vs_base": "#dd8452"}
+SECTIONS_FILE = "report_sections.json"
+POWER_ENOUGH = 0.8  # the usual planning target: below it a real shift of that size is missed too often
+STATS_COLUMNS = ["feature", "split", "comparison", "n", "norm_mean_delta", "ci_low", "ci_high", "p_value",
+                 "q_value", "effect_size", "sign_agreement", "length_adjusted_norm_delta", "reason"]
 
 
-def write_outputs(stats: pl.DataFrame, summary: dict, out: Path, extra_sections: list[str] | None = None) -> dict:
-    """Write stats.parquet, stats.csv, summary.json, plots/*.png and report.html into `out`."""
+@dataclass
+class Section:
+    """A part of the report kept as data in the run directory; the template renders (and escapes) it.
+    `images` are {"src": path relative to the run directory, "alt": text}; a cell equal to pass, warn
+    or fail is coloured."""
+
+    id: str
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+    rows: list[list] = field(default_factory=list)
+    images: list[dict] = field(default_factory=list)
+
+
+def write_outputs(stats: pl.DataFrame, summary: dict, out: Path, extra_sections: list[Section] | None = None) -> dict:
+    """Write stats.parquet, stats.csv, summary.json, report_sections.json (replacing any earlier
+    sections: a new evaluation starts a new report), plots/*.png and report.html into `out`."""
     out = Path(out)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     stats.write_parquet(out / "stats.parquet")
     stats.write_csv(out / "stats.csv")
-    summary = dict(summary, sentences=sentences(summary))
+    summary = dict(summary, sentences=sentences(summary, stats))
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
-    plots = write_plots(stats, out / "plots")
-    (out / "report.html").write_text(render_html(stats, summary, plots, extra_sections or []))
+    sections = [_as_section(s) for s in extra_sections or []]
+    _write_sections(out, sections)
+    _write_page(out, stats, summary, sections)
     return summary
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    return value
+def render_report(run_dir: Path) -> Path:
+    """Re-render run_dir/report.html from stats.parquet, summary.json and report_sections.json (a folder
+    without statistics gets a page of its sections alone)."""
+    run_dir = Path(run_dir)
+    stats_file, summary_file = run_dir / "stats.parquet", run_dir / "summary.json"
+    stats = pl.read_parquet(stats_file) if stats_file.is_file() else None
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    return _write_page(run_dir, stats, summary, read_sections(run_dir))
 
 
-def sentences(summary: dict) -> list[str]:
-    """Three plain sentences a practitioner can quote (about the valid split where there is one)."""
-    alpha = summary.get("alpha", 0.05)
+def add_section(run_dir: Path, section: Section) -> Path:
+    """Add `section` to the run's report, replacing the one with the same id in place, and re-render."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sections = read_sections(run_dir)
+    ids = [s.id for s in sections]
+    if section.id in ids:
+        sections[ids.index(section.id)] = section
+    else:
+        sections.append(section)
+    _write_sections(run_dir, sections)
+    return render_report(run_dir)
+
+
+def read_sections(run_dir: Path) -> list[Section]:
+    path = Path(run_dir) / SECTIONS_FILE
+    return [Section(**s) for s in json.loads(path.read_text())] if path.is_file() else []
+
+
+def _write_sections(run_dir: Path, sections: list[Section]) -> None:
+    (run_dir / SECTIONS_FILE).write_text(json.dumps([_jsonable(asdict(s)) for s in sections], indent=2))
+
+
+def _as_section(section) -> Section:
+    if isinstance(section, Section):
+        return section
+    if isinstance(section, dict):
+        return Section(**section)
+    raise TypeError(f"a report section is a dpo_eval.report.Section (rendered through the template), not "
+                    f"{type(section).__name__}")
+
+
+def _write_page(run_dir: Path, stats: pl.DataFrame | None, summary: dict | None, sections: list[Section]) -> Path:
+    if stats is None or summary is None:
+        page = render_page(sections)
+    else:
+        plots = write_plots(stats, summary, run_dir / "plots")
+        page = render_page(sections, stats, summary, plots)
+    path = run_dir / "report.html"
+    path.write_text(page)
+    return path
+
+
+def render_page(sections: list[Section], stats: pl.DataFrame | None = None, summary: dict | None = None,
+                plots: list[Plot] | None = None, title: str = "dpo-eval report") -> str:
+    """The page from templates/report.html.j2: a self-contained file (images relative to it) that opens offline."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("dpo_eval", "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    context = {"title": title, "sections": [_cells(s) for s in sections], "plots": plots or []}
+    if stats is not None and summary is not None:
+        alpha = alpha_of(summary)
+        columns = [c for c in STATS_COLUMNS if c in stats.columns]
+        q_note = summary.get("q_family") if isinstance(summary.get("q_family"), str) else \
+            f"Benjamini-Hochberg over the {Q_FAMILY}"
+        context |= {"sentences": sentences(summary, stats), "sign_test": summary.get("sign_agreement_test"),
+                    "alpha": alpha, "q_family": Q_FAMILY, "q_note": q_note, "moved": _moved_table(stats, alpha),
+                    "extrapolated": sorted(extrapolated(summary)),
+                    "stats_table": {"columns": columns, "rows": [[_cell(r[c]) for c in columns]
+                                                                 for r in stats.select(columns).to_dicts()]}}
+    return env.get_template("report.html.j2").render(context)
+
+
+def _cells(section: Section) -> Section:
+    return Section(section.id, section.title, section.paragraphs, section.columns,
+                   [[_cell(v) for v in row] for row in section.rows], section.images)
+
+
+def _moved_table(stats: pl.DataFrame, alpha: float) -> dict:
+    view = paired(stats, alpha).filter(pl.col("tb_significant"))
+    view = view.sort(pl.col("split"), pl.col("tb_delta").abs(), descending=[False, True], nulls_last=True)
+    columns = ["split", "feature", "tuned - base (/S)", "q tuned-vs-base", "chosen - rejected (/S)",
+               "q chosen-vs-rejected", "what may be said"]
+    keys = ["split", "feature", "tb_delta", "tb_q", "cr_delta", "cr_q", "direction"]
+    return {"columns": columns, "rows": [[_cell(r[k]) for k in keys] for r in view.iter_rows(named=True)]}
+
+
+def toward_chosen(stats: pl.DataFrame, alpha: float) -> dict[str, int]:
+    """Per split: features that tuned moved significantly toward chosen, counting only features where
+    chosen-vs-rejected is itself significant on that split (q < alpha for both, sign agreement +1)."""
+    view = paired(stats, alpha)
+    return {s: int(view.filter((pl.col("split") == s) & pl.col("tb_significant")
+                               & (pl.col("direction") == "toward chosen")).height) for s in splits_of(stats)}
+
+
+def sentences(summary: dict, stats: pl.DataFrame | None = None) -> list[str]:
+    """Three items a practitioner can quote: what moved on each split (with the valid split's power),
+    sign agreement on each split, and where chosen differs from rejected."""
+    alpha = alpha_of(summary)
     n_pairs = summary.get("n_pairs", {})
-    split = "valid" if n_pairs.get("valid") else next(iter(n_pairs), "valid")
-    moved = summary["significant"]["tuned_vs_base"].get(split, 0)
-    toward = summary.get("significant_toward_chosen", {}).get(split, 0)
-    out = [f"On the {split} split ({n_pairs.get(split, 0)} pairs), tuned moved {moved} of "
-           f"{summary.get('n_features', 0)} features significantly against base (q < {alpha:g}), "
-           f"{toward} of them in the direction in which chosen differs from rejected."]
-    share = summary.get("sign_agreement", {}).get(split)
-    p = summary.get("sign_agreement_p", {}).get(split)
-    signed = summary.get("sign_agreement_features", {}).get(split)
-    out.append(f"Sign agreement between tuned-vs-base and chosen-vs-rejected is {_fmt(share)} on {split} "
-               f"(over {signed} features whose mean deltas are both nonzero), p = {_fmt(p)} "
-               "(chance is 0.5; pair-level sign-flip permutation test).")
-    cr = summary["significant"]["chosen_vs_rejected"]
-    out.append(f"Chosen differs significantly from rejected on {cr.get(split, 0)} features on {split} "
-               f"({', '.join(f'{cr[s]} on {s}' for s in cr if s != split) or 'no other split'}): "
-               "the target the tuning aims at.")
+    present = [s for s, n in n_pairs.items() if n]  # analysis lists an empty train split as 0 pairs
+    splits = [s for s in ("train", "valid") if s in present] + [s for s in present if s not in ("train", "valid")]
+    n_features = summary.get("n_features", 0)
+    moved, cr = summary["significant"]["tuned_vs_base"], summary["significant"]["chosen_vs_rejected"]
+    first = ("Tuned moved " + " and ".join(f"{moved.get(s, 0)} of {n_features}{' features' * (i == 0)} on {s} "
+                                           f"({n_pairs[s]} pairs)" for i, s in enumerate(splits))
+             + f" significantly against base (Benjamini-Hochberg q < {alpha:g}, each q over the {Q_FAMILY})")
+    if stats is not None:
+        toward = toward_chosen(stats, alpha)
+        first += ("; of these, " + " and ".join(f"{toward.get(s, 0)} on {s}" for s in splits)
+                  + " moved toward chosen, counting only features where chosen-vs-rejected is itself significant "
+                  "on that split")
+    out = [_scale_note(summary) + first + "." + _power_sentence(summary, stats, alpha)]
+    agreement = [f"{_fmt(summary.get('sign_agreement', {}).get(s))} on {s} (over "
+                 f"{summary.get('sign_agreement_features', {}).get(s, 'n/a')} features whose mean deltas are both "
+                 f"nonzero, p = {_fmt(summary.get('sign_agreement_p', {}).get(s))})" for s in splits]
+    out.append("Sign agreement between tuned-vs-base and chosen-vs-rejected is " + " and ".join(agreement)
+               + "; chance is 0.5 (pair-level sign-flip permutation test). It counts every feature, significant "
+               "or not.")
+    out.append("Chosen differs significantly from rejected on "
+               + " and ".join(f"{cr.get(s, 0)}{' features' * (i == 0)} on {s}" for i, s in enumerate(splits))
+               + f" (q < {alpha:g}); only these features have a direction for tuned to move toward.")
     return out
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+def _scale_note(summary: dict) -> str:
+    source = summary.get("scale_source")
+    if not isinstance(source, str) or source.startswith("train"):
+        return ""
+    if source.startswith("valid"):
+        return ("There is no train split (every pair is valid, as when a checkpoint is evaluated on a data set "
+                "other than its training set): S_j is the valid split's own std of chosen - rejected, not the train "
+                "std, so normalised deltas are not comparable with runs that have a train split. ")
+    return f"S_j is not the train std of chosen - rejected: {source}. "
 
 
-def _ordered_features(stats: pl.DataFrame) -> list[str]:
-    present = list(dict.fromkeys(stats["feature"].to_list()))
-    known = [f for names in FAMILIES.values() for f in names if f in present]
-    return known + [f for f in present if f not in known]
-
-
-def write_plots(stats: pl.DataFrame, folder: Path) -> dict[str, str]:
-    """The four figures as PNG files; returns {title: relative path}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    features = _ordered_features(stats)
-    splits = [s for s in SPLITS if s in set(stats["split"].to_list())] or sorted(set(stats["split"]))
-    plots = {}
-
-    def comparisons(frame: pl.DataFrame, column: str) -> list:
-        return [(c.replace("_", " "), color, frame.filter(pl.col("comparison") == c), column)
-                for c, color in COLORS.items()]
-
-    significance = -math.log10(0.05)
-    with_logp = stats.with_columns(
-        (-pl.col("p_value").log10()).alias("neg_log10_p"), (-pl.col("q_value").log10()).alias("neg_log10_q"))
-    tuned = stats.filter(pl.col("comparison") == "tuned_vs_base")
-    figures = [
-        ("Normalised mean deltas per feature (features grouped by family)", "norm_mean_delta.png",
-         "mean delta / S_j (train std of chosen - rejected)", comparisons(stats, "norm_mean_delta"), None),
-        ("-log10 p (Wilcoxon signed-rank)", "neg_log10_p.png", "-log10 p", comparisons(with_logp, "neg_log10_p"),
-         significance),
-        ("-log10 q (Benjamini-Hochberg)", "neg_log10_q.png", "-log10 q", comparisons(with_logp, "neg_log10_q"),
-         significance),
-    ]
-    for title, file, xlabel, series, line in figures:
-        _bar_figure(plt, series, features, splits, title, xlabel, folder / file, line)
-        plots[title] = f"plots/{file}"
-    _sign_plot(stats, features, splits, folder, plots, plt)
-    length_title = "Length-controlled tuned-vs-base deltas (intercept of delta ~ n_tokens delta)"
-    _bar_figure(plt, [("raw", COLORS["tuned_vs_base"], tuned, "norm_mean_delta"),
-                      ("at equal length", "#55a868", tuned, "length_adjusted_norm_delta")],
-                features, splits, length_title, "tuned - base, / S_j", folder / "length_controlled.png")
-    plots["Length-controlled deltas"] = "plots/length_controlled.png"
-    return plots
-
-
-def _bar_figure(plt, series: list, features: list[str], splits: list[str], title: str, xlabel: str, path: Path,
-                line: float | None = None) -> None:
-    """One horizontal bar panel per split, two bars per feature: series = [(label, color, frame, column)]."""
-    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 0.22 * len(features) + 1.5),
-                             sharey=True, squeeze=False)
-    y = np.arange(len(features))
-    for ax, split in zip(axes[0], splits):
-        for k, (label, color, frame, column) in enumerate(series):
-            part = frame.filter(pl.col("split") == split)
-            value = dict(zip(part["feature"], part[column]))
-            ax.barh(y + (k - 0.5) * 0.4, [value.get(f, np.nan) for f in features], height=0.4, color=color,
-                    label=label)
-        if line is not None:
-            ax.axvline(line, color="red", linestyle="--", linewidth=1)
-        ax.axvline(0, color="black", linewidth=0.5)
-        ax.set_title(split)
-        ax.set_xlabel(xlabel)
-    axes[0][0].set_yticks(y, features, fontsize=7)
-    axes[0][0].invert_yaxis()
-    _family_bands(axes[0], features)
-    axes[0][0].legend(loc="lower right", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def _family_bands(axes, features: list[str]) -> None:
-    """Lines between TextDescriptives families, and each family's name at its first feature."""
-    from dpo_eval.features import FAMILY_OF
-
-    families = [FAMILY_OF.get(f, "other") for f in features]
-    for i, family in enumerate(families):
-        if i == 0 or family != families[i - 1]:
-            for ax in axes:
-                ax.axhline(i - 0.5, color="grey", linewidth=0.6)
-            axes[-1].annotate(family, xy=(1.01, i - 0.3), xycoords=("axes fraction", "data"),
-                              fontsize=7, color="grey", va="top")
-
-
-def _sign_plot(stats, features, splits, folder, plots, plt):
-    rows = stats.filter(pl.col("comparison") == "tuned_vs_base")
-    grid = np.array([[dict(zip(rows.filter(pl.col("split") == s)["feature"],
-                               rows.filter(pl.col("split") == s)["sign_agreement"])).get(f, np.nan)
-                      for s in splits] for f in features], dtype=float)
-    fig, ax = plt.subplots(figsize=(2 + 1.2 * len(splits), 0.22 * len(features) + 1.5))
-    ax.imshow(grid, cmap="RdYlGn", vmin=-1, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(splits)), splits)
-    ax.set_yticks(range(len(features)), features, fontsize=7)
-    ax.set_title("Sign agreement\n(+1 green: tuned moves like chosen)")
-    fig.tight_layout()
-    fig.savefig(folder / "sign_agreement.png", dpi=80)
-    plt.close(fig)
-    plots["Sign agreement per feature and split"] = "plots/sign_agreement.png"
+def _power_sentence(summary: dict, stats: pl.DataFrame | None, alpha: float) -> str:
+    said = []
+    for split, power in (summary.get("power") or {}).items():
+        if split == "train" or not isinstance(power, dict) or not _finite(power.get("power")):
+            continue
+        text = (f"{split}: {power.get('n')} pairs; at this size a shift of {power.get('shift', 0.5):g} S is found "
+                f"about {power['power']:.0%} of the time")
+        if power["power"] < POWER_ENOUGH:
+            text += f", too few pairs to detect reliably on {split} effects of that size seen on train"
+            if stats is not None:
+                seen = paired(stats, alpha).filter((pl.col("split") == "train") & pl.col("tb_significant"))
+                sizes = seen["tb_delta"].abs().to_numpy()
+                sizes = sizes[np.isfinite(sizes)]
+                if sizes.size:
+                    text += f" (the {sizes.size} shifts significant on train have a median size of " \
+                            f"{np.median(sizes):.2g} S)"
+        said.append(text + ".")
+    return "".join(" " + s for s in said)
 
 
 def summary_markdown(summary: dict) -> str:
@@ -187,40 +229,16 @@ def stats_table_rows(stats: pl.DataFrame) -> list[dict]:
     return [_jsonable(r) for r in stats.to_dicts()]
 
 
-def _fmt(x) -> str:
-    return f"{x:.3g}" if _finite(x) else "n/a"
-
-
-def render_html(stats: pl.DataFrame, summary: dict, plots: dict[str, str], extra_sections: list[str]) -> str:
-    """A self-contained page (images referenced relative to it) that opens offline."""
-    esc = html.escape
-    said = "".join(f"<li>{esc(s)}</li>" for s in summary.get("sentences", []))
-    figures = "".join(f'<h2>{esc(t)}</h2><img src="{esc(p)}" alt="{esc(t)}" style="max-width:100%">'
-                      for t, p in plots.items())
-    shown = ["feature", "split", "comparison", "n", "norm_mean_delta", "ci_low", "ci_high", "p_value",
-             "q_value", "effect_size", "sign_agreement", "length_adjusted_norm_delta", "reason"]
-    head = "".join(f"<th>{esc(c)}</th>" for c in shown)
-    body = "".join("<tr>" + "".join(f"<td>{esc(_fmt(r[c]) if isinstance(r[c], float) else str(r[c]))}</td>"
-                                    for c in shown) + "</tr>" for r in stats.select(shown).to_dicts())
-    extra = "".join(extra_sections)
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>dpo-eval report</title>
-<style>body{{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}}
-table{{border-collapse:collapse;font-size:12px}}td,th{{border:1px solid #ccc;padding:2px 5px}}</style>
-</head><body><h1>dpo-eval report</h1><ul>{said}</ul>
-<p>Test of sign agreement: {esc(str(summary.get('sign_agreement_test', '')))}.</p>
-{extra}{figures}<h2>Statistics</h2><table><tr>{head}</tr>{body}</table></body></html>
-"""
-
-
-def rewards_section(rewards: pl.DataFrame, summary: dict, out: Path) -> str:
-    """An HTML section with the implicit-reward histogram (plots/implicit_rewards.png) and figures."""
+def rewards_section(rewards: pl.DataFrame, summary: dict, out: Path, beta: float | None = None,
+                    max_length: int | None = None) -> Section:
+    """The implicit-reward section: a table per split from `summary` ({split: {accuracy, margin_mean, ...}})
+    and the margin histogram, written to out/plots/implicit_rewards.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    (Path(out) / "plots").mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for split in sorted(set(rewards["split"].to_list())):
         margin = rewards.filter((pl.col("split") == split) & pl.col("scored"))["margin"].to_numpy()
@@ -230,11 +248,42 @@ def rewards_section(rewards: pl.DataFrame, summary: dict, out: Path) -> str:
     ax.set_xlabel("implicit reward margin  beta * [(log pi - log ref)(chosen) - (log pi - log ref)(rejected)]")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "plots" / "implicit_rewards.png", dpi=80)
+    fig.savefig(Path(out) / "plots" / "implicit_rewards.png", dpi=80)
     plt.close(fig)
-    rows = "".join(f"<tr><td>{html.escape(s)}</td><td>{_fmt(v['accuracy'])}</td><td>{_fmt(v['margin_mean'])}</td>"
-                   f"<td>{_fmt(v['margin_median'])}</td><td>{v['n']}</td><td>{v['ties']}</td></tr>"
-                   for s, v in summary.items() if isinstance(v, dict))
-    return (f"<h2>DPO implicit rewards (beta = {summary.get('beta')})</h2><table><tr><th>split</th><th>accuracy</th>"
-            f"<th>mean margin</th><th>median margin</th><th>n</th><th>ties (counted wrong)</th></tr>{rows}</table>"
-            '<img src="plots/implicit_rewards.png" alt="implicit reward margins" style="max-width:100%">')
+    beta = summary.get("beta") if beta is None else beta  # the old shape kept beta among the splits
+    rows = [[s, v.get("accuracy"), v.get("margin_mean"), v.get("margin_median"), v.get("n"), v.get("ties"),
+             v.get("skipped")]
+            for s, v in summary.items() if isinstance(v, dict)]
+    said = ["Accuracy: the share of pairs whose margin is above 0 (ties count as wrong)."]
+    if max_length is not None:
+        said.append(f"Each prompt + answer sequence is cut to its first {max_length} tokens, as trl does in "
+                    "training; pairs whose prompt alone fills that are skipped.")
+    return Section("implicit_rewards", f"DPO implicit rewards (beta = {_fmt(beta)})", said,
+                   ["split", "accuracy", "mean margin", "median margin", "n", "ties (counted wrong)", "skipped"], rows,
+                   [{"src": "plots/implicit_rewards.png", "alt": "implicit reward margins"}])
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    return value
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fmt(x) -> str:
+    return f"{x:.3g}" if _finite(x) else "n/a"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return _fmt(value) if isinstance(value, float) else str(value)

@@ -72,27 +72,28 @@ def demo(out: str = "runs/demo", base: str = "../shared/models/stories260k", pai
 
 
 def _append_trend(report: Path) -> None:
-    section = ('<h2>Across checkpoints</h2><img src="plots/trend.png" alt="evaluation curves across checkpoints" '
-               'style="max-width:100%">')
-    text = report.read_text()
-    report.write_text(text.replace("<h2>Statistics</h2>", section + "<h2>Statistics</h2>", 1))
+    """The trend across checkpoints becomes (or replaces) a section of the run's report."""
+    from dpo_eval.report import Section, add_section
+
+    add_section(report.parent, Section("trend", "Across checkpoints", images=[
+        {"src": "plots/trend.png", "alt": "evaluation curves across checkpoints"}]))
 
 
 def render_summary(root: Path, summary: dict) -> str:
     """The short summary printed at the end of the demo."""
+    from dpo_eval.plots import alpha_of, paired
+    from dpo_eval.report import toward_chosen
+
     stats = pl.read_parquet(root / "stats.parquet")
-    alpha = summary.get("alpha", 0.05)
-    moved = stats.filter((pl.col("comparison") == "tuned_vs_base") & (pl.col("split") == "valid")
-                         & (pl.col("q_value") < alpha))
-    shown = moved.filter(pl.col("norm_mean_delta").is_finite()).sort(pl.col("norm_mean_delta").abs(),
-                                                                     descending=True)
+    alpha = alpha_of(summary)
+    moved = paired(stats, alpha).filter((pl.col("split") == "valid") & pl.col("tb_significant"))
+    shown = moved.filter(pl.col("tb_delta").is_finite()).sort(pl.col("tb_delta").abs(), descending=True)
     lines = ["", "dpo-eval demo summary",
              f"  pairs: {json.dumps(summary['n_pairs'])}",
              f"  features moved significantly on valid (q < {alpha}): {moved.height} of {summary['n_features']}, "
-             f"{summary['significant_toward_chosen'].get('valid', 0)} toward chosen"]
+             f"{toward_chosen(stats, alpha).get('valid', 0)} toward chosen (where chosen-vs-rejected is significant)"]
     for row in shown.head(8).iter_rows(named=True):
-        way = "toward chosen" if row["sign_agreement"] == 1 else "away from chosen"
-        lines.append(f"    {row['feature']:<32} {row['norm_mean_delta']:+.2f} S  ({way})")
+        lines.append(f"    {row['feature']:<32} {row['tb_delta']:+.2f} S  ({row['direction']})")
     p = summary["sign_agreement_p"].get("valid")
     lines.append(f"  sign agreement (valid): {summary['sign_agreement'].get('valid'):.2f}, p = {p:.2g}"
                  if p is not None else "  sign agreement: n/a")
