@@ -116,14 +116,15 @@ def test_missing_adapter_before_any_prefect_import(stories260k, trl_jsonl, tmp_p
     assert status["code"] != 0 and status["orchestration_modules"] == []
 
 
-@pytest.mark.parametrize("content, named", [
-    (None, "no such file or folder"),
-    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a",\n', "line 2: malformed JSON"),
+@pytest.mark.parametrize("kind, named", [
+    ("missing", "no such file or folder"),
+    ("malformed", "line 2: malformed JSON"),
+    ("hub", "loading it as a Hugging Face Hub data set failed"),  # offline here (conftest): unreachable
 ])
-def test_unreadable_data_set_before_any_prefect_import(stories260k, adapter, tmp_path, content, named):
-    data = tmp_path / "prefs.jsonl"
-    if content is not None:
-        data.write_text(content)
+def test_unreadable_data_set_before_any_prefect_import(stories260k, adapter, tmp_path, kind, named):
+    data = "someone/no-such-preferences" if kind == "hub" else tmp_path / "prefs.jsonl"
+    if kind == "malformed":
+        data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a",\n')
     result, status = run_main("evaluate", "--base", stories260k, "--adapter", adapter, "--dataset", data,
                               "--out", tmp_path / "run")
     assert_one_line(result, data, named)
