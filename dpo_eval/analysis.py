@@ -231,9 +231,12 @@ def _summary(stats: pl.DataFrame, parts: dict, names: list[str], spec: AnalysisS
         for comparison in COMPARISONS:
             rows = stats.filter((pl.col("split") == split) & (pl.col("comparison") == comparison))
             significant[comparison][split] = int((rows["q_value"] < spec.alpha).sum())
+        # toward chosen: tuned moved significantly, chosen-vs-rejected is itself significant, same sign
         tuned = stats.filter((pl.col("split") == split) & (pl.col("comparison") == "tuned_vs_base")
-                             & (pl.col("q_value") < spec.alpha))
-        toward_chosen[split] = int((tuned["sign_agreement"] == 1).sum())
+                             & (pl.col("q_value") < spec.alpha) & (pl.col("sign_agreement") == 1))
+        cr_significant = stats.filter((pl.col("split") == split) & (pl.col("comparison") == "chosen_vs_rejected")
+                                      & (pl.col("q_value") < spec.alpha))["feature"]
+        toward_chosen[split] = int(tuned["feature"].is_in(cr_significant.implode()).sum())
     return {"n_pairs": n_pairs, "n_features": len(names), "alpha": spec.alpha, "scale_source": scale_source,
             "sign_agreement": share, "sign_agreement_features": n_signed, "sign_agreement_p": agreement_p,
             "sign_agreement_test": f"{SIGN_TEST}, {spec.permutations} permutations",

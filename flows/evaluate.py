@@ -95,7 +95,7 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
             release_models_task()
             rewards.write_parquet(out / "rewards.parquet")
             rewards_summary = reward_summary(rewards)
-            extra.append(rewards_section(rewards, rewards_summary, out))
+            extra.append(rewards_section(rewards, rewards_summary, out, beta=beta, max_length=max_length))
     pipeline.write_config(config, out, {"fingerprint": identity.tuned_key, "base_fingerprint": identity.base_key,
                                         "model_identity": identity.to_dict(), "repairs": repairs,
                                         "pairs_report": load_report, "split_source": split_source})

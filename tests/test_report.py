@@ -219,3 +219,12 @@ def test_rewards_section_reads_one_object_per_split(tmp_path):
     old = rewards_section(rewards, per_split | {"beta": 0.2}, tmp_path)
     assert new == old and [r[0] for r in new.rows] == ["train", "valid"]
     assert new.title == "DPO implicit rewards (beta = 0.2)" and (tmp_path / "plots" / "implicit_rewards.png").is_file()
+
+
+def test_summary_count_toward_chosen_uses_the_report_rule(analysis):
+    """summary.json's significant_toward_chosen counts what the report calls toward chosen, no more
+    (f_tuned_only moved significantly and agrees in sign, but chosen-vs-rejected is not significant)."""
+    from dpo_eval.report import toward_chosen
+
+    counts = analysis.summary["significant_toward_chosen"]
+    assert counts == toward_chosen(analysis.stats, analysis.summary["alpha"]) and counts["train"] == 1
