@@ -16,8 +16,8 @@ from pathlib import Path
 from dpo_eval.config import ModelSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import ModelIdentity, model_identity
+from dpo_eval.locations import is_local_path
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -48,15 +48,11 @@ class LoadedModel:
         return self.model.disable_adapter() if self.has_adapter else nullcontext()
 
 
-def _is_local(name: str) -> bool:
-    return Path(name).expanduser().exists() or not HUB_ID.match(name) or name.startswith((".", "/", "~"))
-
-
 def check_paths(spec: ModelSpec) -> None:
     """Fail before loading anything on a missing base or adapter folder."""
-    if _is_local(spec.base) and not Path(spec.base).expanduser().is_dir():
+    if is_local_path(spec.base) and not Path(spec.base).expanduser().is_dir():
         raise DpoEvalError(f"--base {spec.base}: no such model folder (give a local folder or a hub id)")
-    if spec.adapter is not None and _is_local(spec.adapter):
+    if spec.adapter is not None and is_local_path(spec.adapter):
         folder = Path(spec.adapter).expanduser()
         if not folder.is_dir():
             raise DpoEvalError(f"--adapter {spec.adapter}: no such adapter folder")
