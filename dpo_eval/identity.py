@@ -34,7 +34,8 @@ OUTPUT_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate
 
 
 def _ignored(name: str) -> bool:
-    return name in TRAINER_STATE or name in DOCUMENTATION or name.startswith("rng_state") or name.startswith(".")
+    return (name in TRAINER_STATE or name in DOCUMENTATION or name.startswith(("rng_state", "."))
+            or name.endswith(".tmp"))
 
 
 class DigestStore:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -107,8 +108,10 @@ def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None 
     class SaveMetadata(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (folder / METADATA).write_text(json.dumps(metadata | {"step": state.global_step,
-                                                                  "log": state.log_history[-3:]}, indent=2))
+            # atomically: a watcher takes a checkpoint as complete once this file exists
+            tmp = folder / (METADATA + ".tmp")
+            tmp.write_text(json.dumps(metadata | {"step": state.global_step, "log": state.log_history[-3:]}, indent=2))
+            os.replace(tmp, folder / METADATA)
             saved.append(folder)
             if on_checkpoint is not None:
                 on_checkpoint(folder)

@@ -184,6 +184,7 @@ def serve(
         raise DpoEvalError("--checkpoints needs --config (the evaluation settings of each checkpoint)")
     os.environ.setdefault("PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR", "reschedule")
     from prefect import serve as prefect_serve
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     from flows.evaluate import evaluate_checkpoint
     from flows.watch import watch_checkpoints
@@ -191,5 +192,7 @@ def serve(
     deployments = [evaluate_checkpoint.to_deployment(name="local", parameters=params)]
     if checkpoints:
         deployments.append(watch_checkpoints.to_deployment(
-            name="scheduled", cron=cron, parameters={"directory": checkpoints, "out_root": str(out_root)} | params))
+            name="scheduled", cron=cron, parameters={"directory": checkpoints, "out_root": str(out_root)} | params,
+            # one watcher tick at a time (its lock file makes overlapping ticks safe; this skips them)
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)))
     prefect_serve(*deployments)

@@ -8,13 +8,13 @@ from contextlib import contextmanager
 
 import polars as pl
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dpo_eval import pipeline
 from dpo_eval.config import EvalConfig
 from dpo_eval.logprobs import reward_summary
 from dpo_eval.report import rewards_section, stats_table_rows, summary_markdown, write_outputs
+from flows.restarts import check_restarts
 from tasks.evaluation import (compare_features_task, generate_answers_task, identify_task, implicit_rewards_task,
                               load_pairs_task, release_models_task, score_texts_task)
 
@@ -51,9 +51,7 @@ def _score_shards(texts: pl.DataFrame, config: EvalConfig) -> list:
 def evaluate_checkpoint(config: EvalConfig) -> dict:
     """Evaluate one DPO checkpoint against its base; returns the summary (also in summary.json)."""
     logger = get_run_logger()
-    if (flow_run.run_count or 1) > config.max_restarts + 1:
-        raise RuntimeError(f"started {flow_run.run_count} times: more than max_restarts={config.max_restarts} "
-                           "restarts after crashes; fix the worker (or raise max_restarts) and run again")
+    check_restarts(config.max_restarts)
     pipeline.require_adapter(config.model)
     out = config.out
     timings, cache = {}, {}

@@ -76,8 +76,10 @@ def test_watcher_evaluates_each_checkpoint_once(trained, stories260k, tmp_path):
     config = eval_config(trained["data"], stories260k, trained["folders"][0], tmp_path / "unused", tmp_path / "s")
     started = watch_checkpoints(str(trained["spec"].out), config, out_root=str(tmp_path / "evals"))
     assert [Path(s).name for s in started] == ["checkpoint-2", "checkpoint-4"]
+    entries = json.loads((tmp_path / "evals" / "evaluated.json").read_text())["checkpoints"].values()
+    runs = {Path(e["checkpoint"]).name: Path(e["run"]) for e in entries}  # <name>-<hash> run folders
     for name in ("checkpoint-2", "checkpoint-4"):
-        saved = json.loads((tmp_path / "evals" / name / "config.json").read_text())
+        saved = json.loads((runs[name] / "config.json").read_text())
         assert saved["split_source"] == "checkpoint training metadata"
         assert saved["config"]["model"]["adapter"].endswith(name)
     assert watch_checkpoints(str(trained["spec"].out), config, out_root=str(tmp_path / "evals")) == []
@@ -86,13 +88,13 @@ def test_watcher_evaluates_each_checkpoint_once(trained, stories260k, tmp_path):
     import subprocess
     import sys
 
-    cli = subprocess.run([sys.executable, "-m", "dpo_eval", "trend", str(tmp_path / "evals" / "checkpoint-4"),
-                          str(tmp_path / "evals" / "checkpoint-2"), "--out", str(tmp_path / "cli-trend")],
+    cli = subprocess.run([sys.executable, "-m", "dpo_eval", "trend", str(runs["checkpoint-4"]),
+                          str(runs["checkpoint-2"]), "--out", str(tmp_path / "cli-trend")],
                          capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     assert pl.read_csv(tmp_path / "cli-trend" / "trend.csv")["step"].to_list() == [2, 4]
     meta = json.loads((trained["folders"][0] / METADATA).read_text())
-    pairs = pl.read_parquet(tmp_path / "evals" / "checkpoint-2" / "pairs.parquet")
+    pairs = pl.read_parquet(runs["checkpoint-2"] / "pairs.parquet")
     assert set(pairs.filter(pl.col("split") == "valid")["pair_id"]) == set(meta["valid_pair_ids"])
 
 
