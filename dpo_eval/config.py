@@ -141,3 +141,44 @@ class EvalConfig(Spec):
     rewards: bool = Field(True, description="Compute DPO implicit rewards (log-prob passes) per split.")
     beta: float | None = Field(None, gt=0, description="DPO beta for implicit rewards; default: the "
                                "checkpoint's training metadata, else 0.1.")
+
+
+class JudgeSpec(Spec):
+    """A pairwise LLM judge over an OpenAI-compatible chat API, and what it judges in a run directory."""
+
+    kind: Literal["openai"] = Field("openai", description="Judge kind: a pairwise LLM judge over an "
+                                    "OpenAI-compatible chat API (OpenAI, vLLM, TGI, Ollama, transformers serve).")
+    model: str = Field(description="The judge's model name as the API knows it (part of the judge identity; "
+                       "transformers serve names a model by the folder path it was started with).")
+    base_url: str | None = Field(None, description="API base URL, e.g. http://127.0.0.1:8000/v1; None: OpenAI's. "
+                                 "Not part of the judge identity: the same model behind another URL hits the cache.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key; the key "
+                             "itself is never stored. Unset with a local base_url: a placeholder is sent.")
+    comparisons: tuple[Literal["tuned_vs_base", "chosen_vs_rejected"], ...] = Field(
+        ("tuned_vs_base", "chosen_vs_rejected"), min_length=1,
+        description="What to judge: tuned vs base answers, and the data set's chosen vs rejected (calibration).")
+    split: Literal["train", "valid", "all"] = Field("all", description="Judge pairs of this split only.")
+    limit: int | None = Field(None, ge=1, description="Judge only the first N selected pairs (pairs.parquet order).")
+    max_calls: int | None = Field(None, ge=0, description="Hard budget of API calls (retries of a call not "
+                                  "counted); the run stops before exceeding it, keeps what it made, and a "
+                                  "later run continues from the cache. None: no budget.")
+    concurrency: int = Field(4, ge=1, description="API calls in flight at most.")
+    template: Path | None = Field(None, description="A Jinja file rendering the judge's user message from "
+                                  "system, prompt, answer_a, answer_b (a top-level `{% set judge_system = ... %}` "
+                                  "sets the system message); its sha256 is part of the judge identity. "
+                                  "None: the project's pairwise template.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge (0: its most likely verdict).")
+    max_tokens: int = Field(16, ge=1, description="Tokens the judge may answer with (the verdict only).")
+    logprobs: bool = Field(True, description="Ask for token log-probabilities (p_first where the API returns them; "
+                           "servers that ignore them give null).")
+    context_chars: int = Field(12000, ge=200, description="Character budget of the rendered judge prompt "
+                               "(system + user message): a tokenizer-free stand-in for the judge's context; "
+                               "about 4 characters per token for English in common tokenizers, fewer in small "
+                               "vocabularies. Texts are cut to fit and every cut is flagged.")
+    answer_share: float = Field(0.35, gt=0, lt=0.5, description="Share of the room left by the template that each "
+                                "answer may take; the prompt (with its system prompt) gets the rest.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds one API call may take before it is retried.")
+    max_retries: int = Field(5, ge=0, description="Retries of a call after 429, 5xx, a timeout or a lost "
+                             "connection (the openai client's exponential backoff: 0.5 s doubling to 8 s).")
+    cache_dir: Path | None = Field(None, description="Judgment cache folder; default: judge/ in the user's "
+                                   "dpo-eval cache folder.")

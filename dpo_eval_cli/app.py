@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from dpo_eval.errors import DpoEvalError
-from dpo_eval_cli import core_commands, flow_commands
+from dpo_eval_cli import core_commands, flow_commands, judge
 
 app = typer.Typer(
     name="dpo-eval",
@@ -31,9 +31,11 @@ app.command()(core_commands.generate)
 app.command()(core_commands.analyze)
 app.command()(core_commands.diagnose)
 app.command()(flow_commands.train)
+app.command("train-reward")(reward.train_reward)
 app.command()(core_commands.trend)
 app.command()(flow_commands.serve)
 app.command()(flow_commands.demo)
+app.command()(judge.judge)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,0 +1,59 @@
+"""`dpo-eval judge`: a pairwise LLM judge over an OpenAI-compatible API on an existing run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dpo_eval.config import JudgeSpec
+from dpo_eval.errors import DpoEvalError
+from dpo_eval_cli.options import build, field_help, spec_option
+
+FLAGS = {"kind": "--judge", "model": "--judge-model", "base_url": "--base-url", "api_key_env": "--api-key-env",
+         "comparisons": "--comparisons", "split": "--split", "limit": "--limit", "max_calls": "--max-calls",
+         "concurrency": "--concurrency", "template": "--template", "max_tokens": "--max-tokens",
+         "context_chars": "--context-chars", "answer_share": "--answer-share", "logprobs": "--logprobs"}
+
+
+def _option(name: str):
+    return spec_option(JudgeSpec, name, FLAGS[name])
+
+
+def judge(
+    run_dir: Path = typer.Argument(..., help="A run directory with pairs.parquet and answers.parquet."),
+    kind: str = _option("kind"),
+    model: str = typer.Option(..., FLAGS["model"], help=field_help(JudgeSpec, "model")),
+    base_url: Optional[str] = _option("base_url"),
+    api_key_env: str = _option("api_key_env"),
+    comparisons: str = typer.Option(",".join(JudgeSpec.model_fields["comparisons"].default), FLAGS["comparisons"],
+                                    help="Comma-separated: " + field_help(JudgeSpec, "comparisons")),
+    split: str = _option("split"),
+    limit: Optional[int] = _option("limit"),
+    max_calls: Optional[int] = _option("max_calls"),
+    concurrency: int = _option("concurrency"),
+    template: Optional[Path] = _option("template"),
+    max_tokens: int = _option("max_tokens"),
+    context_chars: int = _option("context_chars"),
+    answer_share: float = _option("answer_share"),
+    logprobs: bool = typer.Option(True, "--logprobs/--no-logprobs", help=field_help(JudgeSpec, "logprobs")),
+) -> None:
+    """Judge tuned vs base answers (and chosen vs rejected, the judge's calibration) in both orders; write
+    judgments.parquet and summary.json's judge block; print that block."""
+    from dpo_eval.judge import jsonable, judge_run
+
+    if not run_dir.is_dir():
+        raise DpoEvalError(f"RUN_DIR {run_dir}: no such directory")
+    chosen = tuple(c.strip() for c in comparisons.split(",") if c.strip())
+    known = JudgeSpec.model_fields["comparisons"].default
+    if not chosen or set(chosen) - set(known):
+        raise DpoEvalError(f"--comparisons {comparisons}: give one or both of {','.join(known)}")
+    spec = build(JudgeSpec, FLAGS, kind=kind, model=model, base_url=base_url, api_key_env=api_key_env,
+                 comparisons=chosen, split=split, limit=limit, max_calls=max_calls, concurrency=concurrency,
+                 template=template, max_tokens=max_tokens, context_chars=context_chars, answer_share=answer_share,
+                 logprobs=logprobs)
+    block = judge_run(run_dir, spec)
+    shown = {k: v for k, v in block.items() if k not in ("ci_method", "lc_method")}
+    print(json.dumps(jsonable(shown), indent=2))

@@ -1,0 +1,385 @@
+"""The pairwise LLM judge over an OpenAI-compatible API (dpo_eval.judge, judge_api, judge_prompt).
+
+Offline parts on plain data (verdict parsing, p_first from logprobs, cutting, templates, the key), then the
+real path: `transformers serve` on 127.0.0.1 serving a copy of stories260k with a chat template the test
+adds. Its verdicts are meaningless (it tells stories, so nearly every verdict is invalid); the mechanics are
+real: both orders, parsing with the raw text kept, the cache, the budget stop and resume, concurrency, the
+key never written, and retries through a fault-injecting proxy in front of the server.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import os
+import random
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from pydantic import ValidationError
+
+from dpo_eval.config import JudgeSpec
+from dpo_eval.errors import DpoEvalError
+from dpo_eval.judge import SCHEMA, judge_run
+from dpo_eval.judge_api import LOCAL_PLACEHOLDER_KEY, api_key, judge_id, judge_identity
+from dpo_eval.judge_prompt import CUT_MARK, load_template, p_first, parse_verdict, prompt_chars, render
+from tests.conftest import shared_path
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+CONTEXT_CHARS = 700  # stories260k: 512 tokens of context, about 1.6 characters per token on this text
+MAX_TOKENS = 4
+LONG = "Once upon a time there was a little dog who liked to run in the big green park every day. " * 6
+PAIRS = [  # pair_id, split, system, prompt, chosen, rejected, tuned, base
+    ("p0", "train", "", "Tell a short story.", "A cat sat.", "No.", "The dog ran home.", "Dogs."),
+    ("p1", "train", "", "What did Lily find?", "She found a ball.", "A rock.", LONG, "She found a toy."),
+    ("p2", "valid", "You are a helpful story teller. " * 8, "Why was Tom sad? " + LONG, "He lost his hat.",
+     "Tom.", "Tom was sad because his kite broke.", "Sad."),
+    ("p3", "valid", "", "Who helped Ben?", "His mom helped him.", "Nobody.", "His mom helped him.", "Nobody."),
+]
+STABLE = ["pair_id", "split", "comparison", "judge", "order", "shown_first", "verdict", "winner", "p_first", "raw",
+          "truncated", "prompt_tokens", "completion_tokens"]
+
+
+# ---------------------------------------------------------------- offline: parsing, cutting, templates, key
+
+@pytest.mark.parametrize("raw, verdict", [
+    ("[[A]]", "first"), ("[[B]]", "second"), ("[[tie]]", "tie"), ("[[ Tie ]]", "tie"),
+    ("Answer B is more precise. Verdict: [[B]]", "second"), ("A", "first"), ("b.", "second"), ("**Tie**", "tie"),
+    ("[[A", "first"), ("A\nbecause it is longer", "first"),
+    ("[[A]] or [[B]]", "invalid"), ("", "invalid"), (None, "invalid"), ("A little girl named Lily", "invalid"),
+    ('" said the mom', "invalid"), ("Both are fine", "invalid"), ("C", "invalid"),
+])
+def test_parse_verdict(raw, verdict):
+    assert parse_verdict(raw) == verdict
+
+
+def _position(token, logprob, alternatives):
+    return {"token": token, "logprob": logprob, "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alternatives]}
+
+
+def test_p_first_reads_the_label_position_of_the_logprobs():
+    import math
+
+    content = [_position("[[", -0.01, [("[[", -0.01)]),
+               _position("A", math.log(0.6), [("A", math.log(0.6)), ("B", math.log(0.2)), (" A", math.log(0.1))]),
+               _position("]]", -0.01, [("]]", -0.01)])]
+    assert p_first(content, "first") == pytest.approx(0.7 / 0.9)
+    assert p_first(content, "invalid") is None
+    assert p_first([], "first") is None  # the server ignored logprobs
+    assert p_first([_position("tie", -0.1, [("tie", -0.1)])], "tie") is None  # neither A nor B offered
+
+
+def test_render_cuts_to_the_budget_flags_the_cut_and_cuts_both_orders_alike():
+    tpl = load_template()
+    short = render(tpl, "", "Hi?", "Yes.", "No.", context_chars=CONTEXT_CHARS, answer_share=0.35)
+    assert not short.truncated and "Yes." in short.messages[-1]["content"]
+    assert short.messages[0]["role"] == "system"  # the default template sets judge_system
+    ab = render(tpl, "sys " * 50, "Why? " + LONG, LONG, "Short.", context_chars=CONTEXT_CHARS, answer_share=0.35)
+    ba = render(tpl, "sys " * 50, "Why? " + LONG, "Short.", LONG, context_chars=CONTEXT_CHARS, answer_share=0.35)
+    assert ab.truncated and ba.truncated
+    assert prompt_chars(ab.messages) <= CONTEXT_CHARS and prompt_chars(ba.messages) <= CONTEXT_CHARS
+    assert CUT_MARK in ab.messages[-1]["content"]
+    assert prompt_chars(ab.messages) == prompt_chars(ba.messages)
+    with pytest.raises(DpoEvalError, match="context_chars 300"):
+        render(tpl, "", "Hi?", "Yes.", "No.", context_chars=300, answer_share=0.35)
+
+
+def test_user_template_sets_the_system_message_and_the_identity(tmp_path):
+    mine = tmp_path / "judge.j2"
+    mine.write_text('{% set judge_system = "Be fair." %}Q: {{ prompt }}\nA: {{ answer_a }}\nB: {{ answer_b }}\n'
+                    "Say [[A]], [[B]] or [[tie]].")
+    tpl = load_template(mine)
+    messages = render(tpl, "", "Hi?", "Yes.", "No.", context_chars=CONTEXT_CHARS, answer_share=0.35).messages
+    assert messages == [{"role": "system", "content": "Be fair."},
+                        {"role": "user", "content": "Q: Hi?\nA: Yes.\nB: No.\nSay [[A]], [[B]] or [[tie]]."}]
+    spec = JudgeSpec(model="m", template=mine)
+    assert judge_id(judge_identity(spec, tpl)) != judge_id(judge_identity(spec, load_template()))
+    (tmp_path / "broken.j2").write_text("{% if %}")
+    with pytest.raises(DpoEvalError, match="broken.j2: Jinja syntax error"):
+        load_template(tmp_path / "broken.j2")
+    (tmp_path / "unknown.j2").write_text("{{ question }}")
+    with pytest.raises(DpoEvalError, match="unknown.j2: cannot render"):
+        render(load_template(tmp_path / "unknown.j2"), "", "Hi?", "a", "b", context_chars=700, answer_share=0.35)
+
+
+def test_judge_spec_rejects_unknown_fields_and_the_key_needs_the_env_for_a_remote_url(monkeypatch):
+    with pytest.raises(ValidationError):
+        JudgeSpec(model="m", concurency=4)
+    monkeypatch.delenv("DPO_EVAL_TEST_UNSET_KEY", raising=False)
+    remote = JudgeSpec(model="m", base_url="https://api.example.com/v1", api_key_env="DPO_EVAL_TEST_UNSET_KEY")
+    with pytest.raises(DpoEvalError, match="DPO_EVAL_TEST_UNSET_KEY: the variable is unset"):
+        api_key(remote)
+    local = JudgeSpec(model="m", base_url="http://127.0.0.1:1/v1", api_key_env="DPO_EVAL_TEST_UNSET_KEY")
+    assert api_key(local) == LOCAL_PLACEHOLDER_KEY
+    monkeypatch.setenv("DPO_EVAL_TEST_UNSET_KEY", "sk-from-env")
+    assert api_key(remote) == "sk-from-env"
+
+
+# ---------------------------------------------------------------- the real server and a run directory
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def judge_server(tmp_path_factory):
+    """`transformers serve` on a free 127.0.0.1 port serving a copy of stories260k with a chat template."""
+    folder = tmp_path_factory.mktemp("judge-model") / "stories260k"
+    shutil.copytree(shared_path("models/stories260k"), folder)
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    port = _free_port()
+    log = (folder.parent / "serve.log").open("w")
+    # One torch thread: on a shared 2-core machine more threads contend and calls get several times slower.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--host", "127.0.0.1",
+               "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                served = (folder.parent / "serve.log").read_text()
+                pytest.fail(f"transformers serve exited ({proc.returncode}): {served}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("transformers serve was not healthy within 120 s")
+            time.sleep(0.25)
+        yield {"url": f"http://127.0.0.1:{port}/v1", "model": str(folder)}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def make_run(folder: Path) -> Path:
+    """A run directory with pairs.parquet, answers.parquet, features.parquet (n_tokens) and summary.json."""
+    folder.mkdir(parents=True)
+    cols = ["pair_id", "split", "system", "prompt", "chosen", "rejected", "tuned", "base"]
+    table = pl.DataFrame([dict(zip(cols, row)) for row in PAIRS])
+    table.drop("tuned", "base").write_parquet(folder / "pairs.parquet")
+    answers = table.unpivot(index="pair_id", on=["tuned", "base"], variable_name="model", value_name="answer")
+    answers.write_parquet(folder / "answers.parquet")
+    roles = table.unpivot(index=["pair_id", "split"], on=["chosen", "rejected", "tuned", "base"],
+                          variable_name="role", value_name="text")
+    roles.select("pair_id", "split", "role", n_tokens=pl.col("text").str.split(" ").list.len().cast(pl.Float64)
+                 ).write_parquet(folder / "features.parquet")
+    (folder / "summary.json").write_text(json.dumps({"n_pairs": {"train": 2, "valid": 2}}))
+    return folder
+
+
+def spec_for(server: dict, cache: Path, **changes) -> JudgeSpec:
+    values = {"model": server["model"], "base_url": server["url"], "context_chars": CONTEXT_CHARS,
+              "max_tokens": MAX_TOKENS, "concurrency": 1, "cache_dir": cache, **changes}
+    return JudgeSpec(**values)
+
+
+def stable(run: Path) -> pl.DataFrame:
+    """The judgments without the columns a rerun may change (latency, cached), in a fixed order."""
+    return pl.read_parquet(run / "judgments.parquet").select(STABLE).sort("pair_id", "comparison", "order")
+
+
+N_JUDGMENTS = 2 * 2 * len(PAIRS)
+N_CALLS = N_JUDGMENTS - 2  # p3's answers equal its labels: tuned_vs_base and chosen_vs_rejected share the messages
+
+
+@pytest.fixture(scope="module")
+def clean_run(judge_server, tmp_path_factory) -> Path:
+    """A clean run at concurrency 1: the reference the other runs must equal."""
+    run = make_run(tmp_path_factory.mktemp("clean") / "run")
+    block = judge_run(run, spec_for(judge_server, run.parent / "cache"))
+    assert block["calls"] == N_CALLS and block["complete"]
+    return run
+
+
+def run_cli(argv: list[str]) -> None:
+    """`dpo-eval ARGV` in this process (its logs reach caplog); click ends a good run with exit code 0."""
+    from dpo_eval_cli.app import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code in (0, None)
+
+
+def test_cli_judges_both_orders_caches_everything_and_never_writes_the_key(judge_server, clean_run, tmp_path,
+                                                                           monkeypatch, caplog, capsys):
+    key = "sk-dpoeval-" + secrets.token_hex(16)
+    monkeypatch.setenv("DPO_EVAL_TEST_JUDGE_KEY", key)
+    monkeypatch.setenv("DPO_EVAL_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.DEBUG)
+    run = make_run(tmp_path / "run")
+    argv = ["judge", str(run), "--judge", "openai", "--judge-model", judge_server["model"], "--base-url",
+            judge_server["url"], "--api-key-env", "DPO_EVAL_TEST_JUDGE_KEY", "--concurrency", "1",
+            "--max-tokens", str(MAX_TOKENS), "--context-chars", str(CONTEXT_CHARS)]
+    run_cli(argv)
+    first = json.loads(capsys.readouterr().out)
+    table = pl.read_parquet(run / "judgments.parquet")
+    assert dict(table.schema) == SCHEMA and table.height == N_JUDGMENTS
+    # Both orders of every pair and comparison, the roles swapped between them.
+    for (pair, comparison), part in table.group_by("pair_id", "comparison"):
+        assert sorted(part["order"]) == ["ab", "ba"]
+        assert set(part["shown_first"]) == ({"tuned", "base"} if comparison == "tuned_vs_base"
+                                            else {"chosen", "rejected"})
+    # Verdicts are what the parser reads in the kept raw text; unparseable ones are invalid, never ties.
+    assert table["raw"].str.len_chars().min() > 0
+    assert table["verdict"].to_list() == [parse_verdict(raw) for raw in table["raw"]]
+    assert first["invalid"] == int((table["verdict"] == "invalid").sum()) > 0
+    assert table["p_first"].is_null().all()  # transformers serve ignores logprobs
+    cut = table.group_by("pair_id", "comparison").agg(pl.col("truncated").unique())
+    flags = {(pair, comparison): values for pair, comparison, values in cut.iter_rows()}  # both orders cut alike
+    assert flags == {("p0", "tuned_vs_base"): [False], ("p0", "chosen_vs_rejected"): [False],
+                     ("p1", "tuned_vs_base"): [True], ("p1", "chosen_vs_rejected"): [False],  # the long answer
+                     ("p2", "tuned_vs_base"): [True], ("p2", "chosen_vs_rejected"): [True],  # the long prompt
+                     ("p3", "tuned_vs_base"): [False], ("p3", "chosen_vs_rejected"): [False]}
+    assert table["prompt_tokens"].max() <= 512 - MAX_TOKENS  # the client cut the texts to the context
+    assert (first["calls"], first["cached"]) == (N_CALLS, N_JUDGMENTS - N_CALLS)
+    assert first["tokens"]["prompt"] == table.filter(~pl.col("cached"))["prompt_tokens"].sum()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["n_pairs"] == {"train": 2, "valid": 2}  # the rest of the summary is kept
+    assert set(summary["judge"]) >= {"id", "kind", "model", "template_sha", "calls", "cached", "invalid", "tokens",
+                                     "splits"}
+    assert set(summary["judge"]["splits"]["valid"]) == {"tuned_vs_base", "chosen_vs_rejected"}
+    assert stable(run).equals(stable(clean_run))
+    # A second run makes no call: every judgment comes from the cache, unchanged.
+    run_cli(argv)
+    second = json.loads(capsys.readouterr().out)
+    assert (second["calls"], second["cached"]) == (0, N_JUDGMENTS)
+    assert pl.read_parquet(run / "judgments.parquet")["cached"].all() and stable(run).equals(stable(clean_run))
+    # The key is nowhere: not in the run directory, the cache, the logs or the output.
+    for path in [*run.rglob("*"), *(tmp_path / "cache").rglob("*")]:
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
+    assert caplog.records and key not in caplog.text
+    assert key not in json.dumps([first, second])
+
+
+def test_budget_stop_keeps_the_judgments_made_and_a_resumed_run_completes_them(judge_server, clean_run, tmp_path):
+    run = make_run(tmp_path / "run")
+    with pytest.raises(DpoEvalError, match=r"budget of 5 calls \(--max-calls\).*5 calls this run.*continue"):
+        judge_run(run, spec_for(judge_server, tmp_path / "cache", max_calls=5, concurrency=2))
+    partial = pl.read_parquet(run / "judgments.parquet")
+    kept = json.loads((run / "summary.json").read_text())["judge"]
+    assert kept["calls"] == 5 and not kept["complete"] and kept["pending"] == N_CALLS - 5
+    assert partial.height >= 5 and not partial["cached"].all()
+    resumed = judge_run(run, spec_for(judge_server, tmp_path / "cache", max_calls=N_CALLS - 5))
+    assert resumed["calls"] == N_CALLS - 5 and resumed["complete"]
+    assert stable(run).equals(stable(clean_run))
+
+
+def test_concurrency_4_gives_the_same_judgments_as_1(judge_server, clean_run, tmp_path):
+    run = make_run(tmp_path / "run")
+    block = judge_run(run, spec_for(judge_server, tmp_path / "cache", concurrency=4))
+    assert block["calls"] == N_CALLS
+    assert stable(run).equals(stable(clean_run))
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 that answers 429 or 500, or stalls past the client's timeout and drops the
+    connection, for set shares of requests (seeded), and forwards the rest to `upstream`."""
+
+    def __init__(self, upstream: str, *, p429: float = 0.0, p500: float = 0.0, pstall: float = 0.0,
+                 stall_s: float = 0.0, seed: int = 0):
+        self.upstream, self.stall_s = upstream.rstrip("/"), stall_s
+        self.cuts = (p429, p429 + p500, p429 + p500 + pstall)
+        self.rng, self.lock = random.Random(seed), threading.Lock()
+        self.counts = {"429": 0, "500": 0, "stall": 0, "forwarded": 0}
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep the test output quiet
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fault = proxy.draw()
+                if fault == "stall":
+                    time.sleep(proxy.stall_s)
+                    self.close_connection = True
+                    return
+                if fault in ("429", "500"):
+                    return self.answer(int(fault), b'{"error": {"message": "injected fault"}}')
+                request = urllib.request.Request(proxy.upstream + self.path, data=body, method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as response:
+                        self.answer(response.status, response.read())
+                except urllib.error.HTTPError as exc:
+                    self.answer(exc.code, exc.read())
+
+            def answer(self, status: int, payload: bytes):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def draw(self) -> str:
+        """The fate of the next request: the first ones take each fault with a nonzero share once, so every
+        kind is seen; the rest draw from the seeded shares."""
+        with self.lock:
+            u = self.rng.random()
+            kinds = [k for k, share in zip(("429", "500", "stall"), np.diff((0, *self.cuts))) if share > 0]
+            seen = sum(self.counts.values())
+            fault = kinds[seen] if seen < len(kinds) else "429" if u < self.cuts[0] else "500" if u < self.cuts[1] \
+                else "stall" if u < self.cuts[2] else "forwarded"
+            self.counts[fault] += 1
+            return fault
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_retries_recover_from_429_500_and_stalls_and_change_no_judgment(judge_server, clean_run, tmp_path):
+    run = make_run(tmp_path / "run")
+    upstream = judge_server["url"].removesuffix("/v1")
+    with FaultProxy(upstream, p429=0.15, p500=0.15, pstall=0.1, stall_s=2.0, seed=1) as proxy:
+        spec = spec_for(judge_server, tmp_path / "cache", base_url=proxy.url + "/v1", concurrency=4,
+                        timeout_s=1.0, max_retries=8)
+        block = judge_run(run, spec)
+    assert proxy.counts["429"] and proxy.counts["500"] and proxy.counts["stall"], proxy.counts
+    assert proxy.counts["forwarded"] >= N_CALLS and block["calls"] == N_CALLS and block["complete"]
+    assert stable(run).equals(stable(clean_run))  # nothing lost, nothing changed
+
+
+def test_a_server_that_keeps_failing_stops_the_run_with_a_message(judge_server, tmp_path):
+    run = make_run(tmp_path / "run")
+    upstream = judge_server["url"].removesuffix("/v1")
+    with FaultProxy(upstream, p500=1.0) as proxy:
+        spec = spec_for(judge_server, tmp_path / "cache", base_url=proxy.url + "/v1", max_retries=1)
+        with pytest.raises(DpoEvalError, match=r"answered 500 .*0 of 16 judgments are made"):
+            judge_run(run, spec)
+    assert proxy.counts["500"] == 2  # one call and its one retry; nothing else was sent after the failure
+    assert pl.read_parquet(run / "judgments.parquet").height == 0
