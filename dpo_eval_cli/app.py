@@ -9,6 +9,7 @@ import typer
 
 from dpo_eval.errors import DpoEvalError
 from dpo_eval_cli import core_commands, flow_commands, judge
+from dpo_eval_cli import reward
 
 app = typer.Typer(
     name="dpo-eval",
