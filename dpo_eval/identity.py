@@ -114,14 +114,19 @@ def _source(name: str, revision: str | None, store: DigestStore) -> dict:
     return {"hub": name, "revision": revision, "commit": hub_revision(name, revision)}
 
 
-def library_versions() -> dict[str, str]:
+def installed_versions(names) -> dict[str, str]:
+    """{package: installed version, or 'absent'}."""
     out = {}
-    for name in OUTPUT_LIBRARIES:
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "absent"
     return out
+
+
+def library_versions() -> dict[str, str]:
+    return installed_versions(OUTPUT_LIBRARIES)
 
 
 def _key(payload) -> str:

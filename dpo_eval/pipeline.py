@@ -11,14 +11,13 @@ import json
 import math
 import platform
 import threading
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import polars as pl
 
 from dpo_eval.config import EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.identity import ModelIdentity, model_identity
+from dpo_eval.identity import ModelIdentity, installed_versions, model_identity
 
 ROLES = ("chosen", "rejected", "base", "tuned")
 PACKAGES = ("dpo-eval", "torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "spacy",
@@ -144,13 +143,7 @@ def score_frame(texts: pl.DataFrame, spec: ScoringSpec):
 
 
 def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    return {"python": platform.python_version()} | installed_versions(PACKAGES)
 
 
 def write_config(config: EvalConfig, out: Path, extra: dict) -> None:
