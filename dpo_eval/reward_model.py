@@ -79,7 +79,8 @@ class Item:
 
 @dataclass
 class Scores:
-    """Scores of a list of items, in order, and what the cache did."""
+    """Scores of a list of items, in order. misses: distinct items the model ran on; hits: the other items
+    (found in the cache, or repeating an item of the same call, e.g. identical base and tuned answers)."""
 
     score: np.ndarray
     truncated: np.ndarray
@@ -126,7 +127,8 @@ class RewardScorer:
         config = _config(self.name, revision)
         check_reward_config(config, self.name)
         folder = Path(self.name).expanduser()
-        metadata = json.loads((folder / TRAINING_METADATA).read_text()) if (folder / TRAINING_METADATA).is_file() else {}
+        trained = folder / TRAINING_METADATA
+        metadata = json.loads(trained.read_text()) if trained.is_file() else {}
         context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         self.max_length = max_length or metadata.get("max_length") or context
         if not self.max_length:
@@ -138,6 +140,9 @@ class RewardScorer:
             source = {"files": files}
         else:
             source = {"hub": self.name, "revision": revision, "commit": hub_revision(self.name, revision)}
+            if source["commit"] == "unpinned":
+                self.repairs.append(f"hub commit of {self.name} could not be resolved (offline and not in the hub "
+                                    "cache): its cached scores are keyed on the name and may be stale")
         self.identity = {"source": source, "max_length": self.max_length, "truncation": TRUNCATION,
                          "dtype": dtype, "rendering": RENDERING, "versions": library_versions()}
         self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
@@ -229,7 +234,8 @@ class RewardScorer:
             unique = list(dict.fromkeys(keys))
             for start in range(0, len(unique), 500):
                 chunk = unique[start:start + 500]
-                query = f"SELECT item, score, truncated, n_tokens FROM scores WHERE model=? AND item IN ({','.join('?' * len(chunk))})"
+                query = ("SELECT item, score, truncated, n_tokens FROM scores WHERE model=? AND item IN "
+                         f"({','.join('?' * len(chunk))})")
                 found |= {k: (s, bool(t), n) for k, s, t, n in db.execute(query, [self.key] + chunk)}
         finally:
             db.close()
@@ -311,7 +317,7 @@ def role_items(pairs: pl.DataFrame, answers: pl.DataFrame) -> pl.DataFrame:
     frames = [pairs.select("pair_id", "split", "system", "messages", pl.lit(role).alias("role"),
                            pl.col(role).alias("answer")) for role in ("chosen", "rejected")]
     for role in ("base", "tuned"):
-        part = answers.filter(pl.col("model") == role).select("pair_id", pl.col("answer"))
+        part = answers.filter((pl.col("model") == role) & pl.col("answer").is_not_null()).select("pair_id", "answer")
         frames.append(keys.join(part, on="pair_id", how="inner", maintain_order="left").select(
             "pair_id", "split", "system", "messages", pl.lit(role).alias("role"), "answer"))
     return pl.concat(frames).select("pair_id", "split", "role", "system", "messages", "answer")
@@ -342,7 +348,8 @@ def _rng(seed: int, split: str, purpose: str) -> np.random.Generator:
 
 def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci_level: float = 0.95,
                 column: str = FEATURE) -> dict:
-    """{split: block} from a `pair_id, split, role, <column>` table (features.parquet's shape).
+    """{split: block} from a `pair_id, split, role, <column>` table (features.parquet's shape), for the
+    splits with any score.
 
     accuracy = #{d_cr > 0} / n over the n pairs with finite chosen and rejected scores, d_cr = chosen -
     rejected; ties (d_cr = 0) count as not correct and are given. win_rate = (wins + win_ties / 2) / win_n
@@ -366,6 +373,8 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
         cr = cr[np.isfinite(cr)]
         tb = values["tuned"] - values["base"]
         tb = tb[np.isfinite(tb)]
+        if cr.size == 0 and tb.size == 0:
+            continue  # a split left out (--split, --limit): nothing to report
         correct = (cr > 0).astype(float)
         low, high = bootstrap_ci(correct, n_boot, alpha, _rng(seed, split, "accuracy"))
         wins, losses, ties = int((tb > 0).sum()), int((tb < 0).sum()), int((tb == 0).sum())

@@ -79,7 +79,7 @@ def train(spec: RewardTrainSpec) -> dict:
     args = RewardConfig(
         output_dir=str(spec.out), max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
         learning_rate=spec.learning_rate, max_length=max_length, save_strategy="no", report_to="none",
-        use_cpu=not gpu, bf16=gpu, gradient_checkpointing=False, logging_steps=max(1, spec.steps // 4),
+        use_cpu=not gpu, bf16=gpu, activation_checkpointing=False, logging_steps=max(1, spec.steps // 4),
         seed=spec.seed, data_seed=spec.seed, disable_tqdm=True, lr_scheduler_type="constant")
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     result = trainer.train()
