@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 from dpo_eval.config import AnalysisSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.features import FAMILY_OF, LENGTH_FEATURE
+from dpo_eval.features import FEATURE_FAMILY, LENGTH_FEATURE
 from dpo_eval.stats import (benjamini_hochberg, bootstrap_means, intercept_at_zero, mean_signs, rank_biserial,
                             rng_for, sign_agreement_test, wilcoxon, wilcoxon_power)
 
@@ -176,7 +176,7 @@ def _comparison_rows(names, split, comparison, d, ok, scale, agreement, ci, leng
         adjusted, adjusted_p, why_len = _length_adjusted(d, ok, j, length)
         reasons += [r for r in (why, why_len) if r and r not in reasons]
         rows.append({
-            "feature": name, "family": FAMILY_OF.get(name, "other"), "split": split,
+            "feature": name, "family": FEATURE_FAMILY.get(name, "other"), "split": split,
             "comparison": comparison, "n": int(dj.size), "mean_delta": float(dj.mean()) if dj.size else np.nan,
             "norm_mean_delta": float(dj.mean() / usable_scale) if dj.size else np.nan, "scale": float(scale[j]),
             "ci_low": float(lo), "ci_high": float(hi), "wilcoxon_stat": stat, "p_value": p,

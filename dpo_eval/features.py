@@ -43,3 +43,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 }
 FAMILY_OF: dict[str, str] = {name: family for family, names in FAMILIES.items() for name in names}
 LENGTH_FEATURE = "n_tokens"
+
+# Features that judges add beside the TextDescriptives ones (not scored by spaCy).
+JUDGE_FAMILIES: dict[str, tuple[str, ...]] = {"reward_model": ("reward_model",)}
+FEATURE_FAMILY: dict[str, str] = FAMILY_OF | {n: f for f, names in JUDGE_FAMILIES.items() for n in names}

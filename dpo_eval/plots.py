@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from dpo_eval.features import FAMILIES, FAMILY_OF
+from dpo_eval.features import FAMILIES, FEATURE_FAMILY
 
 SPLITS = ("train", "valid")
 COLORS = {"chosen_vs_rejected": "#4c72b0", "tuned_vs_base": "#dd8452"}
@@ -170,7 +170,7 @@ def _bar_figure(plt, series: list, features: list[str], splits: list[str], title
 
 def _family_bands(axes, features: list[str]) -> None:
     """Lines between TextDescriptives families, and each family's name at its first feature."""
-    families = [FAMILY_OF.get(f, "other") for f in features]
+    families = [FEATURE_FAMILY.get(f, "other") for f in features]
     for i, family in enumerate(families):
         if i == 0 or family != families[i - 1]:
             for ax in axes:

@@ -50,8 +50,7 @@ from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import DigestStore, folder_files, hub_revision, library_versions
 
 FEATURE = "reward_model"
-FAMILY = "reward_model"
-FAMILIES = {FAMILY: (FEATURE,)}  # the feature's family, until dpo_eval.features knows judge features
+FAMILY = "reward_model"  # dpo_eval.features.JUDGE_FAMILIES maps the feature to it
 ROLES = ("chosen", "rejected", "base", "tuned")
 TRUNCATION = "keep_end"  # left truncation, BOS kept (see the module docstring)
 RENDERING = "reward-v1"  # bump when the rendering below changes: old cached scores then miss
@@ -448,8 +447,7 @@ def reward_judge_run(run_dir: Path | str, reward_model: str | Path, *, revision:
 
     spec = _analysis_spec(run_dir)
     analysis = run_analysis(features, spec)
-    stats = analysis.stats.with_columns(
-        family=pl.when(pl.col("feature") == FEATURE).then(pl.lit(FAMILY)).otherwise(pl.col("family")))
+    stats = analysis.stats
     block = {"id": scorer.key, "model": scorer.name, "revision": revision, "identity": scorer.identity,
              "max_length": scorer.max_length, "truncation": TRUNCATION,
              "truncated": int(scores["truncated"].sum()), "scored": result.misses, "cached": result.hits,

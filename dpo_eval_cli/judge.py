@@ -25,7 +25,12 @@ def _option(name: str):
 def judge(
     run_dir: Path = typer.Argument(..., help="A run directory with pairs.parquet and answers.parquet."),
     kind: str = _option("kind"),
-    model: str = typer.Option(..., FLAGS["model"], help=field_help(JudgeSpec, "model")),
+    model: Optional[str] = typer.Option(None, FLAGS["model"], help=field_help(JudgeSpec, "model")),
+    reward_model: Optional[str] = typer.Option(
+        None, "--reward-model", help="A reward model (one-output AutoModelForSequenceClassification), folder or "
+        "hub id: scores all four roles into features.parquet as the feature reward_model and re-runs the "
+        "statistics; its calibration goes to summary.json's reward_model block."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per reward-model forward pass."),
     base_url: Optional[str] = _option("base_url"),
     api_key_env: str = _option("api_key_env"),
     comparisons: str = typer.Option(",".join(JudgeSpec.model_fields["comparisons"].default), FLAGS["comparisons"],
@@ -41,11 +46,21 @@ def judge(
     logprobs: bool = typer.Option(True, "--logprobs/--no-logprobs", help=field_help(JudgeSpec, "logprobs")),
 ) -> None:
     """Judge tuned vs base answers (and chosen vs rejected, the judge's calibration) in both orders; write
-    judgments.parquet and summary.json's judge block; print that block."""
+    judgments.parquet and summary.json's judge block; print that block. With --reward-model: score all
+    four roles with a reward model as one more feature, and its calibration."""
     from dpo_eval.judge import jsonable, judge_run
 
     if not run_dir.is_dir():
         raise DpoEvalError(f"RUN_DIR {run_dir}: no such directory")
+    if reward_model is not None:
+        if model is not None:
+            raise DpoEvalError("give --judge-model (an LLM judge) or --reward-model, not both")
+        from dpo_eval_cli.reward import judge_reward
+
+        judge_reward(run_dir, reward_model, split=split, limit=limit, batch_size=batch_size)
+        return
+    if model is None:
+        raise DpoEvalError("--judge-model is required (or --reward-model)")
     chosen = tuple(c.strip() for c in comparisons.split(",") if c.strip())
     known = JudgeSpec.model_fields["comparisons"].default
     if not chosen or set(chosen) - set(known):

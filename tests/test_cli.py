@@ -16,7 +16,8 @@ from dpo_eval.training import TrainSpec
 from dpo_eval_cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["evaluate", "pairs", "generate", "analyze", "diagnose", "train", "trend", "serve", "demo"]
+COMMANDS = ["evaluate", "pairs", "generate", "analyze", "diagnose", "train", "trend", "serve", "demo", "judge",
+            "train-reward"]
 ORCHESTRATION = ("flows", "tasks", "prefect")
 
 IMPORTED_AFTER = """

@@ -289,6 +289,12 @@ def test_cli_train_reward_and_judge_reward(tmp_path, run_dir, reward_model, cach
     assert result.exit_code == 0, result.output
     assert (tmp_path / "rm" / "dpo_eval_reward_training.json").is_file()
     monkeypatch.setenv("DPO_EVAL_CACHE", str(cache_dir))
+    through_judge = CliRunner().invoke(app, ["judge", str(run_dir), "--reward-model", str(reward_model), "--split",
+                                             "valid", "--limit", "5"])  # the shared judge command
+    assert through_judge.exit_code == 0, through_judge.output
+    assert "valid: calibration: accuracy on chosen vs rejected" in through_judge.output
+    both = CliRunner().invoke(app, ["judge", str(run_dir), "--reward-model", str(reward_model), "--judge-model", "x"])
+    assert both.exit_code != 0 and "not both" in str(both.exception or both.output)
     block = judge_reward(run_dir, str(reward_model), split="valid", limit=5)
     out = capsys.readouterr().out
     assert "valid: calibration: accuracy on chosen vs rejected" in out and block["scored"] == 0
