@@ -2,7 +2,8 @@
 # install (idempotent: a stamp file keyed on pyproject.toml skips a repeat install), then run.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch that lies on this machine's disk; a GPU user sets e.g. TORCH_SPEC="torch==2.14.1".
+# Installed first. Where pip's index serves the CPU build of 2.13.0 by default (as on the project's CI
+# machines) that is what it gets; elsewhere see the README. A GPU user sets e.g. TORCH_SPEC="torch==2.14.1".
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
