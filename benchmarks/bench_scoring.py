@@ -1,10 +1,13 @@
 """Scoring speed: the plain TextDescriptives path vs score_texts, on the 568 orca texts. Prints JSON.
 
 `per_core_ratio`: score_texts in ONE process against the plain path (what the fast path gains per
-core); `ratio`: score_texts on every core against the plain path. The `_cpu` ratios divide CPU time
-(time.process_time of this process; both sides run in it) instead of wall time, so they hold on a
-shared machine where wall time also measures the neighbours. `max_abs_diff` and `nan_mismatches`
-compare both fast runs with the plain path and must be 0.
+core); `ratio`: score_texts on every core (`n_process` default) against the plain path.
+On a shared machine the neighbours' load drifts during a run, so the two one-process paths take
+turns over `--blocks` contiguous blocks of the texts (plain, then fast, block after block) and each
+side's time is its pipeline load plus its blocks; `_cpu` figures use this process's CPU time
+(time.process_time) instead of wall time. The all-core run is one call from a fresh process: it
+loads the pipeline, then forks its worker processes. `max_abs_diff` and `nan_mismatches` compare both fast runs with the
+plain path, every feature of every text, and must be 0.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
-from dpo_eval.config import ScoringSpec
 from dpo_eval import scoring
-from dpo_eval.scoring import feature_names, score_texts, score_texts_plain
+from dpo_eval.config import ScoringSpec
+from dpo_eval.scoring import build_pipeline, feature_names, score_texts, score_texts_plain
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared/data/orca_dpo_pairs/validation.jsonl"
 
@@ -35,13 +39,21 @@ def read_texts(path: str, limit: int | None) -> list[str]:
     return texts[:limit] if limit else texts
 
 
-def timed(function, *args):
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = function(*args)
-    return result, time.perf_counter() - wall, time.process_time() - cpu
+class Clock:
+    """Wall and CPU seconds accumulated over several timed calls."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def __call__(self, function, *args, **kwargs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = function(*args, **kwargs)
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.process_time() - cpu
+        return result
 
 
-def compare(fast, plain, names) -> tuple[float, int]:
+def compare(fast: pl.DataFrame, plain: pl.DataFrame, names: list[str]) -> tuple[float, int]:
     a, b = fast.select(names).to_numpy(), plain.select(names).to_numpy()
     nan_mismatch = int((np.isnan(a) != np.isnan(b)).sum())
     diff = np.abs(np.nan_to_num(a, nan=0.0) - np.nan_to_num(b, nan=0.0))
@@ -50,43 +62,59 @@ def compare(fast, plain, names) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", default=str(DEFAULT))
+    parser.add_argument("--data", default=str(DEFAULT), help="A .jsonl or .jsonl.gz with chosen/rejected.")
     parser.add_argument("--limit", type=int, default=None, help="Use only the first N texts.")
+    parser.add_argument("--blocks", type=int, default=8, help="Turns the one-process paths take.")
     args = parser.parse_args()
     texts = read_texts(args.data, args.limit)
     names = list(feature_names())
     cores = os.cpu_count() or 1
 
-    # Each run loads its own pipeline (the plain path in its call; the fast path once per process,
-    # here cleared before each run, so its workers cannot inherit one from this process either).
-    plain, plain_s, plain_cpu = timed(score_texts_plain, texts)
-    scoring._pipeline.cache_clear()
-    fast, fast_s, _ = timed(score_texts, texts, ScoringSpec(cache=False))
-    scoring._pipeline.cache_clear()
-    one, one_s, one_cpu = timed(score_texts, texts, ScoringSpec(cache=False, n_process=1))
+    # All cores first, from a process that has loaded nothing: the call loads its pipeline once and
+    # forks its workers from it (as the CLI does); in a threaded flow each worker loads its own.
+    all_cores = Clock()
+    fast = all_cores(score_texts, texts, ScoringSpec(cache=False))
+
+    plain_clock, one_clock = Clock(), Clock()
+    scoring._pipeline.cache_clear()  # the one-process side loads its own pipeline and tables
+    scoring._lexeme_prob_table.cache_clear()
+    nlp = plain_clock(build_pipeline, "en_core_web_sm")
+    one_spec = ScoringSpec(cache=False, n_process=1)
+    # the fast path's pipeline, loaded once per process (score_texts would load it on first use)
+    one_clock(scoring._pipeline, one_spec.spacy_model, scoring.SKIPPED_COMPONENTS, one_spec.max_length)
+    size = -(-len(texts) // max(1, args.blocks))
+    plain_parts, one_parts = [], []
+    for start in range(0, len(texts), size):
+        block = texts[start:start + size]
+        plain_parts.append(plain_clock(score_texts_plain, block, nlp=nlp))
+        one_parts.append(one_clock(score_texts, block, one_spec))
+    plain, one = pl.concat(plain_parts), pl.concat(one_parts)
     diffs = [compare(fast, plain, names), compare(one, plain, names)]
 
     with tempfile.TemporaryDirectory() as cache_dir:
         spec = ScoringSpec(cache_dir=Path(cache_dir))
         score_texts(texts, spec)
-        _, cached_s, _ = timed(score_texts, texts, spec)
+        cached = Clock()
+        cached(score_texts, texts, spec)
 
+    n = len(texts)
     print(json.dumps({
         "data": Path(args.data).name,
-        "texts": len(texts),
+        "texts": n,
         "cores": cores,
-        "plain_texts_per_s": round(len(texts) / plain_s, 2),
-        "one_process_texts_per_s": round(len(texts) / one_s, 2),
-        "fast_texts_per_s": round(len(texts) / fast_s, 2),
-        "per_core_ratio": round(plain_s / one_s, 2),
-        "per_core_ratio_cpu": round(plain_cpu / one_cpu, 2),
-        "ratio": round(plain_s / fast_s, 2),
+        "plain_texts_per_s": round(n / plain_clock.wall, 2),
+        "one_process_texts_per_s": round(n / one_clock.wall, 2),
+        "fast_texts_per_s": round(n / all_cores.wall, 2),
+        "per_core_ratio": round(plain_clock.wall / one_clock.wall, 2),
+        "per_core_ratio_cpu": round(plain_clock.cpu / one_clock.cpu, 2),
+        "ratio": round(plain_clock.wall / all_cores.wall, 2),
         "max_abs_diff": max(d for d, _ in diffs),
-        "nan_mismatches": sum(n for _, n in diffs),
-        "cached_texts_per_s": round(len(texts) / cached_s, 1),
-        "plain_s": round(plain_s, 2), "one_process_s": round(one_s, 2), "fast_s": round(fast_s, 2),
-        "plain_cpu_s": round(plain_cpu, 2), "one_process_cpu_s": round(one_cpu, 2),
-        "cached_s": round(cached_s, 3),
+        "nan_mismatches": sum(m for _, m in diffs),
+        "cached_texts_per_s": round(n / cached.wall, 1),
+        "plain_s": round(plain_clock.wall, 2), "one_process_s": round(one_clock.wall, 2),
+        "fast_s": round(all_cores.wall, 2), "plain_cpu_s": round(plain_clock.cpu, 2),
+        "one_process_cpu_s": round(one_clock.cpu, 2), "cached_s": round(cached.wall, 3),
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
     }, indent=2))
 
 

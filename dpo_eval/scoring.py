@@ -80,16 +80,35 @@ def resolve_model(name: str) -> str:
     raise DpoEvalError(f"spaCy model '{name}' is not installed (ScoringSpec.spacy_model): {hint}")
 
 
-def build_pipeline(model: str, exclude: tuple[str, ...] = (), max_length: int = 1_000_000):
-    """A spaCy pipeline of `model` with every TextDescriptives component appended."""
+def build_pipeline(model: str, exclude: tuple[str, ...] = (), max_length: int = 1_000_000,
+                   shared_tables: bool = False):
+    """A spaCy pipeline of `model` with every TextDescriptives component appended.
+
+    `shared_tables`: give the pipeline the process's copy of the lexeme probability table
+    (information_theory's token.prob) before textdescriptives loads its own. It is the table
+    textdescriptives would load (spaCy's `load_lookups`), read-only, built once per process
+    instead of twice per pipeline (textdescriptives' `add_table` copies its million entries).
+    """
     import textdescriptives  # noqa: F401  (registers the textdescriptives/* factories)
 
     package = importlib.import_module(resolve_model(model))
     nlp = package.load(exclude=list(exclude))
+    if shared_tables and not nlp.vocab.lookups.has_table("lexeme_prob"):
+        try:
+            nlp.vocab.lookups.set_table("lexeme_prob", _lexeme_prob_table(nlp.lang))
+        except ValueError:  # no table for this language: textdescriptives says so and gives NaN
+            pass
     for component in COMPONENTS:
         nlp.add_pipe(f"textdescriptives/{component}", config=QUALITY_CONFIG if component == "quality" else {})
     nlp.max_length = max_length
     return nlp
+
+
+@lru_cache(maxsize=2)
+def _lexeme_prob_table(lang: str):
+    from spacy.lookups import load_lookups
+
+    return load_lookups(lang, ["lexeme_prob"]).get_table("lexeme_prob")
 
 
 @lru_cache(maxsize=4)
@@ -125,8 +144,9 @@ def feature_names(model: str = "en_core_web_sm") -> tuple[str, ...]:
 @lru_cache(maxsize=4)
 def _pipeline(model: str, exclude: tuple[str, ...], max_length: int):
     """The fast path's pipeline: without `exclude`, without the attribute_ruler rules that set only
-    what no feature reads, with textdescriptives' per-doc memo installed (for marked docs)."""
-    nlp = build_pipeline(model, exclude, max_length)
+    what no feature reads, with the process's lexeme probability table, and textdescriptives'
+    per-doc memo installed (for marked docs)."""
+    nlp = build_pipeline(model, exclude, max_length, shared_tables=True)
     _drop_unread_attribute_rules(nlp)
     _install_fast_textdescriptives()
     return nlp
@@ -206,7 +226,8 @@ def _score(texts: list[str], spec: ScoringSpec, names: tuple[str, ...]) -> list[
     # Contiguous chunks, several per worker so a slow chunk does not leave a core idle.
     size = math.ceil(len(texts) / (n_process * 4))
     chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
-    with _shared_pool(n_process) as pool:
+    with _shared_pool(n_process, prepare=lambda: _pipeline(spec.spacy_model, SKIPPED_COMPONENTS,
+                                                            spec.max_length)) as pool:
         results = list(pool.map(_score_chunk_in_worker, chunks, *[[a] * len(chunks) for a in args]))
     with _POOL:
         _WORKER_PIDS.update(pid for pid, _ in results)
@@ -230,11 +251,13 @@ def scoring_worker_pids() -> frozenset[int]:
 
 
 @contextmanager
-def _shared_pool(n_process: int):
+def _shared_pool(n_process: int, prepare=None):
     """The process-wide pool with `n_process` workers, held for one call.
 
     A call that asks for another size waits until the pool is idle, then replaces it: at no time do
     more than one pool's workers exist, so concurrent calls never exceed the configured count.
+    `prepare()` runs before a new pool forks its workers (they inherit its result: the pipeline is
+    loaded once, not once per worker); with forkserver or spawn each worker loads its own.
     """
     state = _pool_state
     with _POOL:
@@ -248,6 +271,8 @@ def _shared_pool(n_process: int):
             state["pool"] = None
         if state["pool"] is None:
             context = multiprocessing.get_context(_start_method())
+            if prepare is not None and context.get_start_method() == "fork":
+                prepare()
             state["pool"] = ProcessPoolExecutor(max_workers=n_process, mp_context=context)
             state["size"] = n_process
         pool = state["pool"]
@@ -501,11 +526,14 @@ def _write_cache(folder: Path, rows: dict[str, list[float]], names: tuple[str, .
     os.replace(tmp, folder / f"part-{name}.parquet")
 
 
-def score_texts_plain(texts: list[str], model: str = "en_core_web_sm") -> pl.DataFrame:
-    """The reference path: full pipeline, `nlp(text)` per text, `textdescriptives.extract_df`."""
+def score_texts_plain(texts: list[str], model: str = "en_core_web_sm", nlp=None) -> pl.DataFrame:
+    """The reference path: full pipeline, `nlp(text)` per text, `textdescriptives.extract_df`.
+
+    `nlp`: a pipeline from `build_pipeline(model)` to reuse (the benchmark times its load apart).
+    """
     import textdescriptives as td
 
-    nlp = build_pipeline(model)
+    nlp = nlp if nlp is not None else build_pipeline(model)
     names = feature_names(model)
     frames = []
     with warnings.catch_warnings():

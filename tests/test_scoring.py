@@ -217,6 +217,10 @@ def test_fast_pipeline_runs_only_what_features_read():
     assert marked._.token_length is marked._.token_length  # computed once for the fast path's docs
     plain = build_pipeline("en_core_web_sm")
     assert "lemmatizer" in plain.pipe_names and len(plain.get_pipe("attribute_ruler").patterns) > len(rules)
+    # one lexeme probability table per process, with textdescriptives' own entries
+    shared, own = (p.vocab.lookups.get_table("lexeme_prob") for p in (nlp, plain))
+    assert shared is scoring._lexeme_prob_table("en") and shared is not own
+    assert len(shared) == len(own) > 100_000 and all(shared[k] == own[k] for k in list(own.keys())[:1000])
 
 
 def test_concurrent_shards_share_at_most_n_process_workers(orca_jsonl):
