@@ -144,12 +144,16 @@ class EvalConfig(Spec):
 
 
 class JudgeSpec(Spec):
-    """A pairwise LLM judge over an OpenAI-compatible chat API, and what it judges in a run directory."""
+    """A pairwise LLM judge (over an OpenAI-compatible chat API, or a local HF model) and what it judges in a
+    run directory."""
 
-    kind: Literal["openai"] = Field("openai", description="Judge kind: a pairwise LLM judge over an "
-                                    "OpenAI-compatible chat API (OpenAI, vLLM, TGI, Ollama, transformers serve).")
-    model: str = Field(description="The judge's model name as the API knows it (part of the judge identity; "
-                       "transformers serve names a model by the folder path it was started with).")
+    kind: Literal["openai", "hf"] = Field(
+        "openai", description="Judge kind: openai, a pairwise LLM judge over an OpenAI-compatible chat API "
+        "(OpenAI, vLLM, TGI, Ollama, transformers serve); hf, a local transformers causal LM in this process "
+        "whose verdict is read from the next-token log-probabilities of the two labels (no server).")
+    model: str = Field(description="The judge's model: for openai its name as the API knows it (part of the judge "
+                       "identity; transformers serve names a model by the folder path it was started with); for "
+                       "hf a local model folder or a Hugging Face Hub id (identified by its files).")
     base_url: str | None = Field(None, description="API base URL, e.g. http://127.0.0.1:8000/v1; None: OpenAI's. "
                                  "Not part of the judge identity: the same model behind another URL hits the cache.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key; the key "
@@ -160,8 +164,8 @@ class JudgeSpec(Spec):
     split: Literal["train", "valid", "all"] = Field("all", description="Judge pairs of this split only.")
     limit: int | None = Field(None, ge=1, description="Judge only the first N selected pairs (pairs.parquet order).")
     max_calls: int | None = Field(None, ge=0, description="Hard budget of API calls (retries of a call not "
-                                  "counted); the run stops before exceeding it, keeps what it made, and a "
-                                  "later run continues from the cache. None: no budget.")
+                                  "counted; hf judge: judgments computed); the run stops before exceeding it, "
+                                  "keeps what it made, and a later run continues from the cache. None: no budget.")
     concurrency: int = Field(4, ge=1, description="API calls in flight at most.")
     template: Path | None = Field(None, description="A Jinja file rendering the judge's user message from "
                                   "system, prompt, answer_a, answer_b (a top-level `{% set judge_system = ... %}` "
@@ -182,3 +186,32 @@ class JudgeSpec(Spec):
                              "connection (the openai client's exponential backoff: 0.5 s doubling to 8 s).")
     cache_dir: Path | None = Field(None, description="Judgment cache folder; default: judge/ in the user's "
                                    "dpo-eval cache folder.")
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="hf judge: load the judge as is, in 8-bit, or in 4-bit nf4 (dpo-eval's own loader, "
+        "as for --base); part of the judge identity. openai: must stay none.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="hf judge: compute dtype of the judge (part of its identity).")
+    batch_size: int = Field(8, ge=1, description="hf judge: judgments per forward pass (left-padded).")
+    context_tokens: int | None = Field(
+        None, ge=32, description="hf judge: token budget of one judge input (chat-rendered prompt and reply "
+        "prefix); texts are cut to fit it and flagged. None: the judge's context (max_position_embeddings). "
+        "The hf judge cuts by tokens and ignores context_chars.")
+    tie_margin: float = Field(
+        0.0, ge=0, le=0.5, description="hf judge: the verdict is a tie when |p_first - 0.5| <= tie_margin, "
+        "p_first = P(A) / (P(A) + P(B)) from the next-token log-probabilities; else the more probable label. "
+        "0: a tie only when both labels are exactly equally probable.")
+
+    @field_validator("quantization", "compute_dtype", "batch_size", "context_tokens", "tie_margin")
+    @classmethod
+    def _hf_only(cls, value, info):
+        if info.data.get("kind") == "openai" and value != cls.model_fields[info.field_name].default:
+            raise ValueError(f"{info.field_name} applies to the hf judge (kind hf) only")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _openai_only(cls, value, info):
+        if info.data.get("kind") == "hf" and value is not None:
+            raise ValueError("base_url applies to the openai judge only; the hf judge runs in this process")
+        return value
+

@@ -145,25 +145,38 @@ def update_summary(run_dir: Path, block: dict) -> None:
 def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
     """Judge the run in `run_dir` with `spec`: write judgments.parquet, set summary.json's `judge`, return it.
 
-    summary `judge` = {id, kind, model, template_sha, calls (API calls this run), cached (judgments read
-    from the cache), invalid (per-order verdicts), tokens {prompt, completion} (this run's calls), truncated
-    (judgments with a cut text), complete, pending, incomplete, ci_method, lc_method, splits} with splits
-    from judge_stats.judge_summary. Raises DpoEvalError after writing both when the run stopped early.
+    summary `judge` = {id, kind, model, template_sha, calls (API calls this run; hf: judgments computed by
+    forward passes), cached (judgments read from the cache), invalid (per-order verdicts), tokens {prompt,
+    completion} (this run's calls), truncated (judgments with a cut text), complete, pending, incomplete,
+    ci_method, lc_method, splits} with splits from judge_stats.judge_summary; kind hf adds `hf` (rendering,
+    labels, tie rule, forward passes, repairs: dpo_eval.judge_hf). spec.kind picks the judge: openai (an
+    OpenAI-compatible API, dpo_eval.judge_api) or hf (a local model, dpo_eval.judge_hf); both share the
+    judgment cache. Raises DpoEvalError after writing both when the run stopped early.
     """
     run_dir = Path(run_dir)
     pairs = select_pairs(read_table(run_dir, "pairs.parquet"), spec)
     needs_answers = "tuned_vs_base" in spec.comparisons or (run_dir / "answers.parquet").is_file()
     answers = read_table(run_dir, "answers.parquet") if needs_answers else None
     template = load_template(spec.template)
-    identity = judge_identity(spec, template)
-    judge = judge_id(identity)
-    requests = build_requests(comparison_rows(pairs, answers, spec.comparisons), spec, template, judge)
+    rows = comparison_rows(pairs, answers, spec.comparisons)
+    if spec.kind == "hf":  # a local HF judge (dpo_eval.judge_hf): cut in tokens, verdicts from log-probs
+        from dpo_eval.judge_hf import HFJudge
+
+        local = HFJudge(spec, template)
+        judge = judge_id(local.identity)
+        requests = local.build_requests(rows, judge)
+    else:
+        judge = judge_id(judge_identity(spec, template))
+        requests = build_requests(rows, spec, template, judge)
     if not requests:
         raise DpoEvalError(f"{run_dir}: nothing to judge for split {spec.split!r} and comparisons "
                            f"{list(spec.comparisons)}")
-    by_key = {req["key"]: req["messages"] for req in requests}
-    outcome = run_calls(ChatJudge(spec), by_key, JudgmentCache(spec.cache_dir), judge,
-                        max_calls=spec.max_calls, concurrency=spec.concurrency)
+    if spec.kind == "hf":
+        outcome = local.run(requests, JudgmentCache(spec.cache_dir), judge, max_calls=spec.max_calls)
+    else:
+        by_key = {req["key"]: req["messages"] for req in requests}
+        outcome = run_calls(ChatJudge(spec), by_key, JudgmentCache(spec.cache_dir), judge,
+                            max_calls=spec.max_calls, concurrency=spec.concurrency)
     table = judgment_table(requests, outcome.replies, judge)
     table.write_parquet(run_dir / "judgments.parquet")
     stats = (judge_summary(table, answer_lengths(run_dir, answers, pairs)) if table.height
@@ -174,7 +187,7 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
              "tokens": {"prompt": int(fresh["prompt_tokens"].sum()),
                         "completion": int(fresh["completion_tokens"].sum())},
              "truncated": int(table["truncated"].sum()), "complete": outcome.pending == 0,
-             "pending": outcome.pending, **stats}
+             "pending": outcome.pending, **stats, **getattr(outcome, "extra", {})}
     update_summary(run_dir, block)
     log.info("judge %s: %d judgments (%d calls, %d cached), %d pending", judge, table.height, outcome.calls,
              block["cached"], outcome.pending)
