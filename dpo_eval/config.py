@@ -141,6 +141,12 @@ class EvalConfig(Spec):
     rewards: bool = Field(True, description="Compute DPO implicit rewards (log-prob passes) per split.")
     beta: float | None = Field(None, gt=0, description="DPO beta for implicit rewards; default: the "
                                "checkpoint's training metadata, else 0.1.")
+    judge: JudgeSpec | None = Field(None, description="A pairwise LLM judge of tuned vs base answers (and of "
+                                    "chosen vs rejected, its calibration), run after the report is written; "
+                                    "None: no LLM judge.")
+    reward_model: str | None = Field(None, description="A reward model (one-output sequence classifier: a folder "
+                                     "or hub id) that scores every answer, added as the feature reward_model with "
+                                     "its calibration on chosen vs rejected; None: no reward model.")
 
 
 class JudgeSpec(Spec):
@@ -215,3 +221,5 @@ class JudgeSpec(Spec):
             raise ValueError("base_url applies to the openai judge only; the hf judge runs in this process")
         return value
 
+
+EvalConfig.model_rebuild()  # EvalConfig.judge refers to JudgeSpec, defined after it

@@ -12,11 +12,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dpo_eval import pipeline
 from dpo_eval.config import EvalConfig
+from dpo_eval.judge_report import judge_markdown
 from dpo_eval.logprobs import reward_summary
 from dpo_eval.report import rewards_section, stats_table_rows, summary_markdown, write_outputs
+from flows.judge import raise_failures, run_judges
 from flows.restarts import check_restarts
 from tasks.evaluation import (compare_features_task, generate_answers_task, identify_task, implicit_rewards_task,
                               load_pairs_task, release_models_task, score_texts_task)
+from tasks.judging import DEFAULT_LIMIT
 
 SCORE_SHARD = 2000  # texts per scoring task
 
@@ -48,8 +51,10 @@ def _score_shards(texts: pl.DataFrame, config: EvalConfig) -> list:
 
 
 @flow(name="evaluate-checkpoint", log_prints=True)
-def evaluate_checkpoint(config: EvalConfig) -> dict:
-    """Evaluate one DPO checkpoint against its base; returns the summary (also in summary.json)."""
+def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LIMIT) -> dict:
+    """Evaluate one DPO checkpoint against its base; returns the summary (also in summary.json). With
+    config.reward_model or config.judge, the judges run once the report is written; the LLM judge's API calls
+    hold slots of the global concurrency limit `judge_limit` (None: its own concurrency only)."""
     logger = get_run_logger()
     check_restarts(config.max_restarts)
     pipeline.require_adapter(config.model)
@@ -105,6 +110,12 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
             summary["implicit_reward_beta"] = beta
             summary["implicit_reward_max_length"] = max_length
         summary = write_outputs(analysis.stats, summary, out, extra)
-    create_markdown_artifact(summary_markdown(summary), key="dpo-eval-summary", description="dpo-eval summary")
-    create_table_artifact(stats_table_rows(analysis.stats), key="dpo-eval-stats", description="dpo-eval statistics")
+    stats, failed = analysis.stats, []
+    if config.judge is not None or config.reward_model:
+        summary, failed = run_judges(out, config.judge, config.reward_model, judge_limit)
+        stats = pl.read_parquet(out / "stats.parquet")  # with the reward_model feature where it was scored
+    create_markdown_artifact(summary_markdown(summary) + judge_markdown(summary), key="dpo-eval-summary",
+                             description="dpo-eval summary")
+    create_table_artifact(stats_table_rows(stats), key="dpo-eval-stats", description="dpo-eval statistics")
+    raise_failures(failed)  # a judge that stopped fails the run, after its partial report and the artifacts
     return summary
