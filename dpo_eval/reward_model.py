@@ -472,7 +472,7 @@ def _section(block: dict) -> "object":
             for split, b in block["splits"].items()]
     paragraphs = [
         f"Reward model {block['model']} (id {block['id']}) scored every chosen, rejected, base and tuned answer; "
-        "its score is the feature reward_model in the statistics above.",
+        "its score is the feature reward_model in the statistics table below.",
         "Calibration first: its accuracy on the data set's own chosen vs rejected pairs. A tuned-vs-base win rate "
         "from a reward model whose accuracy is near 0.5 means little.",
         f"Accuracy: {ACCURACY_METHOD}. Win rate: {WIN_METHOD}.",

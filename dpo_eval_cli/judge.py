@@ -60,6 +60,7 @@ def judge(
     judge_labels). With --reward-model:
     score all four roles with a reward model as one more feature, and its calibration."""
     from dpo_eval.judge import jsonable, judge_run
+    from dpo_eval.judge_report import write_judge_report
 
     if not run_dir.is_dir():
         raise DpoEvalError(f"RUN_DIR {run_dir}: no such directory")
@@ -69,6 +70,7 @@ def judge(
         from dpo_eval_cli.reward import judge_reward
 
         judge_reward(run_dir, reward_model, split=split, limit=limit, batch_size=batch_size)
+        write_judge_report(run_dir)
         return
     if model is None:
         raise DpoEvalError("--judge-model is required (or --reward-model)")
@@ -85,6 +87,9 @@ def judge(
                  comparisons=chosen, split=split, limit=limit, max_calls=max_calls, concurrency=concurrency,
                  template=template, max_tokens=max_tokens, context_chars=context_chars, answer_share=answer_share,
                  logprobs=logprobs, **local)
-    block = judge_run(run_dir, spec)
+    try:
+        block = judge_run(run_dir, spec)
+    finally:  # a budget stop keeps what was judged: the report says so too
+        write_judge_report(run_dir)
     shown = {k: v for k, v in block.items() if k not in ("ci_method", "lc_method")}
     print(json.dumps(jsonable(shown), indent=2))

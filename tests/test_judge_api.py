@@ -262,6 +262,7 @@ def test_cli_judges_both_orders_caches_everything_and_never_writes_the_key(judge
     assert set(summary["judge"]) >= {"id", "kind", "model", "template_sha", "calls", "cached", "invalid", "tokens",
                                      "splits"}
     assert set(summary["judge"]["splits"]["valid"]) == {"tuned_vs_base", "chosen_vs_rejected"}
+    assert summary["judge_headline"] and "id=\"judge\"" in (run / "report.html").read_text()  # the CLI reports too
     assert stable(run).equals(stable(clean_run))
     # A second run makes no call: every judgment comes from the cache, unchanged.
     run_cli(argv)
