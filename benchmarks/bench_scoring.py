@@ -60,18 +60,66 @@ def compare(fast: pl.DataFrame, plain: pl.DataFrame, names: list[str]) -> tuple[
     return float(diff.max()), nan_mismatch
 
 
+def component_seconds(nlp, texts: list[str], mark: bool, batch_size: int = 64) -> dict[str, float]:
+    """CPU seconds of each step of `nlp` over `texts`, component by component, then extraction."""
+    import warnings
+
+    import textdescriptives as td
+
+    seconds = {}
+    clock = time.process_time
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # W007 (coherence without word vectors), as in scoring
+        start = clock()
+        docs = [nlp.make_doc(t) for t in texts]
+        seconds["tokenizer"] = clock() - start
+        if mark:
+            docs = [scoring._marked(d) for d in docs]
+        for name, component in nlp.pipeline:
+            start = clock()
+            docs = (list(component.pipe(docs, batch_size=batch_size)) if hasattr(component, "pipe")
+                    else [component(d) for d in docs])
+            seconds[name] = clock() - start
+        start = clock()
+        for doc in docs:
+            td.extract_dict(doc, include_text=False)
+        seconds["extract_dict"] = clock() - start
+    return seconds
+
+
+def components(texts: list[str]) -> dict:
+    """Per-component CPU seconds of the plain pipeline and of the fast path's (in one process)."""
+    plain = component_seconds(build_pipeline("en_core_web_sm"), texts, mark=False)
+    fast = component_seconds(scoring._pipeline("en_core_web_sm", scoring.SKIPPED_COMPONENTS, 1_000_000),
+                             texts, mark=True)
+    rows = {name: {"plain_cpu_s": round(plain[name], 2),
+                   "fast_cpu_s": round(fast[name], 2) if name in fast else None} for name in plain}
+    total_plain, total_fast = sum(plain.values()), sum(fast.values())
+    return {"texts": len(texts), "components": rows, "plain_cpu_s": round(total_plain, 2),
+            "fast_cpu_s": round(total_fast, 2), "ratio_cpu": round(total_plain / total_fast, 2),
+            "note": "pipeline loads excluded; extract_dict evaluates textdescriptives' lazy getters"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default=str(DEFAULT), help="A .jsonl or .jsonl.gz with chosen/rejected.")
     parser.add_argument("--limit", type=int, default=None, help="Use only the first N texts.")
     parser.add_argument("--blocks", type=int, default=8, help="Turns the one-process paths take.")
+    parser.add_argument("--components", action="store_true",
+                        help="Print CPU seconds per pipeline component (plain vs fast) instead.")
     args = parser.parse_args()
     texts = read_texts(args.data, args.limit)
+    if args.components:
+        print(json.dumps({"data": Path(args.data).name} | components(texts), indent=2))
+        return
     names = list(feature_names())
     cores = os.cpu_count() or 1
 
-    # All cores first, from a process that has loaded nothing: the call loads its pipeline once and
-    # forks its workers from it (as the CLI does); in a threaded flow each worker loads its own.
+    import spacy  # noqa: F401  (imports are the process's, not one path's: done before any timing)
+    import textdescriptives  # noqa: F401
+
+    # All cores first, from a process that has loaded no pipeline: the call loads it once and forks
+    # its workers from it (as the CLI does); in a threaded flow each worker loads its own.
     all_cores = Clock()
     fast = all_cores(score_texts, texts, ScoringSpec(cache=False))
 
