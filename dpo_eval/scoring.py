@@ -3,7 +3,8 @@
 `score_texts` gives the values of the plain path (a full spaCy pipeline with every TextDescriptives
 component, `nlp(text)` per text, then `textdescriptives.extract_df`), only faster:
 
-- `nlp.pipe` without the spaCy components that no feature reads (NER, the lemmatizer);
+- `nlp.pipe` without the spaCy work that no feature reads (NER, the lemmatizer, the attribute_ruler
+  rules that set only MORPH or LEMMA), the pipeline loaded once per process;
 - each text's TextDescriptives values computed once: textdescriptives 2.8.4 recomputes its lazy
   getters (token filtering, syllables, sentence lengths) every time another getter reads them, and
   builds a spaCy Span for every n-gram of the quality component. On the docs of this path only
@@ -11,7 +12,8 @@ component, `nlp(text)` per text, then `textdescriptives.extract_df`), only faste
   memoised per doc and the n-grams are counted from token texts. Tests check every value against
   the plain path, bit for bit;
 - worker processes from one pool per process, shared by every caller and thread, so concurrent
-  shards never run more than `ScoringSpec.n_process` scoring processes in all;
+  shards never run more than `ScoringSpec.n_process` worker processes in all (a batch under
+  SMALL_BATCH new texts is scored in the calling process instead, one such batch at a time);
 - each text scored once ever: rows are cached on disk by sha256(text) under a scorer fingerprint.
 """
 
