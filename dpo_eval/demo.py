@@ -4,6 +4,8 @@ Each prompt starts a story. Chosen and rejected continue it with the same events
 chosen tells them in short sentences, rejected strings them into one run-on sentence with "and then".
 TextDescriptives sees the difference (sentence length, sentence count, conjunctions, readability),
 so a DPO adapter that learnt the preference should move the model's own stories the same way.
+
+`reward_verdict` words the demo's last line: a reward model's verdict on tuned vs base answers.
 """
 
 from __future__ import annotations
@@ -69,3 +71,42 @@ def write_demo_dataset(path: Path, n: int = 400, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in demo_records(n, seed)))
     return path
+
+
+def reward_verdict(block: dict, run: str, split: str = "valid", alpha: float = 0.05) -> str:
+    """The demo's last line: a reward model's verdict on tuned vs base answers (summary.json's `reward_model`
+    block of the run directory `run`), with its held-out accuracy first, as the reason to trust it or not.
+
+    Accuracy, win rate and their CIs are printed with two decimals, the sign test's p with two significant
+    digits; a figure that is null (NaN) in the block reads n/a or as no verdict. Where the accuracy CI reaches
+    0.5 (chance), or lies below it, the line says that the verdict cannot be trusted."""
+    b = (block.get("splits") or {}).get(split)
+    if not b:
+        return f"  reward model on {run}: no {split} pairs were scored, so it gives no verdict"
+    b = {k: float("nan") if v is None else v for k, v in b.items()}  # summary.json writes NaN as null
+    head = f"  reward model on {run} (accuracy on {b['n']} {split} pairs it was not trained on: "
+    if not b["n"]:
+        head += "n/a"
+    else:
+        head += f"{b['accuracy']:.2f} [{b['ci_low']:.2f}, {b['ci_high']:.2f}]"
+    head += ")"
+    if not b["win_n"]:
+        return head + f": no base and tuned answers of {split} pairs to compare"
+    p = b["p_value"]
+    line = (f"{head}: tuned answers win {b['win_rate']:.2f} [{b['win_ci_low']:.2f}, {b['win_ci_high']:.2f}] of "
+            f"{b['win_n']} {split} pairs against base (won {b['wins']}, lost {b['losses']}, tied {b['win_ties']}), "
+            + ("sign test p = n/a" if p != p else f"sign test p = {p:.2g}"))
+    if p == p and p < alpha:
+        line += ": it prefers the tuned answers" if b["wins"] > b["losses"] else ": it prefers the base answers"
+    else:
+        line += (": no significant difference between tuned and base "
+                 + ("(every pair tied)" if p != p else f"(p >= {alpha:g})"))
+    if not b["n"]:
+        line += ". Its accuracy on held-out pairs is unknown (none was scored), so its verdict cannot be trusted"
+    elif not (b["ci_low"] > 0.5 or b["ci_high"] < 0.5):
+        line += (". Its accuracy CI includes 0.5, chance: this reward model cannot tell chosen from rejected "
+                 "reliably, so its verdict cannot be trusted")
+    elif b["ci_high"] < 0.5:
+        line += (". It prefers the rejected answers of held-out pairs (accuracy below 0.5): its verdict is reversed "
+                 "and cannot be trusted")
+    return line + "."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -133,15 +134,43 @@ def test_real_orca_data_end_to_end(harness, stories260k, orca_jsonl, tmp_path):
                                    "significant": summary["significant"], "timings": summary["timings"]}))
 
 
+VERDICT = re.compile(
+    r"^  reward model on (?P<run>\S+) \(accuracy on (?P<n>\d+) valid pairs it was not trained on: "
+    r"(?P<accuracy>[\d.]+) \[(?P<ci_low>[\d.]+), (?P<ci_high>[\d.]+)\]\): tuned answers win (?P<win_rate>[\d.]+) "
+    r"\[(?P<win_ci_low>[\d.]+), (?P<win_ci_high>[\d.]+)\] of (?P<win_n>\d+) valid pairs against base "
+    r"\(won (?P<wins>\d+), lost (?P<losses>\d+), tied (?P<win_ties>\d+)\), sign test p = (?P<p_value>[\d.e+-]+|n/a): "
+    r"(?P<meaning>it prefers the tuned answers|it prefers the base answers|"
+    r"no significant difference between tuned and base \((?:p >= [\d.]+|every pair tied)\))"
+    r"(?P<caveat>\. .*cannot be trusted)?\.$")
+
+
 def test_demo_runs_end_to_end_small(harness, stories260k, tmp_path, capsys):
     from flows.demo import demo
 
     summary = demo(out=str(tmp_path / "demo"), base=str(stories260k), pairs=80, steps=4, save_every=2,
-                   scoring_cache=str(tmp_path / "s"))
+                   scoring_cache=str(tmp_path / "s"), reward_steps=6, reward_max_length=128)
     printed = capsys.readouterr().out
-    for text in ("[1/5] base model", "[3/5] QLoRA DPO training", "dpo-eval demo summary", "sign agreement (valid)",
-                 "implicit-reward accuracy on held-out pairs", "report:"):
+    for text in ("[1/6] base model", "[3/6] QLoRA DPO training", "[6/6] reward model", "dpo-eval demo summary",
+                 "sign agreement (valid)", "implicit-reward accuracy on held-out pairs", "report:"):
         assert text in printed, text
     report = (tmp_path / "demo" / "report.html").read_text()
     assert "plots/trend.png" in report and (tmp_path / "demo" / "plots" / "trend.png").is_file()
+    assert "Reward model" in report  # the section reward_judge_run adds
     assert summary["n_pairs"]["valid"] > 0
+
+    # the summary ends on the reward model's verdict, and its numbers are those of the run it names
+    verdict = VERDICT.match(printed.rstrip("\n").splitlines()[-1])
+    assert verdict, printed.rstrip("\n").splitlines()[-1]
+    written = json.loads((Path(verdict["run"]) / "summary.json").read_text())
+    assert Path(verdict["run"]) == tmp_path / "demo" and written["reward_model"] == summary["reward_model"]
+    block = written["reward_model"]["splits"]["valid"]
+    for key in ("accuracy", "ci_low", "ci_high", "win_rate", "win_ci_low", "win_ci_high"):
+        assert verdict[key] == f"{block[key]:.2f}", key
+    for key in ("n", "win_n", "wins", "losses", "win_ties"):
+        assert int(verdict[key]) == block[key], key
+    p = block["p_value"]  # None (NaN) where every pair is a tie
+    assert verdict["p_value"] == ("n/a" if p is None or p != p else f"{p:.2g}")
+    assert block["n"] == summary["n_pairs"]["valid"] and 0 < block["win_n"] <= block["n"]
+    significant = p is not None and p < summary["alpha"]
+    assert verdict["meaning"].startswith("no significant") != significant
+    assert (verdict["caveat"] is not None) == (not block["ci_low"] > 0.5)  # CI reaching 0.5 or below it
