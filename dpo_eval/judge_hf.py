@@ -259,15 +259,12 @@ class HFJudge:
         """(lp_a, lp_b) at the next position after each input of `batch` (one left-padded forward pass)."""
         import torch
 
+        from dpo_eval.generation import left_padded
+
         loaded = self.load()
         model, pad = loaded.model, loaded.tokenizer.pad_token_id
         device = next(model.parameters()).device
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[row, width - len(ids):] = 1
+        input_ids, mask = left_padded(batch, pad)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
                   "position_ids": positions.to(device), "use_cache": False}

@@ -196,6 +196,8 @@ class RewardScorer:
     def _compute(self, items: list[Item]) -> dict[str, tuple[float, bool, int]]:
         import torch
 
+        from dpo_eval.logprobs import right_padded
+
         model, tokenizer = self.load()
         pad = model.config.get_text_config().pad_token_id
         encoded = [self.encode(item, tokenizer) for item in items]
@@ -205,13 +207,7 @@ class RewardScorer:
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
-                width = max(len(encoded[i][0]) for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    seq = encoded[i][0]
-                    ids[row, :len(seq)] = torch.tensor(seq)
-                    mask[row, :len(seq)] = 1
+                ids, mask, _ = right_padded([(encoded[i][0], len(encoded[i][0])) for i in batch], pad)
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 for row, i in enumerate(batch):
                     out[items[i].key] = (float(logits[row, 0].float()), encoded[i][1], encoded[i][2])
