@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 import threading
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from dpo_eval.config import ModelSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.sqlite_table import open_table
 
 # Files a trainer writes beside the adapter that never change what the adapter computes.
 TRAINER_STATE = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json",
@@ -46,31 +46,22 @@ class DigestStore:
         self._lock = threading.Lock()
         self.hashed = 0  # files actually read by this store (the rest came from the table)
 
-    def _connect(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=60)
-        db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, size INTEGER, mtime_ns INTEGER, sha256 TEXT, "
-                   "PRIMARY KEY (path, size, mtime_ns))")
-        return db
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS digests (path TEXT, size INTEGER, mtime_ns INTEGER, sha256 TEXT, "
+              "PRIMARY KEY (path, size, mtime_ns))")
 
     def digest(self, path: Path) -> str:
         resolved = path.resolve()
         stat = resolved.stat()
         key = (str(resolved), stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            db = self._connect()
-            try:
-                row = db.execute("SELECT sha256 FROM digests WHERE path=? AND size=? AND mtime_ns=?", key).fetchone()
-                if row:
-                    return row[0]
-                value = _sha256(resolved)
-                self.hashed += 1
-                with db:
-                    db.execute("DELETE FROM digests WHERE path=?", key[:1])
-                    db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", key + (value,))
-                return value
-            finally:
-                db.close()
+        with self._lock, open_table(self.path, self.SCHEMA) as db:
+            row = db.execute("SELECT sha256 FROM digests WHERE path=? AND size=? AND mtime_ns=?", key).fetchone()
+            if row:
+                return row[0]
+            value = _sha256(resolved)
+            self.hashed += 1
+            db.execute("DELETE FROM digests WHERE path=?", key[:1])
+            db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", key + (value,))
+            return value
 
 
 def _sha256(path: Path) -> str:

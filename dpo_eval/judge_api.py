@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import sqlite3
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from urllib.parse import urlparse
 from dpo_eval.config import JudgeSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.judge_prompt import JudgeTemplate, p_first, parse_verdict
+from dpo_eval.sqlite_table import open_table
 
 log = logging.getLogger(__name__)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -94,13 +94,12 @@ class JudgmentCache:
 
     def __init__(self, folder: Path | None = None):
         self.path = Path(folder or default_cache_dir() / "judge") / "judgments.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, judge TEXT, raw TEXT, "
-                       "p_first REAL, prompt_tokens INTEGER, completion_tokens INTEGER, latency_s REAL)")
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=60)
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, judge TEXT, raw TEXT, "
+              "p_first REAL, prompt_tokens INTEGER, completion_tokens INTEGER, latency_s REAL)")
+
+    def _connect(self):
+        return open_table(self.path, self.SCHEMA)
 
     def get_many(self, keys: list[str]) -> dict[str, Reply]:
         found: dict[str, Reply] = {}

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ import polars as pl
 from dpo_eval.config import AnalysisSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import DigestStore, folder_files, hub_revision, library_versions
+from dpo_eval.sqlite_table import open_table
 
 FEATURE = "reward_model"
 FAMILY = "reward_model"  # dpo_eval.features.JUDGE_FAMILIES maps the feature to it
@@ -216,34 +216,24 @@ class RewardScorer:
         return out
 
     # -- the cache ---------------------------------------------------------------------------------
-    def _connect(self):
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.cache_path, timeout=60)
-        db.execute("CREATE TABLE IF NOT EXISTS scores (model TEXT, item TEXT, score REAL, truncated INTEGER, "
-                   "n_tokens INTEGER, PRIMARY KEY (model, item))")
-        return db
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS scores (model TEXT, item TEXT, score REAL, truncated INTEGER, "
+              "n_tokens INTEGER, PRIMARY KEY (model, item))")
 
     def _read(self, keys: list[str]) -> dict[str, tuple[float, bool, int]]:
-        db, found = self._connect(), {}
-        try:
+        found = {}
+        with open_table(self.cache_path, self.SCHEMA) as db:
             unique = list(dict.fromkeys(keys))
             for start in range(0, len(unique), 500):
                 chunk = unique[start:start + 500]
                 query = ("SELECT item, score, truncated, n_tokens FROM scores WHERE model=? AND item IN "
                          f"({','.join('?' * len(chunk))})")
                 found |= {k: (s, bool(t), n) for k, s, t, n in db.execute(query, [self.key] + chunk)}
-        finally:
-            db.close()
         return found
 
     def _write(self, rows: dict[str, tuple[float, bool, int]]) -> None:
-        db = self._connect()
-        try:
-            with db:
-                db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?)",
-                               [(self.key, k, s, int(t), n) for k, (s, t, n) in rows.items()])
-        finally:
-            db.close()
+        with open_table(self.cache_path, self.SCHEMA) as db:
+            db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?)",
+                           [(self.key, k, s, int(t), n) for k, (s, t, n) in rows.items()])
 
 
 def encode(tokenizer, item: Item, max_length: int, repairs: list[str] | None = None) -> tuple[list[int], bool, int]:
