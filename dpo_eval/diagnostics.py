@@ -13,6 +13,7 @@ import polars as pl
 from dpo_eval.config import ModelSpec
 from dpo_eval.data import prompt_turns
 from dpo_eval.logprobs import encode_pair, right_padded
+from dpo_eval.pipeline import release_models  # between loads: a 7B base is never held twice
 from dpo_eval.prompts import PromptFormatter, training_prompt
 from dpo_eval.report import Section, add_section, render_page
 
@@ -78,24 +79,16 @@ def _load(spec: ModelSpec, **update):
     return load_model(spec.model_copy(update=update))
 
 
-def _release() -> None:
-    """Give a finished model's memory back before the next load: the checks load one model at a time,
-    so a 7B base is never held twice in full precision."""
-    from dpo_eval.pipeline import release_models
-
-    release_models()  # gc.collect() and the CUDA cache, once the caller has dropped its references
-
-
 def quantization_checks(spec: ModelSpec, pairs: pl.DataFrame) -> list[Check]:
     full = _load(spec, adapter=None, quantization="none", compute_dtype="float32")
     batch = _batch(full.tokenizer, pairs, full.context_length)
     ref = _logits(full.model, batch)
     del full
-    _release()
+    release_models()
     four = _load(spec, adapter=None, quantization="4bit", compute_dtype="bfloat16")
     q = _logits(four.model, batch)
     del four
-    _release()
+    release_models()
     numbers = compare_logits(ref, q, batch) | {"perplexity_full": perplexity(ref, batch),
                                                "perplexity_4bit": perplexity(q, batch)}
     status = "pass" if numbers["kl_mean"] < KL_WARN else "warn" if numbers["kl_mean"] < KL_FAIL else "fail"
@@ -130,7 +123,7 @@ def merge_checks(spec: ModelSpec, pairs: pl.DataFrame, greedy_tokens: int = 16) 
         unmerged = _logits(loaded.model, batch)
         before = generate_both(loaded, pairs, gen, models=("tuned",))["answer"].to_list()
         del loaded
-        _release()
+        release_models()
         # A fresh load, merged before any forward pass: on an AVX512-BF16 CPU bitsandbytes repacks 4-bit
         # weights at the first inference call, and merging a repacked weight gives garbage.
         fresh = _load(spec, quantization=quantization, compute_dtype="float32")
@@ -141,7 +134,7 @@ def merge_checks(spec: ModelSpec, pairs: pl.DataFrame, greedy_tokens: int = 16) 
         merged = _logits(fresh.model, batch)
         after = generate_both(fresh, pairs, gen, models=("base",))["answer"].to_list()
         del fresh
-        _release()
+        release_models()
         results[label] = compare_logits(unmerged, merged, batch)
         answers[label] = sum(a != b for a, b in zip(before, after))
     checks = []
@@ -198,7 +191,7 @@ def diagnose(spec: ModelSpec, pairs: pl.DataFrame, out: Path | None = None) -> l
     loaded = load_model(spec)
     checks = tokenizer_checks(loaded, pairs)
     del loaded
-    _release()
+    release_models()
     checks += quantization_checks(spec, pairs)
     if spec.adapter is not None:
         checks += merge_checks(spec, pairs)
