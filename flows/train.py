@@ -19,7 +19,10 @@ def announce(folder: Path) -> None:
                payload={"folder": str(folder.resolve())})
 
 
-@flow(name="train-dpo", log_prints=True)
+@flow(name="train-dpo")
 def train_dpo_flow(spec: TrainSpec) -> list[str]:
-    """DPO training with trl; returns the checkpoint folders."""
+    """DPO training with trl; returns the checkpoint folders.
+
+    No log_prints: trl's dataset map hashes its functions with dill, which disassembles them to stdout
+    inside a capture that Prefect's print patch bypasses, so the run log filled with bytecode."""
     return [str(p) for p in train_dpo(spec, on_checkpoint=announce)]

@@ -107,11 +107,21 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def on_server(server):
-    """This process's Prefect client pointed at the session server."""
+    """This process's Prefect client pointed at the session server.
+
+    Prefect keeps one events worker per client type, not per API URL: left running, the worker made here
+    would send a later module's events (its own test harness) to this server. Drain it on the way out, as
+    prefect_test_harness does."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: server[0]}):
-        yield server[0]
+        try:
+            yield server[0]
+        finally:
+            APILogWorker.drain_all(timeout=30)
+            EventsWorker.drain_all(timeout=30)
 
 
 def deployment_named(api: str, flow_name: str, name: str) -> dict | None:
