@@ -1,10 +1,10 @@
 """`python -m dpo_eval`: the dpo-eval command.
 
-The CLI lives in the dpo_eval_cli package (its flow commands import flows/, which the core never does);
-it is imported only when this module runs as the program, so importing dpo_eval.__main__ imports nothing.
+A program entry point, not library code: the app (flows/cli.py) is imported only when this module runs as
+the program, so importing dpo_eval.__main__ imports nothing and the core stays free of flows/.
 """
 
 if __name__ == "__main__":  # also keeps scoring's forkserver children from re-running the command
-    from dpo_eval_cli.app import main
+    from flows.cli import main
 
     main()

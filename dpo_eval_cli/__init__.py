@@ -1,6 +1,6 @@
-"""The `dpo-eval` command: a typer app over dpo_eval (core commands) and flows/ (Prefect commands).
+"""The Prefect-free commands of `dpo-eval` (pairs, generate, analyze, diagnose, trend, judge, train-reward)
+and the option helpers that take defaults and help from the pydantic specs.
 
-It sits outside dpo_eval because its flow commands import flows/, and the core never does.
-`dpo_eval_cli.app` registers every command in one place; `python -m dpo_eval` and the `dpo-eval`
-console script both run `dpo_eval_cli.app.main`.
+The app that registers every command, and the commands that start flows, live in the orchestration
+layer (flows/cli.py, flows/commands.py): nothing here imports flows/, tasks/ or Prefect.
 """

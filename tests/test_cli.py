@@ -13,7 +13,7 @@ import typer.main
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec
 from dpo_eval.training import TrainSpec
-from dpo_eval_cli.app import app
+from flows.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["evaluate", "pairs", "generate", "analyze", "diagnose", "train", "trend", "serve", "demo", "judge",
@@ -31,7 +31,8 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0].startswith({or
 
 @pytest.mark.parametrize("package", ["dpo_eval", "dpo_eval_cli"])
 def test_importing_every_module_imports_no_flows_tasks_or_prefect(package):
-    """The core never imports the Prefect layer; the CLI imports it only inside the flow commands."""
+    """Neither the core nor the Prefect-free commands import the Prefect layer (the app and the flow
+    commands live in flows/)."""
     script = IMPORTED_AFTER.format(package=package, orchestration=ORCHESTRATION)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -56,11 +57,11 @@ def test_console_script_and_package_list_name_the_cli_package():
     from setuptools import find_namespace_packages
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["dpo-eval"] == "dpo_eval_cli.app:main"
+    assert project["project"]["scripts"]["dpo-eval"] == "flows.cli:main"
     include = project["tool"]["setuptools"]["packages"]["find"]["include"]
     assert "dpo_eval_cli" in find_namespace_packages(str(ROOT), include=include)
     installed = entry_points(group="console_scripts", name="dpo-eval")
-    assert [e.value for e in installed] == ["dpo_eval_cli.app:main"], "reinstall: pip install --no-deps -e ."
+    assert [e.value for e in installed] == ["flows.cli:main"], "reinstall: pip install --no-deps -e ."
 
 
 def _params(command: str) -> dict:

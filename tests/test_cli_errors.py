@@ -18,13 +18,14 @@ from tests.builders import make_adapter
 # Runs the CLI's main in this process, then says how it ended and whether Prefect or flows/ got imported.
 RUN_MAIN = """
 import json, sys
-from dpo_eval_cli.app import main
+from flows.cli import main
 try:
     main(sys.argv[1:])
     code = 0
 except SystemExit as exc:
     code = exc.code
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("prefect", "flows", "tasks"))
+cli = {"flows", "flows.cli", "flows.commands"}  # the command line itself; the flow modules import prefect
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("prefect", "flows", "tasks") and m not in cli)
 print(json.dumps({"code": code, "orchestration_modules": loaded}))
 sys.exit(code)
 """

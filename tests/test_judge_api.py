@@ -217,7 +217,7 @@ def clean_run(judge_server, tmp_path_factory) -> Path:
 
 def run_cli(argv: list[str]) -> None:
     """`dpo-eval ARGV` in this process (its logs reach caplog); click ends a good run with exit code 0."""
-    from dpo_eval_cli.app import main
+    from flows.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(argv)

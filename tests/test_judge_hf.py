@@ -234,7 +234,7 @@ def test_spec_and_cli_keep_the_kinds_apart(stories260k, tmp_path):
     with pytest.raises(ValidationError, match="base_url applies to the openai judge"):
         JudgeSpec(kind="hf", model="m", base_url="http://127.0.0.1:1/v1")
     run = make_run(tmp_path / "run")
-    from dpo_eval_cli.app import main
+    from flows.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["judge", str(run), "--judge", "openai", "--judge-model", "m", "--quantization", "4bit"])

@@ -280,7 +280,7 @@ def test_cli_train_reward_and_judge_reward(tmp_path, run_dir, reward_model, cach
                                            capsys, monkeypatch):
     from typer.testing import CliRunner
 
-    from dpo_eval_cli.app import app
+    from flows.cli import app
     from dpo_eval_cli.reward import judge_reward
 
     result = CliRunner().invoke(app, ["train-reward", "--base", str(stories260k), "--dataset", str(orca_jsonl),

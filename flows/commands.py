@@ -1,4 +1,4 @@
-"""The commands that run Prefect flows: evaluate, demo, train, serve.
+"""The commands of `dpo-eval` that run Prefect flows: evaluate, demo, train, serve (registered in flows/cli.py).
 
 Each checks its inputs first (dpo_eval.preflight) and imports Prefect and flows/ only after, so a user
 mistake costs no server start and prints one line.

@@ -1,4 +1,9 @@
-"""The dpo-eval app: every command registered here, and `main`, which turns user errors into one line."""
+"""The dpo-eval app: every command registered here, and `main`, which turns user errors into one line.
+
+It lives in the orchestration layer because it is the one place that sees both sides: the Prefect-free
+commands of dpo_eval_cli and the commands that start flows (flows/commands.py). dpo_eval and
+dpo_eval_cli never import flows/ or tasks/.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ from typing import Optional
 import typer
 
 from dpo_eval.errors import DpoEvalError
-from dpo_eval_cli import core_commands, flow_commands, judge
-from dpo_eval_cli import reward
+from dpo_eval_cli import core_commands, judge, reward
+from flows import commands as flow_commands
 
 app = typer.Typer(
     name="dpo-eval",
