@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from dpo_eval.errors import DpoEvalError
-from dpo_eval_cli import core_commands, judge, reward
+from dpo_eval_cli import core_commands, forgetting, judge, reward
 from flows import commands as flow_commands
 
 app = typer.Typer(
@@ -42,6 +42,7 @@ app.command()(core_commands.trend)
 app.command()(flow_commands.serve)
 app.command()(flow_commands.demo)
 app.command()(judge.judge)
+app.command()(forgetting.forgetting)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,0 +1,44 @@
+"""Thin Prefect tasks over the forgetting check (dpo_eval.forgetting, dpo_eval.forgetting_report).
+
+No Prefect-level cache: the core caches each side's per-question results by model identity, task config,
+limit and few-shot count, so a rerun for a new checkpoint evaluates the tuned side only. A retry after an
+out-of-memory error halves lm-eval's batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from dpo_eval import pipeline
+from dpo_eval.config import ModelSpec
+from dpo_eval.forgetting import ForgettingSpec
+from tasks.evaluation import _is_oom, batch_for_attempt
+
+
+@task(name="compare-benchmarks", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=_is_oom)
+def compare_benchmarks_task(model: ModelSpec, spec: ForgettingSpec, out: Path) -> dict:
+    """lm-eval tasks on base and tuned from one load, paired per question: forgetting.parquet and
+    forgetting.json in `out`; returns the result."""
+    from prefect.runtime import task_run
+
+    from dpo_eval.forgetting import run_forgetting, write_forgetting
+
+    batch = batch_for_attempt(spec.batch_size, task_run.run_count or 1)
+    if batch != spec.batch_size:
+        pipeline.release_models()
+        spec = spec.model_copy(update={"batch_size": batch})
+    pairs, result = run_forgetting(model, spec, load=pipeline.cached_model)
+    write_forgetting(out, pairs, result)
+    return result
+
+
+@task(name="report-forgetting", cache_policy=NO_CACHE)
+def report_forgetting_task(out: Path, result: dict) -> Path:
+    """The forgetting section (and its plot) in out's report; returns report.html."""
+    from dpo_eval.forgetting_report import write_forgetting_report
+
+    return write_forgetting_report(out, result)
