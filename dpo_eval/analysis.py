@@ -14,6 +14,14 @@ sign-flip permutation test that sign agreement beats chance, length-adjusted del
 d_j regressed on the n_tokens delta), and the Wilcoxon test's power to find a shift of 0.5 S per split.
 Every random draw comes from its own stream per split and purpose (stats.rng_for); both comparisons
 of a split resample the same records.
+
+Without labels (questions only: features hold base and tuned rows, no chosen or rejected), tuned vs
+base is tested as above, and chosen vs rejected comes from a reference data set when one is given
+(the preference data the checkpoint was trained on, its chosen and rejected rows): S_j is the std of
+its d_cr over its train split (its valid split where it has no train split), the direction is
+sign(mean d_cr) over the same rows, and the chosen_vs_rejected rows of every split are that reference
+sample's statistics, the same on every split (their bootstrap has its own stream). Without a reference
+there is no scale and no direction: norm_mean_delta and sign agreement are NaN, and each row says why.
 """
 
 from __future__ import annotations
@@ -57,11 +65,23 @@ def feature_columns(features: pl.DataFrame) -> list[str]:
     return [c for c, t in features.schema.items() if c not in META and t.is_numeric()]
 
 
-def run_analysis(features: pl.DataFrame, spec: AnalysisSpec | None = None) -> Analysis:
-    """The stats table and the summary of design.md."""
+def has_labels(features: pl.DataFrame) -> bool:
+    """Whether a features table has chosen or rejected rows (a data set of questions only has neither)."""
+    return "role" in features.columns and bool(features["role"].is_in(["chosen", "rejected"]).any())
+
+
+def run_analysis(features: pl.DataFrame, spec: AnalysisSpec | None = None,
+                 reference: pl.DataFrame | None = None) -> Analysis:
+    """The stats table and the summary of design.md; `reference` (chosen and rejected rows of a reference
+    data set, features.parquet's shape) only for a features table without labels."""
     spec = spec or AnalysisSpec()
     names = feature_columns(features)
     splits, values = _wide(features, names)
+    if not has_labels(features):
+        return _run_unlabeled(names, splits, values, spec, reference)
+    if reference is not None:
+        raise DpoEvalError("a reference data set is for questions without labels; this data set has chosen and "
+                           "rejected answers, which give the direction and the scale themselves")
     cr = values["chosen"] - values["rejected"]
     tb = values["tuned"] - values["base"]
     with np.errstate(invalid="ignore"):
@@ -90,7 +110,66 @@ def run_analysis(features: pl.DataFrame, spec: AnalysisSpec | None = None) -> An
             rows += _comparison_rows(names, split, comparison, d, ok, scale, agreement, ci, length, spec,
                                      parts[split]["inf"], tested[comparison], tested[other], other)
     stats = _finish(pl.DataFrame(rows, infer_schema_length=None))
-    return Analysis(stats, _summary(stats, parts, names, spec, scale_source))
+    labels = {"source": "data set", "note": "chosen and rejected of each split's own pairs"}
+    return Analysis(stats, _summary(stats, parts, names, spec, scale_source) | {"labels": labels})
+
+
+NO_LABELS = ("no chosen/rejected labels in this data set and no reference data set: no direction and no scale "
+             "(pass --reference-dataset, the preference data the checkpoint was trained on)")
+
+
+def _run_unlabeled(names, splits, values, spec: AnalysisSpec, reference: pl.DataFrame | None) -> Analysis:
+    """Tuned vs base on questions without labels; chosen vs rejected from `reference` (module docstring)."""
+    tb = values["tuned"] - values["base"]
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(values["tuned"]) & np.isfinite(values["base"]) & np.isfinite(tb)
+        infinite = ~ok & ~(np.isnan(values["tuned"]) | np.isnan(values["base"]))
+    width = len(names)
+    if reference is not None:
+        if not has_labels(reference):
+            raise DpoEvalError("the reference data set has no chosen or rejected rows: it cannot give a direction")
+        missing = [n for n in names if n not in reference.columns]
+        if missing:
+            raise DpoEvalError(f"the reference features lack {missing[:5]}{'...' * (len(missing) > 5)}; score the "
+                               "reference data set with the same features")
+        ref_splits, ref = _wide(reference.select("pair_id", "split", "role", *names), names)
+        cr_all = ref["chosen"] - ref["rejected"]
+        with np.errstate(invalid="ignore"):
+            ref_ok = np.isfinite(ref["chosen"]) & np.isfinite(ref["rejected"]) & np.isfinite(cr_all)
+        scale, source = _scale(cr_all, ref_ok, ref_splits)
+        used = "train" if (ref_splits == "train").any() else "valid"
+        cr, cr_ok = cr_all[ref_splits == used], ref_ok[ref_splits == used]
+        scale_source = f"the reference data set: {source}"
+        note = (f"chosen vs rejected of the reference data set's {used} split ({cr.shape[0]} pairs), the same rows "
+                "on every split")
+        labels = {"source": "reference", "reference_split": used, "reference_pairs": int(cr.shape[0]), "note": note}
+    else:
+        cr, cr_ok = np.zeros((0, width)), np.zeros((0, width), dtype=bool)
+        scale, scale_source, note = np.full(width, np.nan), "none (no labels and no reference data set)", NO_LABELS
+        labels = {"source": "none", "note": NO_LABELS}
+    direction = _signs(cr, cr_ok)
+    cr_tested = (np.where(cr_ok, cr, 0.0) != 0).any(axis=0)
+    cr_ci = _bootstrap_ci(cr, cr_ok, scale, spec, rng_for(spec.seed, "reference", "bootstrap"))
+    length = names.index(LENGTH_FEATURE) if LENGTH_FEATURE in names else None
+    rows, parts = [], {}
+    for split in _split_order(splits):
+        in_split = splits == split
+        d, o = tb[in_split], ok[in_split]
+        tested = (np.where(o, d, 0.0) != 0).any(axis=0)
+        both = tested & cr_tested
+        agreement = np.where(both, direction * _signs(d, o), np.nan)
+        _, p, _ = sign_agreement_test(np.where(both, direction, np.nan), d, o, spec.permutations,
+                                      rng_for(spec.seed, split, "permutations"))
+        parts[split] = {"n": int(in_split.sum()), "agreement": agreement, "p": p, "inf": infinite[in_split].sum(axis=0),
+                        "length": d[o[:, length], length] if length is not None else None}
+        ci = _bootstrap_ci(d, o, scale, spec, rng_for(spec.seed, split, "bootstrap"))
+        rows += _comparison_rows(names, split, "tuned_vs_base", d, o, scale, agreement, ci, length, spec,
+                                 parts[split]["inf"], tested, cr_tested, "chosen_vs_rejected")
+        for row in _comparison_rows(names, split, "chosen_vs_rejected", cr, cr_ok, scale, agreement, cr_ci, length,
+                                    spec, np.zeros(width, dtype=int), cr_tested, tested, "tuned_vs_base"):
+            rows.append(row | {"reason": "; ".join(r for r in (note, row["reason"]) if r)})
+    stats = _finish(pl.DataFrame(rows, infer_schema_length=None))
+    return Analysis(stats, _summary(stats, parts, names, spec, scale_source) | {"labels": labels})
 
 
 def _wide(features: pl.DataFrame, names: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Format = Literal["auto", "orca", "openai", "hh-rlhf", "trl", "columns"]
+Format = Literal["auto", "orca", "openai", "hh-rlhf", "trl", "columns", "prompts"]
 
 
 class Spec(BaseModel):
@@ -122,10 +122,27 @@ class AnalysisSpec(Spec):
     seed: int = Field(0, description="Seed of the bootstrap and the permutations.")
 
 
+class ForgettingSpec(Spec):
+    """Which lm-evaluation-harness tasks to compare tuned against base on, and how."""
+
+    tasks: tuple[str, ...] = Field(min_length=1, description="lm-eval task, group or tag names (e.g. "
+                                   "mmlu_clinical_knowledge, pubmedqa, medqa_4options), or tasks of --include-path.")
+    include_path: str | None = Field(None, description="A folder of your own lm-eval task YAMLs; a relative "
+                                     "data_files path in one resolves against that YAML's folder.")
+    limit: int | None = Field(None, ge=1, description="Only the first N questions of each task.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per question; default: the task's.")
+    batch_size: int = Field(8, ge=1, description="Requests per forward pass of lm-eval.")
+
+
 class EvalConfig(Spec):
     """One evaluation of a DPO checkpoint: what the Prefect UI renders as the run form."""
 
-    dataset: DatasetSpec = Field(description="The preference data set and its split.")
+    dataset: DatasetSpec = Field(description="The preference data set and its split (or questions without "
+                                 "labels: the prompts format).")
+    reference_dataset: DatasetSpec | None = Field(
+        None, description="For a data set without labels: the preference data the checkpoint was trained on, "
+        "whose chosen - rejected gives the direction and the scale S_j (its train split, as the checkpoint's "
+        "training metadata or its own split says). None: tuned vs base only, no sign agreement.")
     model: ModelSpec = Field(description="The base model and the DPO adapter on it.")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Generation settings.")
     scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="TextDescriptives scoring.")
@@ -144,6 +161,8 @@ class EvalConfig(Spec):
     judge: JudgeSpec | None = Field(None, description="A pairwise LLM judge of tuned vs base answers (and of "
                                     "chosen vs rejected, its calibration), run after the report is written; "
                                     "None: no LLM judge.")
+    forgetting: ForgettingSpec | None = Field(None, description="lm-evaluation-harness tasks on base and tuned "
+                                              "(did it forget?), paired per question; None: no benchmark check.")
     reward_model: str | None = Field(None, description="A reward model (one-output sequence classifier: a folder "
                                      "or hub id) that scores every answer, added as the feature reward_model with "
                                      "its calibration on chosen vs rejected; None: no reward model.")

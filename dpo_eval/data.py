@@ -3,6 +3,10 @@
 The table has the columns of `pairs.parquet` (design.md): `pair_id`, `split`, `system`, `prompt`,
 `chosen`, `rejected`, plus `messages`: the prompt's turns as JSON (system excluded), which the
 generation stage renders through a chat template.
+
+A data set of questions without labels (the `prompts` format: a user's own questions) gives the same
+table with `chosen` and `rejected` null; its records are the valid split unless they name a split
+(never trained on, they are held out by nature).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def read_pairs(spec: DatasetSpec | str) -> tuple[pl.DataFrame, LoadReport]:
     for index, (record, source_split) in enumerate(raw, start=1):
         where = f"{spec.source}, record {index}"
         pair = normalise(record, fmt, spec.columns, where)
-        reason = _leave_out_reason(pair)
+        reason = _leave_out_reason(pair, labeled=fmt != "prompts")
         if reason:
             left_out[reason] += 1
             continue
@@ -86,7 +90,8 @@ def read_pairs(spec: DatasetSpec | str) -> tuple[pl.DataFrame, LoadReport]:
             report.duplicates += 1
             continue
         seen.add(pid)
-        split = _split_of(pair.split or source_split, pid, spec, where)
+        given = pair.split or source_split
+        split = "valid" if given is None and fmt == "prompts" else _split_of(given, pid, spec, where)
         rows.append({"pair_id": pid, "split": split, "system": pair.system, "prompt": prompt,
                      "chosen": pair.chosen, "rejected": pair.rejected,
                      "messages": json.dumps([{"role": r, "content": c} for r, c in pair.turns],
@@ -105,7 +110,14 @@ def _detect(raw, source: str) -> str:
     return detect_format(raw[0][0], f"{source}, record 1")
 
 
-def _leave_out_reason(pair: Pair) -> str | None:
+def is_labeled(pairs: pl.DataFrame) -> bool:
+    """Whether the pairs carry chosen and rejected answers (a `prompts` data set does not)."""
+    return pairs.height > 0 and bool(pairs["chosen"].is_not_null().any())
+
+
+def _leave_out_reason(pair: Pair, labeled: bool = True) -> str | None:
+    if not labeled:
+        return None if pair.prompt.strip() else "empty prompt"
     if pair.chosen is None or not pair.chosen.strip():
         return "empty or missing chosen"
     if pair.rejected is None or not pair.rejected.strip():

@@ -40,10 +40,9 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from pydantic import Field
 from scipy import stats as sps
 
-from dpo_eval.config import ModelSpec, Spec, default_cache_dir
+from dpo_eval.config import ForgettingSpec, ModelSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import DigestStore, ModelIdentity, model_identity
 from dpo_eval.stats import benjamini_hochberg
@@ -54,18 +53,6 @@ SIDES = ("base", "tuned")
 # (side, task) of every lm-eval evaluation this process ran, in order: how a caller (and the tests) see
 # that a cached side was not evaluated again.
 EVALUATIONS: list[tuple[str, str]] = []
-
-
-class ForgettingSpec(Spec):
-    """Which lm-evaluation-harness tasks to compare tuned against base on, and how."""
-
-    tasks: tuple[str, ...] = Field(min_length=1, description="lm-eval task, group or tag names (e.g. "
-                                   "mmlu_clinical_knowledge, pubmedqa, medqa_4options), or tasks of --include-path.")
-    include_path: str | None = Field(None, description="A folder of your own lm-eval task YAMLs; a relative "
-                                     "data_files path in one resolves against that YAML's folder.")
-    limit: int | None = Field(None, ge=1, description="Only the first N questions of each task.")
-    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per question; default: the task's.")
-    batch_size: int = Field(8, ge=1, description="Requests per forward pass of lm-eval.")
 
 
 @dataclass

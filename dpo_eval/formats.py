@@ -20,6 +20,8 @@ FORMATS = {
     "trl": "trl standard/conversational: prompt, chosen, rejected (strings or message lists), "
     "or chosen, rejected as message lists with an implicit prompt",
     "columns": "any fields, through an explicit --columns prompt=...,chosen=...,rejected=... mapping",
+    "prompts": "questions without labels: prompt (text or message list) or question, optional system; "
+    "no chosen or rejected (tuned vs base only, or --reference-dataset for the direction)",
 }
 REQUIRED_FIELDS = {
     "orca": ("question", "chosen", "rejected"),
@@ -27,6 +29,7 @@ REQUIRED_FIELDS = {
     "hh-rlhf": ("chosen", "rejected"),
     "trl": ("chosen", "rejected"),
 }
+LABELS = ("chosen", "rejected")
 HH_ASSISTANT = "\n\nAssistant:"
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
@@ -66,6 +69,8 @@ def detect_format(record: dict[str, Any], where: str) -> str:
         if isinstance(record["chosen"], list):
             return "trl"
         return "hh-rlhf"
+    if keys & {"prompt", "question"} and not keys & set(LABELS):
+        return "prompts"
     listed = "\n".join(f"  - {name}: {text}" for name, text in FORMATS.items())
     raise DpoEvalError(
         f"{where}: the fields {sorted(keys)} match no known preference format. Known formats:\n"
@@ -99,6 +104,8 @@ def normalise(record: dict[str, Any], fmt: str, columns: dict[str, str], where: 
         return _hh_rlhf(record, where, split)
     if fmt == "trl":
         return _trl(record, where, split)
+    if fmt == "prompts":
+        return _prompt_only(record, where, split)
     if fmt == "columns":
         missing = {"prompt", "chosen", "rejected"} - set(columns)
         if missing:
@@ -133,6 +140,20 @@ def _trl(record: dict[str, Any], where: str, split: str | None) -> Pair:
     else:
         system, turns = "", (("user", _text(prompt, where, "prompt")),)
     return Pair(system, turns, _answer(chosen, where, "chosen"), _answer(rejected, where, "rejected"), split)
+
+
+def _prompt_only(record: dict[str, Any], where: str, split: str | None) -> Pair:
+    """A question without labels: prompt (text or messages) or question, optional system."""
+    field = "prompt" if "prompt" in record else "question"
+    if field not in record:
+        raise DpoEvalError(f"{where}: the prompts format needs a 'prompt' or 'question' field; it has {sorted(record)}")
+    value = record[field]
+    if _is_messages(value):
+        system, turns = _split_messages(value, where, field)
+    else:
+        system, turns = "", (("user", _text(value, where, field)),)
+    system = _opt_text(record.get("system"), where, "system") or system
+    return Pair(system, turns, None, None, split)
 
 
 def _hh_rlhf(record: dict[str, Any], where: str, split: str | None) -> Pair:

@@ -99,7 +99,10 @@ def position_sentence(judgments: pl.DataFrame) -> str:
     return said + ": no clear position bias."
 
 
-def _llm_headline(block: dict, judgments: pl.DataFrame | None) -> str:
+NO_LABELS = "these questions have no chosen or rejected answers to check it on"
+
+
+def _llm_headline(block: dict, judgments: pl.DataFrame | None, labeled: bool = True) -> str:
     said = []
     for split, blocks in (block.get("splits") or {}).items():
         tb = blocks.get("tuned_vs_base")
@@ -112,7 +115,7 @@ def _llm_headline(block: dict, judgments: pl.DataFrame | None) -> str:
                         f"one, {tb['incomplete']} not judged in both orders)")
     text = f"LLM judge {block.get('model')}: " + ("; ".join(said) if said else "no tuned-vs-base pair judged") + ". "
     cal = pooled_calibration(block, judgments)
-    unchecked = ("no chosen-vs-rejected pair judged" if cal is None else
+    unchecked = (NO_LABELS if cal is None and not labeled else "no chosen-vs-rejected pair judged" if cal is None else
                  f"none of its {cal['invalid'] + cal['incomplete']} chosen-vs-rejected pairs has a valid verdict")
     cal = cal or {}
     text += trust_sentence("This judge", cal.get("agreement"), cal.get("ci_low"), cal.get("ci_high"), cal.get("n", 0),
@@ -129,8 +132,14 @@ def _reward_headline(block: dict) -> str:
     # The valid split is the reward model's honest calibration: one trained here saw the train split.
     name = "valid" if (splits.get("valid") or {}).get("n") else next((s for s, b in splits.items() if b.get("n")), None)
     cal = splits.get(name) or {}
-    trust = trust_sentence(f"On {name} this reward model" if name else "This reward model", cal.get("accuracy"),
-                           cal.get("ci_low"), cal.get("ci_high"), cal.get("n", 0))
+    subject = f"On {name} this reward model" if name else "This reward model"
+    reference = block.get("reference_splits") or {}
+    if not name and reference:  # questions without labels: its calibration is on the reference data set's labels
+        name = "valid" if (reference.get("valid") or {}).get("n") else next(
+            (s for s, b in reference.items() if b.get("n")), None)
+        cal, subject = reference.get(name) or {}, f"On the reference data set's {name} split this reward model"
+    trust = trust_sentence(subject, cal.get("accuracy"), cal.get("ci_low"), cal.get("ci_high"), cal.get("n", 0),
+                           "no chosen-vs-rejected pair scored; questions without labels have none")
     trust = trust.replace("agreement with the labels", "accuracy on chosen vs rejected")
     return f"Reward model {block.get('model')}: " + ("; ".join(said) or "no tuned-vs-base pair scored") + ". " + trust
 
@@ -142,7 +151,7 @@ def judge_headline(summary: dict, judgments: pl.DataFrame | None = None) -> list
     if summary.get("reward_model"):
         lines.append(_reward_headline(summary["reward_model"]))
     if summary.get("judge"):
-        lines.append(_llm_headline(summary["judge"], judgments))
+        lines.append(_llm_headline(summary["judge"], judgments, is_labeled_run(summary)))
     return lines
 
 
@@ -215,11 +224,17 @@ def _texts(run_dir: Path) -> pl.DataFrame:
     return pairs
 
 
-def judge_sections(block: dict, judgments: pl.DataFrame, texts: pl.DataFrame) -> list[Section]:
+def is_labeled_run(summary: dict) -> bool:
+    """Whether the run's data set had chosen and rejected answers (summary.json's `labels`; older runs did)."""
+    return (summary.get("labels") or {}).get("source", "data set") == "data set"
+
+
+def judge_sections(block: dict, judgments: pl.DataFrame, texts: pl.DataFrame,
+                   labeled: bool = True) -> list[Section]:
     """The LLM judge's sections: win rates beside calibration and position bias, and judged examples."""
     pooled = pooled_calibration(block, judgments)
     paragraphs = [
-        _llm_headline(block, judgments),
+        _llm_headline(block, judgments, labeled),
         f"Judge {block.get('model')} (id {block.get('id')}, template sha256 {str(block.get('template_sha'))[:12]}): "
         f"{block.get('calls')} {'judgments computed' if block.get('kind') == 'hf' else 'API calls'} this run, "
         f"{block.get('cached')} judgments from the cache, tokens "
@@ -276,7 +291,7 @@ def write_judge_report(run_dir: Path | str, timings: dict | None = None) -> dict
     path.write_text(json.dumps(summary, indent=2, allow_nan=False))
     if block and judgments is not None:
         kept = {s.id: _plain(asdict(s)) for s in read_sections(run_dir)}
-        for section in judge_sections(block, judgments, _texts(run_dir)):
+        for section in judge_sections(block, judgments, _texts(run_dir), is_labeled_run(summary)):
             if kept.get(section.id) != _plain(asdict(section)):  # each change re-renders the whole page
                 add_section(run_dir, section)
     return summary

@@ -113,15 +113,42 @@ def generate_shard(spec: ModelSpec, generation: GenerationSpec, shard: pl.DataFr
     return answers, list(loaded.repairs)
 
 
+REFERENCE_FEATURES = "reference_features.parquet"
+REFERENCE_PAIRS = "reference_pairs.parquet"
+
+
+def check_labels(pairs: pl.DataFrame, reference: pl.DataFrame | None, config: EvalConfig) -> bool:
+    """Whether the data set has labels; an error, before any model is loaded, where a reference data set
+    comes with a labelled data set or has no labels itself."""
+    from dpo_eval.data import is_labeled
+
+    labeled = is_labeled(pairs)
+    if reference is None:
+        return labeled
+    where = f"--reference-dataset {config.reference_dataset.source}"
+    if labeled:
+        raise DpoEvalError(f"{where}: a reference data set is for questions without labels, but "
+                           f"{config.dataset.source} has chosen and rejected answers (they give the direction and "
+                           "the scale themselves); drop --reference-dataset")
+    if not is_labeled(reference):
+        raise DpoEvalError(f"{where}: has no chosen and rejected answers, so it cannot give a direction; pass the "
+                           "preference data the checkpoint was trained on")
+    return labeled
+
+
 def require_adapter(spec: ModelSpec) -> None:
     if spec.adapter is None:
         raise DpoEvalError("evaluate needs --adapter: without one, tuned and base are the same model")
 
 
-def texts_of(pairs: pl.DataFrame, answers: pl.DataFrame) -> pl.DataFrame:
-    """Long table (pair_id, split, role, text) of the four texts of every pair."""
-    parts = [pairs.select("pair_id", "split", pl.lit(role).alias("role"), pl.col(role).alias("text"))
+def texts_of(pairs: pl.DataFrame, answers: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Long table (pair_id, split, role, text) of the four texts of every pair; chosen and rejected only where
+    the pair has them (questions without labels have none), base and tuned only with `answers`."""
+    parts = [pairs.filter(pl.col(role).is_not_null()).select("pair_id", "split", pl.lit(role).alias("role"),
+                                                               pl.col(role).alias("text"))
              for role in ("chosen", "rejected")]
+    if answers is None:
+        return pl.concat(parts)
     split = pairs.select("pair_id", "split")
     for role in ("base", "tuned"):
         part = answers.filter(pl.col("model") == role).select("pair_id", pl.col("answer").alias("text"))

@@ -139,8 +139,13 @@ def check_dataset(spec: DatasetSpec):
 
 def check_evaluation(config: EvalConfig) -> None:
     """Everything `evaluate` can check before it starts a Prefect run."""
+    from dpo_eval.data import read_pairs
+    from dpo_eval.pipeline import check_labels
+
     check_model(config.model, require_adapter=True)
-    check_dataset(config.dataset)
+    pairs = read_pairs(config.dataset)[0]
+    reference = read_pairs(config.reference_dataset)[0] if config.reference_dataset is not None else None
+    check_labels(pairs, reference, config)
 
 
 def check_run_dir(run: Path) -> None:

@@ -158,10 +158,35 @@ def sentences(summary: dict, stats: pl.DataFrame | None = None) -> list[str]:
     present = [s for s, n in n_pairs.items() if n]  # analysis lists an empty train split as 0 pairs
     splits = [s for s in ("train", "valid") if s in present] + [s for s in present if s not in ("train", "valid")]
     n_features = summary.get("n_features", 0)
+    labels = summary.get("labels") or {"source": "data set"}
     moved, cr = summary["significant"]["tuned_vs_base"], summary["significant"]["chosen_vs_rejected"]
     first = ("Tuned moved " + " and ".join(f"{moved.get(s, 0)} of {n_features}{' features' * (i == 0)} on {s} "
                                            f"({n_pairs[s]} pairs)" for i, s in enumerate(splits))
              + f" significantly against base (Benjamini-Hochberg q < {alpha:g}, each q over the {Q_FAMILY})")
+    if labels["source"] == "none":
+        return [first + ".",
+                "This data set holds questions without chosen or rejected answers and no reference data set was "
+                "given, so there is no direction to move toward: no sign agreement, no normalised deltas (deltas "
+                "are in each feature's own units), no chosen-vs-rejected statistics. Pass --reference-dataset, "
+                "the preference data the checkpoint was trained on, for them."]
+    if labels["source"] == "reference":
+        splits_cr = f"the reference data set's {labels['reference_split']} split ({labels['reference_pairs']} pairs)"
+        if stats is not None:
+            toward = toward_chosen(stats, alpha)
+            first += ("; of these, " + " and ".join(f"{toward.get(s, 0)} on {s}" for s in splits)
+                      + f" moved toward chosen, counting only features where chosen-vs-rejected in {splits_cr} is "
+                      "itself significant")
+        agreement = [f"{_fmt(summary.get('sign_agreement', {}).get(s))} on {s} (over "
+                     f"{summary.get('sign_agreement_features', {}).get(s, 'n/a')} features whose mean deltas are "
+                     f"both nonzero, p = {_fmt(summary.get('sign_agreement_p', {}).get(s))})" for s in splits]
+        any_split = splits[0] if splits else None
+        return [_scale_note(summary) + first + "." + _power_sentence(summary, stats, alpha),
+                f"These are questions without labels: the direction is chosen - rejected in {splits_cr}. Sign "
+                "agreement between tuned-vs-base on these questions and that direction is " + " and ".join(agreement)
+                + "; chance is 0.5 (pair-level sign-flip permutation test). It counts every feature, significant "
+                "or not.",
+                f"Chosen differs significantly from rejected on {cr.get(any_split, 0)} features in {splits_cr} "
+                f"(q < {alpha:g}); only these features have a direction for tuned to move toward."]
     if stats is not None:
         toward = toward_chosen(stats, alpha)
         first += ("; of these, " + " and ".join(f"{toward.get(s, 0)} on {s}" for s in splits)
@@ -182,8 +207,10 @@ def sentences(summary: dict, stats: pl.DataFrame | None = None) -> list[str]:
 
 def _scale_note(summary: dict) -> str:
     source = summary.get("scale_source")
-    if not isinstance(source, str) or source.startswith("train"):
+    if not isinstance(source, str) or source.startswith("train") or source.startswith("none"):
         return ""
+    if source.startswith("the reference data set"):
+        return f"S_j is the std of chosen - rejected in {source}. "
     if source.startswith("valid"):
         return ("There is no train split (every pair is valid, as when a checkpoint is evaluated on a data set "
                 "other than its training set): S_j is the valid split's own std of chosen - rejected, not the train "

@@ -291,16 +291,19 @@ def render(tokenizer, system: str, turns: list[dict], answer: str, repairs: list
 
 # -- a run ----------------------------------------------------------------------------------------
 
-def role_items(pairs: pl.DataFrame, answers: pl.DataFrame) -> pl.DataFrame:
-    """`pair_id, split, role, system, messages, answer`: chosen and rejected of every pair, base and tuned
-    where answers.parquet has them."""
+def role_items(pairs: pl.DataFrame, answers: pl.DataFrame | None) -> pl.DataFrame:
+    """`pair_id, split, role, system, messages, answer`: chosen and rejected of every pair that has them, base
+    and tuned where answers.parquet (None: no answers) has them."""
     pairs = pairs.with_columns(pl.col("system").fill_null(""))
     if "messages" not in pairs.columns:
         pairs = pairs.with_columns(messages=pl.col("prompt").map_elements(
             lambda p: json.dumps([{"role": "user", "content": p}], ensure_ascii=False), return_dtype=pl.String))
     keys = pairs.select("pair_id", "split", "system", "messages")
-    frames = [pairs.select("pair_id", "split", "system", "messages", pl.lit(role).alias("role"),
-                           pl.col(role).alias("answer")) for role in ("chosen", "rejected")]
+    frames = [pairs.filter(pl.col(role).is_not_null()).select(
+        "pair_id", "split", "system", "messages", pl.lit(role).alias("role"), pl.col(role).alias("answer"))
+        for role in ("chosen", "rejected")]  # questions without labels have neither
+    if answers is None:
+        return pl.concat(frames).select("pair_id", "split", "role", "system", "messages", "answer")
     for role in ("base", "tuned"):
         part = answers.filter((pl.col("model") == role) & pl.col("answer").is_not_null()).select("pair_id", "answer")
         frames.append(keys.join(part, on="pair_id", how="inner", maintain_order="left").select(
@@ -425,6 +428,7 @@ def reward_judge_run(run_dir: Path | str, reward_model: str | Path, *, revision:
                                     cache_dir=cache_dir)
     items = role_items(_select(pairs, split, limit), answers)
     scores, result = score_roles(scorer, items)
+    reference = _score_reference(run_dir, scorer)
     scorer.release()
     seconds = time.perf_counter() - started
     features = add_feature(features, scores)
@@ -432,13 +436,16 @@ def reward_judge_run(run_dir: Path | str, reward_model: str | Path, *, revision:
     _write_atomic(scores, run_dir / SCORES_FILE)
 
     spec = _analysis_spec(run_dir)
-    analysis = run_analysis(features, spec)
+    analysis = run_analysis(features, spec, reference)
     stats = analysis.stats
     block = {"id": scorer.key, "model": scorer.name, "revision": revision, "identity": scorer.identity,
              "max_length": scorer.max_length, "truncation": TRUNCATION,
              "truncated": int(scores["truncated"].sum()), "scored": result.misses, "cached": result.hits,
              "repairs": result.repairs, "accuracy_method": ACCURACY_METHOD, "win_method": WIN_METHOD,
              "splits": calibration(features, seed=spec.seed, n_boot=spec.bootstrap, ci_level=spec.ci_level)}
+    if reference is not None:  # questions without labels: the calibration is on the reference's labels
+        block["reference_splits"] = calibration(reference, seed=spec.seed, n_boot=spec.bootstrap,
+                                                ci_level=spec.ci_level)
     summary_path = run_dir / "summary.json"
     old = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary = old | analysis.summary | {"reward_model": block}
@@ -450,12 +457,28 @@ def reward_judge_run(run_dir: Path | str, reward_model: str | Path, *, revision:
     return block
 
 
+def _score_reference(run_dir: Path, scorer: RewardScorer) -> pl.DataFrame | None:
+    """The reference data set's features (reference_features.parquet, written by a run on questions without
+    labels) with its chosen and rejected scored too; None for a run without a reference."""
+    from dpo_eval.pipeline import REFERENCE_FEATURES, REFERENCE_PAIRS
+
+    if not (run_dir / REFERENCE_FEATURES).is_file():
+        return None
+    reference = pl.read_parquet(run_dir / REFERENCE_FEATURES)
+    scores, _ = score_roles(scorer, role_items(_read(run_dir, REFERENCE_PAIRS), None))
+    reference = add_feature(reference, scores)
+    _write_atomic(reference, run_dir / REFERENCE_FEATURES)
+    return reference
+
+
 def _section(block: dict) -> "object":
     from dpo_eval.report import Section
 
+    blocks = list(block["splits"].items()) + [(f"reference {s}", b)
+                                              for s, b in (block.get("reference_splits") or {}).items()]
     rows = [[split, b["n"], b["accuracy"], b["ci_low"], b["ci_high"], b["ties"], b["win_n"], b["win_rate"],
              b["win_ci_low"], b["win_ci_high"], b["wins"], b["losses"], b["win_ties"], b["p_value"]]
-            for split, b in block["splits"].items()]
+            for split, b in blocks]
     paragraphs = [
         f"Reward model {block['model']} (id {block['id']}) scored every chosen, rejected, base and tuned answer; "
         "its score is the feature reward_model in the statistics table below.",

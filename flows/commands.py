@@ -28,7 +28,8 @@ EVALUATE_FLAGS = {
     "model.compute_dtype": "--compute-dtype", "model.prompt_template": "--prompt-template",
     "generation.max_new_tokens": "--max-new-tokens", "generation.batch_size": "--batch-size",
     "scoring.cache_dir": "--cache-dir", "analysis.alpha": "--alpha", "analysis.bootstrap": "--bootstrap",
-    "shard_size": "--shard-size", "out": "--out",
+    "shard_size": "--shard-size", "out": "--out", "reference_dataset": "--reference-dataset",
+    "reference_dataset.source": "--reference-dataset",
 }
 
 
@@ -63,6 +64,9 @@ def evaluate(
     adapter: Optional[str] = typer.Option(None, "--adapter", help="The DPO adapter (checkpoint) to evaluate: "
                                           "a folder or hub id (required, here or in --config)."),
     dataset: Optional[str] = override_option(DatasetSpec, "source", "--dataset"),
+    reference_dataset: Optional[str] = typer.Option(
+        None, "--reference-dataset", help="For questions without labels (prompt or question only): the preference "
+        "data the checkpoint was trained on, whose chosen - rejected gives the direction and the scale."),
     out: Optional[Path] = override_option(EvalConfig, "out", "--out"),
     config: Optional[Path] = typer.Option(None, "--config", help="EvalConfig as YAML; options override it."),
     fmt: Optional[str] = override_option(DatasetSpec, "format", "--format"),
@@ -95,7 +99,8 @@ def evaluate(
         "model.compute_dtype": compute_dtype, "model.prompt_template": prompt_template,
         "generation.max_new_tokens": max_new_tokens, "generation.batch_size": batch_size,
         "scoring.cache_dir": str(cache_dir) if cache_dir else None, "analysis.alpha": alpha,
-        "analysis.bootstrap": bootstrap, "shard_size": shard_size, "out": str(out) if out else None})
+        "analysis.bootstrap": bootstrap, "shard_size": shard_size, "out": str(out) if out else None,
+        "reference_dataset.source": reference_dataset})
     check_evaluation(eval_config)
     from flows.evaluate import evaluate_checkpoint
 

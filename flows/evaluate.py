@@ -12,6 +12,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dpo_eval import pipeline
 from dpo_eval.config import EvalConfig
+from dpo_eval.forgetting import raise_failures as raise_forgetting_failures
+from dpo_eval.forgetting_report import forgetting_markdown
+from dpo_eval.forgetting_report import headline as forgetting_headline
 from dpo_eval.judge_report import judge_markdown
 from dpo_eval.logprobs import reward_summary
 from dpo_eval.report import rewards_section, stats_table_rows, summary_markdown, write_outputs
@@ -19,6 +22,7 @@ from flows.judge import raise_failures, run_judges
 from flows.restarts import check_restarts
 from tasks.evaluation import (compare_features_task, generate_answers_task, identify_task, implicit_rewards_task,
                               load_pairs_task, release_models_task, score_texts_task)
+from tasks.forgetting import compare_benchmarks_task, report_forgetting_task
 from tasks.judging import DEFAULT_LIMIT
 
 SCORE_SHARD = 2000  # texts per scoring task
@@ -63,10 +67,18 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
     with _timed(timings, "load_pairs"):
         pairs, load_report = load_pairs_task(config.dataset)
         pairs, split_source = pipeline.apply_training_split(pairs, config.model.adapter)
+        reference, reference_report = None, None
+        if config.reference_dataset is not None:
+            reference, reference_report = load_pairs_task(config.reference_dataset)
+            reference, reference_report["split_source"] = pipeline.apply_training_split(reference,
+                                                                                         config.model.adapter)
+        labeled = pipeline.check_labels(pairs, reference, config)
         identity = identify_task(config.model)
     out.mkdir(parents=True, exist_ok=True)
     pairs.write_parquet(out / "pairs.parquet")
-    logger.info("pairs: %s", load_report["pairs"])
+    if reference is not None:
+        reference.write_parquet(out / pipeline.REFERENCE_PAIRS)
+    logger.info("pairs: %s%s", load_report["pairs"], "" if labeled else " (questions without labels)")
 
     with _timed(timings, "generate"):
         states = [generate_answers_task(config.model, config.generation, shard, model, identity.key(model),
@@ -87,11 +99,21 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
         cache["score"] = {k: sum(r[1][k] for r in results) for k in ("hits", "misses")}
     features = pipeline.features_table(texts, scores)
     features.write_parquet(out / "features.parquet")
+    reference_features = None
+    if reference is not None:
+        with _timed(timings, "score_reference"):
+            reference_texts = pipeline.texts_of(reference)
+            results = _score_shards(reference_texts, config)
+            reference_features = pipeline.features_table(reference_texts, pl.concat([r[0] for r in results]))
+            cache["score_reference"] = {k: sum(r[1][k] for r in results) for k in ("hits", "misses")}
+        reference_features.write_parquet(out / pipeline.REFERENCE_FEATURES)
 
     with _timed(timings, "analyze"):
-        analysis = compare_features_task(features, config.analysis)
+        analysis = compare_features_task(features, config.analysis, reference_features)
     rewards_summary, extra = None, []
-    if config.rewards:
+    if config.rewards and not labeled:
+        logger.info("implicit rewards skipped: the data set has no chosen and rejected answers to score")
+    if config.rewards and labeled:
         with _timed(timings, "rewards"):
             beta, max_length = pipeline.reward_beta(config), pipeline.reward_max_length(config)
             rewards = implicit_rewards_task(config.model, pairs, beta, max_length, identity.tuned_key)
@@ -99,9 +121,15 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
             rewards.write_parquet(out / "rewards.parquet")
             rewards_summary = reward_summary(rewards)
             extra.append(rewards_section(rewards, rewards_summary, out, beta=beta, max_length=max_length))
+    forgetting = None
+    if config.forgetting is not None:
+        with _timed(timings, "forgetting"):
+            forgetting = compare_benchmarks_task(config.model, config.forgetting, out)
+            release_models_task()
     pipeline.write_config(config, out, {"fingerprint": identity.tuned_key, "base_fingerprint": identity.base_key,
                                         "model_identity": identity.to_dict(), "repairs": repairs,
-                                        "pairs_report": load_report, "split_source": split_source})
+                                        "pairs_report": load_report, "split_source": split_source,
+                                        "reference_report": reference_report})
     with _timed(timings, "report"):
         summary = analysis.summary | {"left_out": load_report["left_out"], "duplicates": load_report["duplicates"],
                                       "timings": timings, "cache": cache}
@@ -109,13 +137,21 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
             summary["implicit_reward"] = rewards_summary  # one object per split, nothing else
             summary["implicit_reward_beta"] = beta
             summary["implicit_reward_max_length"] = max_length
+        if forgetting is not None:
+            summary["forgetting"] = {"headline": forgetting_headline(forgetting), "tasks": forgetting["tasks"],
+                                     "failed": forgetting["failed"], "file": "forgetting.json"}
         summary = write_outputs(analysis.stats, summary, out, extra)
+        if forgetting is not None and forgetting["tasks"]:
+            report_forgetting_task(out, forgetting)
     stats, failed = analysis.stats, []
     if config.judge is not None or config.reward_model:
         summary, failed = run_judges(out, config.judge, config.reward_model, judge_limit)
         stats = pl.read_parquet(out / "stats.parquet")  # with the reward_model feature where it was scored
-    create_markdown_artifact(summary_markdown(summary) + judge_markdown(summary), key="dpo-eval-summary",
-                             description="dpo-eval summary")
+    create_markdown_artifact(summary_markdown(summary) + judge_markdown(summary)
+                             + (forgetting_markdown(forgetting) if forgetting is not None else ""),
+                             key="dpo-eval-summary", description="dpo-eval summary")
     create_table_artifact(stats_table_rows(stats), key="dpo-eval-stats", description="dpo-eval statistics")
     raise_failures(failed)  # a judge that stopped fails the run, after its partial report and the artifacts
+    if forgetting is not None:
+        raise_forgetting_failures(forgetting, out)  # so does a benchmark task that could not run
     return summary

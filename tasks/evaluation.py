@@ -70,10 +70,10 @@ def score_texts_task(texts: pl.DataFrame, spec: ScoringSpec):
 
 
 @task(name="compare-features", cache_policy=NO_CACHE)
-def compare_features_task(features: pl.DataFrame, spec: AnalysisSpec):
+def compare_features_task(features: pl.DataFrame, spec: AnalysisSpec, reference: pl.DataFrame | None = None):
     from dpo_eval.analysis import run_analysis
 
-    return run_analysis(features, spec)
+    return run_analysis(features, spec, reference)
 
 
 def _rewards_key(context, parameters) -> str:

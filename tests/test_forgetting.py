@@ -182,6 +182,35 @@ def test_forgetting_check_flow(harness, stories260k, adapters, first, tmp_path):
     assert any(a.key == "dpo-eval-forgetting" and MC in a.data for a in artifact)
 
 
+def test_evaluate_runs_the_forgetting_stage_into_its_own_report(harness, stories260k, adapters, first, orca_jsonl,
+                                                                  tmp_path):
+    """EvalConfig.forgetting: the evaluation flow runs the benchmark tasks too (cached sides reused), and the
+    summary, the report and the summary artifact carry the result."""
+    from prefect.client.orchestration import get_client
+
+    from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ScoringSpec
+    from flows.evaluate import evaluate_checkpoint
+
+    before = len(forgetting.EVALUATIONS)
+    out = tmp_path / "run"
+    config = EvalConfig(dataset=DatasetSpec(source=str(orca_jsonl), limit=8),
+                        model=model(stories260k, adapters["random"]),
+                        generation=GenerationSpec(max_new_tokens=8, batch_size=8),
+                        scoring=ScoringSpec(cache_dir=tmp_path / "scores", n_process=1),
+                        analysis=AnalysisSpec(bootstrap=50, permutations=50), out=out, rewards=False,
+                        forgetting=ForgettingSpec(tasks=(MC, STORY), include_path=str(TASKS_DIR)))
+    summary = evaluate_checkpoint(config)
+    assert forgetting.EVALUATIONS[before:] == []  # both sides of both tasks from the module's first run
+    assert summary["forgetting"]["tasks"] == forgetting.jsonable(first[1]["tasks"])
+    assert summary["forgetting"]["headline"].startswith("Over 2 benchmark task(s)")
+    assert json.loads((out / "forgetting.json").read_text())["tasks"] == forgetting.jsonable(first[1]["tasks"])
+    page = (out / "report.html").read_text()
+    assert "Did it forget?" in page and "Sign agreement" in page  # one report: the study and the benchmarks
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_latest_artifacts()
+    assert any(a.key == "dpo-eval-summary" and "did it forget?" in a.data for a in artifacts)
+
+
 # ---------------------------------------------------------------- statistics on known cases
 
 @pytest.mark.parametrize("base_only, tuned_only", [(8, 2), (2, 8), (0, 5), (13, 12), (1, 0), (40, 21)])

@@ -217,6 +217,12 @@ def test_prefect_yaml_deployments_and_trigger():
     from dpo_eval.config import EvalConfig
 
     EvalConfig.model_validate(gpu["parameters"]["config"])  # the default parameters are a valid config
+    from dpo_eval.config import ForgettingSpec, ModelSpec
+
+    judge, benchmarks = by_name["judge"], by_name["forgetting"]
+    assert judge["entrypoint"] == "flows/judge.py:judge_existing_run" and judge["parameters"]["run_dir"]
+    ModelSpec.model_validate(benchmarks["parameters"]["model"])
+    ForgettingSpec.model_validate(benchmarks["parameters"]["forgetting"])
     for deployment in spec["deployments"]:
         module, name = deployment["entrypoint"].split(":")
         source = (ROOT / module).read_text()
