@@ -29,14 +29,16 @@ def encode_prompts(formatter: PromptFormatter, pairs: pl.DataFrame, max_prompt_t
 
 def generate_answers(model, tokenizer, pairs: pl.DataFrame, spec: GenerationSpec | None = None, *,
                      label: str = "tuned", prompts: list[EncodedPrompt] | None = None,
-                     context_length: int | None = None, repairs: list[str] | None = None) -> pl.DataFrame:
-    """Answers of `model` to every prompt of `pairs`, as rows of answers.parquet labelled `label`."""
+                     context_length: int | None = None, repairs: list[str] | None = None,
+                     on_batch=None) -> pl.DataFrame:
+    """Answers of `model` to every prompt of `pairs`, as rows of answers.parquet labelled `label`;
+    `on_batch(n)` after each batch of n prompts."""
     spec = spec or GenerationSpec()
     if prompts is None:
         context = context_length or int(getattr(model.config, "max_position_embeddings", 2048))
         prompts = encode_prompts(PromptFormatter(tokenizer, repairs=repairs), pairs, context - spec.max_new_tokens)
     outputs = _generate(model, tokenizer, [p.ids for p in prompts], spec,
-                        [prompt_seed(spec.seed, pid) for pid in pairs["pair_id"].to_list()])
+                        [prompt_seed(spec.seed, pid) for pid in pairs["pair_id"].to_list()], on_batch)
     return pl.DataFrame({
         "pair_id": pairs["pair_id"].to_list(), "model": [label] * len(prompts),
         "answer": [o[0] for o in outputs], "n_prompt_tokens": [len(p.ids) for p in prompts],
@@ -46,8 +48,9 @@ def generate_answers(model, tokenizer, pairs: pl.DataFrame, spec: GenerationSpec
 
 
 def generate_both(loaded, pairs: pl.DataFrame, spec: GenerationSpec | None = None,
-                  models: tuple[str, ...] = ("tuned", "base")) -> pl.DataFrame:
-    """Tuned (adapter on) and base (adapter disabled) answers from one load; base only without adapter."""
+                  models: tuple[str, ...] = ("tuned", "base"), on_batch=None) -> pl.DataFrame:
+    """Tuned (adapter on) and base (adapter disabled) answers from one load; base only without adapter;
+    `on_batch(n)` after each batch of n prompts (a progress bar's step)."""
     spec = spec or GenerationSpec()
     formatter = PromptFormatter(loaded.tokenizer, loaded.spec.prompt_template, loaded.repairs)
     prompts = encode_prompts(formatter, pairs, loaded.context_length - spec.max_new_tokens)
@@ -57,7 +60,7 @@ def generate_both(loaded, pairs: pl.DataFrame, spec: GenerationSpec | None = Non
             continue
         with loaded.base_context() if label == "base" else nullcontext():
             frames.append(generate_answers(loaded.model, loaded.tokenizer, pairs, spec, label=label,
-                                           prompts=prompts))
+                                           prompts=prompts, on_batch=on_batch))
     return pl.concat(frames) if frames else pl.DataFrame(schema=ANSWER_SCHEMA)
 
 
@@ -119,8 +122,9 @@ def left_padded(prompts: list[list[int]], pad: int):
 
 
 def _generate(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec,
-              seeds: list[int]) -> list[tuple[str, int, str]]:
-    """(answer, n_new_tokens, finish_reason) per prompt, in input order; `seeds[i]` seeds prompt i's sampling."""
+              seeds: list[int], on_batch=None) -> list[tuple[str, int, str]]:
+    """(answer, n_new_tokens, finish_reason) per prompt, in input order; `seeds[i]` seeds prompt i's sampling;
+    `on_batch(n)` after each batch of n prompts (progress)."""
     import torch
 
     eos = _eos_ids(model, tokenizer)
@@ -145,4 +149,6 @@ def _generate(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec,
             tokens = new if stop is None else new[:stop]
             results[i] = (tokenizer.decode(tokens, skip_special_tokens=True),
                           len(tokens) + (0 if stop is None else 1), "length" if stop is None else "eos")
+        if on_batch is not None:
+            on_batch(len(batch))
     return [results[i] for i in range(len(prompts))]

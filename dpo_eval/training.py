@@ -18,6 +18,7 @@ from pydantic import Field
 
 from dpo_eval.config import DatasetSpec, ModelSpec, Spec
 from dpo_eval.data import prompt_turns, read_pairs
+from dpo_eval.progress import terminal
 from dpo_eval.prompts import PromptFormatter, training_prompt
 
 METADATA = "dpo_eval_training.json"
@@ -102,7 +103,7 @@ def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None 
         loss_weights=[1.0, spec.sft_weight] if spec.sft_weight else None,
         max_length=spec.max_length, truncation_mode="keep_start",
         use_cpu=not gpu, bf16=gpu, gradient_checkpointing=gpu, logging_steps=max(1, spec.save_every // 4),
-        report_to="none", seed=spec.seed, disable_tqdm=True, lr_scheduler_type="constant")
+        report_to="none", seed=spec.seed, disable_tqdm=not terminal(), lr_scheduler_type="constant")
     saved: list[Path] = []
 
     class SaveMetadata(TrainerCallback):

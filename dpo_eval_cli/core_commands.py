@@ -65,7 +65,7 @@ def generate(
 
     pairs_table = load_pairs(data)
     loaded = load_model(spec)
-    answers = generate_both(loaded, pairs_table, gen)
+    answers = _generate_with_progress(loaded, pairs_table, gen)
     out.parent.mkdir(parents=True, exist_ok=True)
     answers.write_parquet(out)
     print(json.dumps({"answers": answers.height, "models": sorted(set(answers["model"])),
@@ -135,3 +135,13 @@ def trend(
     table = write_trend(runs, out, split)
     print(table.drop("run", "adapter"))
     print(f"trend: {out / 'trend.png'}")
+
+
+def _generate_with_progress(loaded, pairs, gen):
+    """generate_both with a bar on a terminal that advances after every batch."""
+    from dpo_eval.generation import generate_both
+    from dpo_eval.progress import StageProgress
+
+    models = 2 if loaded.has_adapter else 1
+    with StageProgress("generation", pairs.height * models, "answers") as progress:
+        return generate_both(loaded, pairs, gen, on_batch=progress.advance)

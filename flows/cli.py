@@ -14,6 +14,7 @@ import typer
 
 from dpo_eval.errors import DpoEvalError
 from dpo_eval_cli import core_commands, forgetting, judge, reward
+from dpo_eval_cli.quiet import quiet
 from flows import commands as flow_commands
 
 app = typer.Typer(
@@ -27,7 +28,9 @@ app = typer.Typer(
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error "
-                                     "(anywhere on the command line).")) -> None:
+                                     "(anywhere on the command line)."),
+          verbose: bool = typer.Option(False, "--verbose", help="Show third-party warnings, log lines and "
+                                       "loading bars (anywhere on the command line).")) -> None:
     """Did the DPO alignment take? Compare a tuned checkpoint with its base, feature by feature."""
 
 
@@ -47,11 +50,15 @@ app.command()(forgetting.forgetting)
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of `dpo-eval` and `python -m dpo_eval`: a user error is one line on stderr, exit 2;
-    `--debug` re-raises it with the original traceback."""
+    `--debug` re-raises it with the original traceback; third-party notices are filtered unless `--verbose`."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
+    if "--verbose" in args:
+        args.remove("--verbose")
+    else:
+        quiet()
     try:
         app(args=args, prog_name="dpo-eval")  # click handles usage errors and --help itself
     except DpoEvalError as exc:

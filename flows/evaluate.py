@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import polars as pl
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import as_completed
 
 from dpo_eval import pipeline
 from dpo_eval.config import EvalConfig
@@ -19,6 +20,7 @@ from dpo_eval.judge_report import judge_markdown
 from dpo_eval.logprobs import reward_summary
 from dpo_eval.report import rewards_section, stats_table_rows, summary_markdown, write_outputs
 from flows.judge import raise_failures, run_judges
+from flows.progress import stage_progress
 from flows.restarts import check_restarts
 from tasks.evaluation import (compare_features_task, generate_answers_task, identify_task, implicit_rewards_task,
                               load_pairs_task, release_models_task, score_texts_task)
@@ -35,12 +37,21 @@ def _timed(timings: dict, stage: str):
     timings[stage] = round(time.perf_counter() - start, 3)
 
 
-def _score_shards(texts: pl.DataFrame, config: EvalConfig) -> list:
+def _collect(futures: list, sizes: list[int], stage: str, unit: str) -> list:
+    """The futures' results in submission order; the stage's progress advances as each one finishes."""
+    with stage_progress(stage, sum(sizes), unit) as progress:
+        size_of = {id(f): n for f, n in zip(futures, sizes)}
+        for future in as_completed(futures):
+            progress.advance(size_of[id(future)])
+    return [f.result() for f in futures]
+
+
+def _score_shards(texts: pl.DataFrame, config: EvalConfig, stage: str = "scoring") -> list:
     """Scoring shards on the flow's task runner (local processes), or on a Dask cluster."""
     if config.scoring_runner == "local":
-        futures = [score_texts_task.submit(texts.slice(i, SCORE_SHARD), config.scoring)
-                   for i in range(0, texts.height, SCORE_SHARD)]
-        return [f.result() for f in futures]
+        starts = range(0, texts.height, SCORE_SHARD)
+        futures = [score_texts_task.submit(texts.slice(i, SCORE_SHARD), config.scoring) for i in starts]
+        return _collect(futures, [texts.slice(i, SCORE_SHARD).height for i in starts], stage, "texts")
     from prefect_dask import DaskTaskRunner
 
     workers = config.scoring.n_process or os.cpu_count() or 1
@@ -49,9 +60,10 @@ def _score_shards(texts: pl.DataFrame, config: EvalConfig) -> list:
     spec = config.scoring.model_copy(update={"n_process": 1})  # the cluster is the parallelism
     size = max(1, -(-texts.height // (workers * 2)))
     with runner:
+        starts = range(0, texts.height, size)
         futures = [runner.submit(score_texts_task, parameters={"texts": texts.slice(i, size), "spec": spec})
-                   for i in range(0, texts.height, size)]
-        return [f.result() for f in futures]
+                   for i in starts]
+        return _collect(futures, [texts.slice(i, size).height for i in starts], stage, "texts")
 
 
 @flow(name="evaluate-checkpoint", log_prints=True)
@@ -81,9 +93,14 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
     logger.info("pairs: %s%s", load_report["pairs"], "" if labeled else " (questions without labels)")
 
     with _timed(timings, "generate"):
-        states = [generate_answers_task(config.model, config.generation, shard, model, identity.key(model),
-                                        return_state=True)
-                  for shard in pipeline.shard_pairs(pairs, config.shard_size) for model in ("base", "tuned")]
+        shards = pipeline.shard_pairs(pairs, config.shard_size)
+        states = []
+        with stage_progress("generation", 2 * pairs.height, "answers") as progress:
+            for shard in shards:
+                for model in ("base", "tuned"):
+                    states.append(generate_answers_task(config.model, config.generation, shard, model,
+                                                        identity.key(model), return_state=True))
+                    progress.advance(shard.height)
         results = [s.result() for s in states]
         answers = pl.concat([r[0] for r in results])
         repairs = list(dict.fromkeys(r for _, rs in results for r in rs))
@@ -103,7 +120,7 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
     if reference is not None:
         with _timed(timings, "score_reference"):
             reference_texts = pipeline.texts_of(reference)
-            results = _score_shards(reference_texts, config)
+            results = _score_shards(reference_texts, config, stage="scoring-reference")
             reference_features = pipeline.features_table(reference_texts, pl.concat([r[0] for r in results]))
             cache["score_reference"] = {k: sum(r[1][k] for r in results) for k in ("hits", "misses")}
         reference_features.write_parquet(out / pipeline.REFERENCE_FEATURES)

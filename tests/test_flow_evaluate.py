@@ -79,10 +79,15 @@ def test_flow_writes_the_run_directory_and_artifacts(harness, storage, adapters,
     assert set(saved["model_identity"]["base"]["files"]) >= {"tokenizer.json", "config.json", "model.safetensors"}
     with get_client(sync_client=True) as client:
         found = {key: client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-                 for key in ("dpo-eval-summary", "dpo-eval-stats")}
+                 for key in ("dpo-eval-summary", "dpo-eval-stats", "dpo-eval-generation", "dpo-eval-scoring")}
     assert found["dpo-eval-summary"][0].type == "markdown"
     assert "sign agreement" in found["dpo-eval-summary"][0].data.lower()
     assert found["dpo-eval-stats"][0].type == "table" and "norm_mean_delta" in str(found["dpo-eval-stats"][0].data)
+    # progress people can see in the UI: one progress artifact per long stage, at 100% once it is done
+    (generation,), (scoring,) = found["dpo-eval-generation"], found["dpo-eval-scoring"]
+    assert generation.type == scoring.type == "progress" and float(generation.data) == float(scoring.data) == 100.0
+    assert generation.description == "generation: 48 of 48 answers done"
+    assert scoring.description == "scoring: 96 of 96 texts done"
 
 
 def test_caching_consequences(harness, storage, adapters, orca_jsonl, stories260k):
