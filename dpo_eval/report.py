@@ -98,39 +98,54 @@ def _as_section(section) -> Section:
 
 def _write_page(run_dir: Path, stats: pl.DataFrame | None, summary: dict | None, sections: list[Section]) -> Path:
     if stats is None or summary is None:
-        page = render_page(sections)
+        page = render_page(sections, run_dir=run_dir)
     else:
         plots = write_plots(stats, summary, run_dir / "plots")
-        page = render_page(sections, stats, summary, plots)
+        page = render_page(sections, stats, summary, plots, run_dir=run_dir)
     path = run_dir / "report.html"
     path.write_text(page)
     return path
 
 
 def render_page(sections: list[Section], stats: pl.DataFrame | None = None, summary: dict | None = None,
-                plots: list[Plot] | None = None, title: str = "dpo-eval report") -> str:
-    """The page from templates/report.html.j2: a self-contained file (images relative to it) that opens offline."""
+                plots: list[Plot] | None = None, title: str = "dpo-eval report", run_dir: Path | None = None) -> str:
+    """The page from templates/report.html.j2: one self-contained file that opens offline (images of run_dir
+    inlined as data: URIs, the chart as inline SVG, the table's sorting and filters as inline JavaScript)."""
     import jinja2
+
+    from dpo_eval import report_view
+    from dpo_eval.report_examples import examples
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("dpo_eval", "templates"), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True)
-    context = {"title": title, "sections": [_cells(s) for s in sections], "plots": plots or []}
+    figures = [{"id": "plot-" + Path(p.src).stem, "title": p.title, "caption": p.caption,
+                "src": report_view.data_uri(run_dir, p.src)} for p in plots or []
+               if Path(p.src).name != "norm_mean_delta.png"]  # drawn as the SVG chart instead
+    context = {"title": title, "sections": [_cells(s, run_dir) for s in sections], "plots": figures}
     if stats is not None and summary is not None:
         alpha = alpha_of(summary)
-        columns = [c for c in STATS_COLUMNS if c in stats.columns]
         q_note = summary.get("q_family") if isinstance(summary.get("q_family"), str) else \
             f"Benjamini-Hochberg over the {Q_FAMILY}"
-        context |= {"sentences": sentences(summary, stats), "sign_test": summary.get("sign_agreement_test"),
+        said = sentences(summary, stats)
+        source = summary.get("scale_source")
+        context |= {"sentences": said, "sign_test": summary.get("sign_agreement_test"),
+                    "cards": report_view.verdict_cards(summary, stats),
+                    "verdict": report_view.verdict_lines(summary, said),
                     "alpha": alpha, "q_family": Q_FAMILY, "q_note": q_note, "moved": _moved_table(stats, alpha),
-                    "extrapolated": sorted(extrapolated(summary)),
-                    "stats_table": {"columns": columns, "rows": [[_cell(r[c]) for c in columns]
-                                                                 for r in stats.select(columns).to_dicts()]}}
+                    "extrapolated": sorted(extrapolated(summary)), "chart": report_view.delta_chart(stats, alpha),
+                    "scale_note": ("S_j is the train split's std of chosen - rejected" if not isinstance(source, str)
+                                   or source.startswith("train") else f"S_j: {source}"),
+                    "stats_table": report_view.stats_table(stats, alpha),
+                    "examples": examples(run_dir, stats, alpha) if run_dir is not None else None}
     return env.get_template("report.html.j2").render(context)
 
 
-def _cells(section: Section) -> Section:
-    return Section(section.id, section.title, section.paragraphs, section.columns,
-                   [[_cell(v) for v in row] for row in section.rows], section.images)
+def _cells(section: Section, run_dir: Path | None = None) -> dict:
+    from dpo_eval.report_view import data_uri
+
+    return {"id": section.id, "title": section.title, "paragraphs": section.paragraphs, "columns": section.columns,
+            "rows": [[_cell(v) for v in row] for row in section.rows],
+            "images": [{"src": data_uri(run_dir, i.get("src", "")), "alt": i.get("alt", "")} for i in section.images]}
 
 
 def _moved_table(stats: pl.DataFrame, alpha: float) -> dict:

@@ -160,7 +160,7 @@ def test_text_is_escaped(tmp_path):
                       [{"src": "plots/x.png", "alt": SCRIPT}])
     write_outputs(result.stats, result.summary, tmp_path, [section])
     page = (tmp_path / "report.html").read_text()
-    assert "<script" not in page
+    assert SCRIPT not in page and page.count("<script") == 1  # only the page's own table script
     assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 5
     with pytest.raises(TypeError, match="Section"):
         write_outputs(result.stats, result.summary, tmp_path, ["<h2>raw html</h2>"])
@@ -203,12 +203,13 @@ def test_demo_trend_goes_through_the_template(analysis, tmp_path):
         _append_trend(tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()
     trend = re.search(r'<section id="trend">(.*?)</section>', page, re.S).group(1)
-    assert "<h2>Across checkpoints</h2>" in trend and '<img src="plots/trend.png"' in trend
+    assert "<h2>Across checkpoints</h2>" in trend and '<img src="data:image/png;base64,' in trend  # inlined
     assert page.count('id="trend"') == 1
     saved = json.loads((tmp_path / "report_sections.json").read_text())
     assert [s["id"] for s in saved] == ["trend"]
     assert page == render_page(read_sections(tmp_path), analysis.stats, json.loads(
-        (tmp_path / "summary.json").read_text()), write_plots(analysis.stats, analysis.summary, tmp_path / "plots"))
+        (tmp_path / "summary.json").read_text()), write_plots(analysis.stats, analysis.summary, tmp_path / "plots"),
+        run_dir=tmp_path)
 
 
 def test_rewards_section_reads_one_object_per_split(tmp_path):
