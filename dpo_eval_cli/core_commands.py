@@ -145,3 +145,17 @@ def _generate_with_progress(loaded, pairs, gen):
     models = 2 if loaded.has_adapter else 1
     with StageProgress("generation", pairs.height * models, "answers") as progress:
         return generate_both(loaded, pairs, gen, on_batch=progress.advance)
+
+
+def compare(
+    a: str = typer.Argument(..., help="System A: a run directory (its tuned answers), RUN:tuned or RUN:base."),
+    b: str = typer.Argument(..., help="System B, compared with A on the pairs both answered."),
+    out: Path = typer.Option(..., "--out", help="Folder for features.parquet, stats.*, summary.json, report.html."),
+) -> None:
+    """A/B comparison of two runs on the same prompts: B - A beside A's chosen - rejected."""
+    from dpo_eval.compare import compare_runs
+
+    summary = compare_runs(a, b, out)
+    print(summary["compare"]["note"])
+    print("\n".join(summary["sentences"]))
+    print(f"report: {out / 'report.html'}")
