@@ -265,7 +265,8 @@ def test_cli_analyze_writes_every_file(tmp_path):
         assert key in summary
     assert len(summary["sentences"]) == 3
     images = re.findall(r'<img src="([^"]+)"', (out / "report.html").read_text())
-    assert len(images) >= 4 and all((out / image).is_file() for image in images)
+    assert len(images) >= 4 and all(image.startswith("data:image/png;base64,") for image in images)  # inlined
+    assert len(list((out / "plots").glob("*.png"))) >= 4  # and still written beside the report
     stats = pl.read_parquet(out / "stats.parquet")
     assert stats.height == 5 * 2 * 2
     expected = {"feature", "split", "comparison", "n", "mean_delta", "norm_mean_delta", "scale", "ci_low", "ci_high",
@@ -281,3 +282,25 @@ def test_bad_features_table_is_a_clear_error(tmp_path):
         analyze(pl.DataFrame({"pair_id": ["a"], "x": [1.0]}))
     with pytest.raises(DpoEvalError, match="unknown roles"):
         analyze(pl.DataFrame({"pair_id": ["a"], "split": ["train"], "role": ["good"], "x": [1.0]}))
+
+
+def test_small_tied_samples_give_scipys_exact_permutation_p():
+    """n <= 13 with ties or zeros: scipy enumerates every sign flip, one statistic call each; dpo_eval's
+    wilcoxon evaluates them at once and must give scipy's very p and statistic."""
+    from scipy import stats as sps
+
+    from dpo_eval.stats import wilcoxon
+
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(150):
+        n = int(rng.integers(2, 14))
+        d = np.round(rng.normal(size=n), int(rng.integers(0, 2)))
+        d[: int(rng.integers(0, n // 2 + 1))] = 0.0
+        if not d.any():
+            continue
+        reference = sps.wilcoxon(d)
+        stat, p, _ = wilcoxon(d)
+        assert p == reference.pvalue and stat == reference.statistic, d
+        checked += 1
+    assert checked > 100
