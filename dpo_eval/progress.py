@@ -60,3 +60,13 @@ class StageProgress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def quiet_trainer(trainer):
+    """Without a terminal bar a transformers Trainer prints every log dict to stdout (its PrinterCallback);
+    drop it there: the logs stay in trainer.state.log_history and each checkpoint's trainer_state.json."""
+    from transformers.trainer_callback import PrinterCallback
+
+    if not terminal():
+        trainer.remove_callback(PrinterCallback)
+    return trainer

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from scipy import stats as sps
 
 from dpo_eval.config import AnalysisSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
@@ -57,7 +58,7 @@ RENDERING = "reward-v1"  # bump when the rendering below changes: old cached sco
 TRAINING_METADATA = "dpo_eval_reward_training.json"  # written by reward_training; not part of the identity
 SCORES_FILE = "reward_scores.parquet"
 ACCURACY_METHOD = ("share of pairs with score(chosen) > score(rejected); ties (equal scores) count as not "
-                   "correct and are stated; percentile bootstrap CI over pairs")
+                   "correct and are stated; Wilson score CI (a bootstrap of 29 correct of 29 would give [1, 1])")
 WIN_METHOD = ("share of pairs with score(tuned) > score(base), ties half; percentile bootstrap CI over pairs; "
               "two-sided sign test of wins vs losses (scipy.stats.binomtest, p = 1/2), ties excluded")
 
@@ -334,6 +335,14 @@ def _rng(seed: int, split: str, purpose: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(key))
 
 
+def wilson_ci(k: int, n: int, level: float) -> tuple[float, float]:
+    """Wilson score interval of k correct of n (scipy.stats.binomtest); NaN without pairs."""
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = sps.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci_level: float = 0.95,
                 column: str = FEATURE) -> dict:
     """{split: block} from a `pair_id, split, role, <column>` table (features.parquet's shape), for the
@@ -342,8 +351,8 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
     accuracy = #{d_cr > 0} / n over the n pairs with finite chosen and rejected scores, d_cr = chosen -
     rejected; ties (d_cr = 0) count as not correct and are given. win_rate = (wins + win_ties / 2) / win_n
     over the win_n pairs with finite tuned and base scores, d_tb = tuned - base; p_value = two-sided sign
-    test of wins vs losses (ties excluded). CIs: percentile bootstrap over pairs, n_boot resamples at
-    `ci_level`, seeded per split and figure.
+    test of wins vs losses (ties excluded). CIs at `ci_level`: accuracy, a Wilson score interval (never
+    zero-width at 0 or n correct); win rate, a percentile bootstrap over pairs, n_boot resamples, seeded.
     """
     from dpo_eval.judge_stats import bootstrap_ci, sign_test
 
@@ -364,7 +373,7 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
         if cr.size == 0 and tb.size == 0:
             continue  # a split left out (--split, --limit): nothing to report
         correct = (cr > 0).astype(float)
-        low, high = bootstrap_ci(correct, n_boot, alpha, _rng(seed, split, "accuracy"))
+        low, high = wilson_ci(int(correct.sum()), int(cr.size), ci_level)
         wins, losses, ties = int((tb > 0).sum()), int((tb < 0).sum()), int((tb == 0).sum())
         win_scores = np.where(tb > 0, 1.0, np.where(tb == 0, 0.5, 0.0))
         win_low, win_high = bootstrap_ci(win_scores, n_boot, alpha, _rng(seed, split, "win_rate"))

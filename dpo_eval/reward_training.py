@@ -21,7 +21,7 @@ from pydantic import Field
 from dpo_eval.config import DatasetSpec, Spec
 from dpo_eval.data import read_pairs
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.progress import terminal
+from dpo_eval.progress import quiet_trainer, terminal
 from dpo_eval.reward_model import TRAINING_METADATA, TRUNCATION, Item, encode
 
 
@@ -82,7 +82,7 @@ def train(spec: RewardTrainSpec) -> dict:
         learning_rate=spec.learning_rate, max_length=max_length, save_strategy="no", report_to="none",
         use_cpu=not gpu, bf16=gpu, activation_checkpointing=False, logging_steps=max(1, spec.steps // 4),
         seed=spec.seed, data_seed=spec.seed, disable_tqdm=not terminal(), lr_scheduler_type="constant")
-    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer = quiet_trainer(RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer))
     result = trainer.train()
     trainer.save_model(str(spec.out))
     tokenizer.save_pretrained(str(spec.out))

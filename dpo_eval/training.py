@@ -18,7 +18,7 @@ from pydantic import Field
 
 from dpo_eval.config import DatasetSpec, ModelSpec, Spec
 from dpo_eval.data import prompt_turns, read_pairs
-from dpo_eval.progress import terminal
+from dpo_eval.progress import quiet_trainer, terminal
 from dpo_eval.prompts import PromptFormatter, training_prompt
 
 METADATA = "dpo_eval_training.json"
@@ -122,7 +122,7 @@ def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None 
     trainer = DPOTrainer(model=model, args=args, train_dataset=trl_dataset(train, tokenizer, spec.prompt_template,
                                                                           repairs),
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[SaveMetadata()])
-    return trainer, saved
+    return quiet_trainer(trainer), saved
 
 
 def read_metadata(adapter: str | Path) -> dict:

@@ -253,14 +253,10 @@ def test_calibration_matches_numpy_and_binomtest():
         assert (b["wins"], b["losses"], b["win_ties"]) == (wins, losses, int((tb == 0).sum()))
         assert b["win_rate"] == pytest.approx(np.mean(np.where(tb > 0, 1, np.where(tb == 0, 0.5, 0))), abs=1e-15)
         assert b["p_value"] == sps.binomtest(wins, wins + losses, 0.5).pvalue
-        # the CI: 400 resamples of the pairs, 5% and 95% quantiles of their means, from the split's own stream
-        from dpo_eval.reward_model import _rng
-
-        correct = (cr > 0).astype(float)
-        stream = _rng(5, split, "accuracy")  # drawn in chunks of 250 resamples, as dpo_eval.stats draws them
-        draws = np.concatenate([stream.integers(0, cr.size, size=(k, cr.size)) for k in (250, 150)])
-        expected = np.quantile(correct[draws].mean(axis=1), [0.05, 0.95])
-        assert (b["ci_low"], b["ci_high"]) == pytest.approx(tuple(expected))
+        # the accuracy CI: Wilson's score interval at the 0.9 level, from its formula
+        k, n, z = int((cr > 0).sum()), cr.size, sps.norm.ppf(0.95)
+        centre, half = (k + z * z / 2) / (n + z * z), z * np.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+        assert (b["ci_low"], b["ci_high"]) == pytest.approx((centre - half, centre + half), abs=1e-12)
         assert b["ci_low"] <= b["accuracy"] <= b["ci_high"] and b["win_ci_low"] <= b["win_rate"] <= b["win_ci_high"]
     assert calibration(table, seed=5, n_boot=400, ci_level=0.9) == got  # seeded
 
@@ -302,3 +298,14 @@ def test_cli_train_reward_and_judge_reward(tmp_path, run_dir, reward_model, cach
     with pytest.raises(DpoEvalError, match="--split test"):
         judge_reward(run_dir, str(reward_model), split="test")
     reward_judge_run(run_dir, reward_model, cache_dir=cache_dir)  # leave the run fully scored
+
+
+def test_accuracy_ci_is_not_zero_width_when_every_pair_is_right():
+    """29 correct of 29: a bootstrap would say [1, 1]; Wilson's interval says how few pairs that is."""
+    rows = [{"pair_id": f"p{i}", "split": "valid", "role": role, FEATURE: value}
+            for i in range(29) for role, value in (("chosen", 1.0 + i), ("rejected", 0.0),
+                                                    ("tuned", 0.5), ("base", 0.25))]
+    block = calibration(pl.DataFrame(rows), seed=0, n_boot=200, ci_level=0.95)["valid"]
+    assert block["accuracy"] == 1.0 and block["ci_high"] == pytest.approx(1.0)
+    expected = sps.binomtest(29, 29).proportion_ci(0.95, method="wilson").low
+    assert block["ci_low"] == pytest.approx(expected) and block["ci_low"] < 0.9
