@@ -120,7 +120,7 @@ class GenerationSpec(Spec):
     top_p: float = Field(1.0, gt=0, le=1, title="Top-p", description="Nucleus sampling: sample from the most "
                          "likely tokens holding this much probability (only when sampling; 1: all).")
     seed: int = Field(0, title="Sampling seed", description="Seed that makes sampled runs repeatable (each prompt is seeded from it "
-                      "and its pair, so answers do not depend on batch size or shard layout).")
+                      "and its pair, so another batch size or shard layout draws the same random numbers).")
     batch_size: int = Field(16, ge=1, title="Batch size", description="Prompts per generate() call (sorted by length); halved on "
                             "each retry after an out-of-memory error.")
     max_batch_tokens: int | None = Field(

@@ -154,7 +154,7 @@ def test_demo_runs_end_to_end_small(harness, stories260k, tmp_path, capsys):
                  "sign agreement (valid)", "implicit-reward accuracy on held-out pairs", "report:"):
         assert text in printed, text
     report = (tmp_path / "demo" / "report.html").read_text()
-    assert "plots/trend.png" in report and (tmp_path / "demo" / "plots" / "trend.png").is_file()
+    assert "data:image/png;base64," in report and (tmp_path / "demo" / "plots" / "trend.png").is_file()
     assert "Reward model" in report  # the section reward_judge_run adds
     assert summary["n_pairs"]["valid"] > 0
 
