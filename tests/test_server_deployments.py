@@ -310,11 +310,15 @@ def test_crash_automation_reschedules_crashed_runs_until_the_cap(server, on_serv
         assert types.count("CRASHED") == 2 and types[-1] == "FAILED"
         rescheduled = [s for s in history if s["type"] == "SCHEDULED" and "after a crash" in (s["message"] or "")]
         assert len(rescheduled) == 2
-        with get_client(sync_client=True) as client:
-            events = client.read_events(EventFilter(event=EventNameFilter(name=["prefect.flow-run.Crashed"]),
-                                                    resource=EventResourceFilter(id=[f"prefect.flow-run.{run['id']}"])),
-                                        limit=50).events
-        assert len(events) == 2
+
+        def crashed_events():  # the server stores events a moment after the states they report
+            with get_client(sync_client=True) as client:
+                found = client.read_events(EventFilter(event=EventNameFilter(name=["prefect.flow-run.Crashed"]),
+                                                       resource=EventResourceFilter(id=[f"prefect.flow-run.{run['id']}"])),
+                                           limit=50).events
+            return found if len(found) >= 2 else None
+
+        assert len(wait_for(crashed_events, 60, "both Crashed events to be stored")) == 2
         time.sleep(3)  # a failed run is not rescheduled
         assert httpx.get(f"{api}/flow_runs/{run['id']}", timeout=10).json()["state"]["type"] == "FAILED"
     finally:
