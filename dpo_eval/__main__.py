@@ -1,10 +1,11 @@
-"""`python -m dpo_eval`: the dpo-eval command.
+"""`python -m dpo_eval`: runs the installed `dpo-eval` command.
 
-A program entry point, not library code: the app (flows/cli.py) is imported only when this module runs as
-the program, so importing dpo_eval.__main__ imports nothing and the core stays free of flows/.
+The core does not import the orchestration layer: the command is found through the distribution's
+`console_scripts` entry point (pyproject's [project.scripts]), as the `dpo-eval` executable finds it.
 """
 
 if __name__ == "__main__":  # also keeps scoring's forkserver children from re-running the command
-    from flows.cli import main
+    from importlib.metadata import entry_points
 
-    main()
+    (command,) = entry_points(group="console_scripts", name="dpo-eval")
+    command.load()()
