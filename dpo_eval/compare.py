@@ -10,7 +10,6 @@ train d_cr. Comparing RUN:base with RUN reproduces that run's own tuned-vs-base 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,10 +79,11 @@ def compare_runs(a: str | Path, b: str | Path, out: Path, spec: AnalysisSpec | N
     """The paired analysis of B - A beside A's chosen - rejected, written to `out` (features.parquet, stats.*,
     summary.json with a `compare` block, report.html); returns the summary."""
     from dpo_eval.analysis import run_analysis
+    from dpo_eval.pipeline import run_analysis_spec
     from dpo_eval.report import Section, write_outputs
 
     side_a, side_b = parse_side(str(a)), parse_side(str(b))
-    spec = spec or _analysis_spec(side_a.run)
+    spec = spec or run_analysis_spec(side_a.run)
     features, report = comparison_features(side_a, side_b)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,10 +100,3 @@ def compare_runs(a: str | Path, b: str | Path, out: Path, spec: AnalysisSpec | N
                       if report["features_left_out"] else "") + "."])
     return write_outputs(analysis.stats, analysis.summary | {"compare": report}, out, [section])
 
-
-def _analysis_spec(run: Path) -> AnalysisSpec:
-    path = run / "config.json"
-    try:
-        return AnalysisSpec(**json.loads(path.read_text())["config"]["analysis"])
-    except (OSError, KeyError, TypeError, ValueError):
-        return AnalysisSpec()

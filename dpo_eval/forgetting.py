@@ -45,7 +45,7 @@ from scipy import stats as sps
 from dpo_eval.config import ForgettingSpec, ModelSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import DigestStore, ModelIdentity, model_identity
-from dpo_eval.stats import benjamini_hochberg
+from dpo_eval.stats import benjamini_hochberg, wilson
 
 log = logging.getLogger(__name__)
 CONFIDENCE = 0.95
@@ -66,12 +66,6 @@ class BenchmarkTask:
 
 
 # ---------------------------------------------------------------- statistics
-
-def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval of k/n (scipy's binomtest)."""
-    ci = sps.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
-    return float(ci.low), float(ci.high)
-
 
 def newcombe_paired_ci(both: int, tuned_only: int, base_only: int, neither: int,
                        confidence: float = CONFIDENCE) -> tuple[float, float]:

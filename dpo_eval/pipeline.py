@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
-from dpo_eval.config import EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
+from dpo_eval.config import AnalysisSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import ModelIdentity, installed_versions, model_identity
 
@@ -167,6 +167,14 @@ def score_frame(texts: pl.DataFrame, spec: ScoringSpec):
     from dpo_eval.scoring import score_texts_with_stats
 
     return score_texts_with_stats(texts["text"].to_list(), spec)
+
+
+def run_analysis_spec(run_dir: Path) -> AnalysisSpec:
+    """The analysis settings a run was made with (its config.json); the defaults where it has none."""
+    try:
+        return AnalysisSpec(**json.loads((Path(run_dir) / "config.json").read_text())["config"]["analysis"])
+    except (OSError, KeyError, TypeError, ValueError):  # json.JSONDecodeError is a ValueError
+        return AnalysisSpec()
 
 
 def package_versions() -> dict[str, str]:

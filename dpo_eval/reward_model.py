@@ -43,9 +43,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from scipy import stats as sps
 
-from dpo_eval.config import AnalysisSpec, default_cache_dir
+from dpo_eval.config import default_cache_dir
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import DigestStore, folder_files, hub_revision, library_versions
 from dpo_eval.sqlite_table import open_table
@@ -335,14 +334,6 @@ def _rng(seed: int, split: str, purpose: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(key))
 
 
-def wilson_ci(k: int, n: int, level: float) -> tuple[float, float]:
-    """Wilson score interval of k correct of n (scipy.stats.binomtest); NaN without pairs."""
-    if n == 0:
-        return float("nan"), float("nan")
-    ci = sps.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
-    return float(ci.low), float(ci.high)
-
-
 def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci_level: float = 0.95,
                 column: str = FEATURE) -> dict:
     """{split: block} from a `pair_id, split, role, <column>` table (features.parquet's shape), for the
@@ -355,6 +346,7 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
     zero-width at 0 or n correct); win rate, a percentile bootstrap over pairs, n_boot resamples, seeded.
     """
     from dpo_eval.judge_stats import bootstrap_ci, sign_test
+    from dpo_eval.stats import wilson
 
     wide = features.select("pair_id", "split", "role", column).pivot(on="role", index=["pair_id", "split"],
                                                                        values=column)
@@ -373,7 +365,7 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
         if cr.size == 0 and tb.size == 0:
             continue  # a split left out (--split, --limit): nothing to report
         correct = (cr > 0).astype(float)
-        low, high = wilson_ci(int(correct.sum()), int(cr.size), ci_level)
+        low, high = wilson(int(correct.sum()), int(cr.size), ci_level)
         wins, losses, ties = int((tb > 0).sum()), int((tb < 0).sum()), int((tb == 0).sum())
         win_scores = np.where(tb > 0, 1.0, np.where(tb == 0, 0.5, 0.0))
         win_low, win_high = bootstrap_ci(win_scores, n_boot, alpha, _rng(seed, split, "win_rate"))
@@ -383,16 +375,6 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
                       "win_ci_low": win_low, "win_ci_high": win_high, "p_value": sign_test(wins, losses),
                       "wins": wins, "losses": losses, "win_ties": ties, "win_n": int(tb.size)}
     return out
-
-
-def _analysis_spec(run_dir: Path) -> AnalysisSpec:
-    path = run_dir / "config.json"
-    if path.is_file():
-        try:
-            return AnalysisSpec(**json.loads(path.read_text())["config"]["analysis"])
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
-            pass
-    return AnalysisSpec()
 
 
 def _select(pairs: pl.DataFrame, split: str, limit: int | None) -> pl.DataFrame:
@@ -428,6 +410,7 @@ def reward_judge_run(run_dir: Path | str, reward_model: str | Path, *, revision:
     the feature needs the train split scored.
     """
     from dpo_eval.analysis import run_analysis
+    from dpo_eval.pipeline import run_analysis_spec
     from dpo_eval.report import read_sections, write_outputs
 
     run_dir = Path(run_dir)
@@ -444,7 +427,7 @@ def reward_judge_run(run_dir: Path | str, reward_model: str | Path, *, revision:
     _write_atomic(features, run_dir / "features.parquet")
     _write_atomic(scores, run_dir / SCORES_FILE)
 
-    spec = _analysis_spec(run_dir)
+    spec = run_analysis_spec(run_dir)
     analysis = run_analysis(features, spec, reference)
     stats = analysis.stats
     block = {"id": scorer.key, "model": scorer.name, "revision": revision, "identity": scorer.identity,

@@ -49,6 +49,15 @@ def rank_biserial(d: np.ndarray) -> float:
     return float((w_plus - w_minus) / (w_plus + w_minus))
 
 
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of k successes in n (scipy.stats.binomtest); NaN without trials. Never zero-width
+    at k = 0 or n, where a percentile bootstrap over the trials is."""
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = sps.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def wilcoxon(d: np.ndarray, alpha: float = 0.05) -> tuple[float, float, str]:
     """Two-sided Wilcoxon signed-rank test of d (scipy.stats.wilcoxon): (statistic, p, reason).
 
