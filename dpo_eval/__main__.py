@@ -7,5 +7,7 @@ The core does not import the orchestration layer: the command is found through t
 if __name__ == "__main__":  # also keeps scoring's forkserver children from re-running the command
     from importlib.metadata import entry_points
 
-    (command,) = entry_points(group="console_scripts", name="dpo-eval")
-    command.load()()
+    found = entry_points(group="console_scripts", name="dpo-eval")
+    if not found:
+        raise SystemExit("dpo-eval: error: the dpo-eval command is not installed here; run `make install`")
+    next(iter(found)).load()()
