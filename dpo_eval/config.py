@@ -173,8 +173,17 @@ class EvalConfig(Spec):
     out: Path = Field(Path("runs/latest"), title="Run folder", description="Folder for every output file "
                       "(report.html, summary.json, stats, answers); relative paths are on the serving machine.")
     shard_size: int = Field(256, ge=1, title="Shard size", description="Prompts per generation shard (the unit of resumption).")
-    scoring_runner: Literal["local", "dask"] = Field(
-        "local", title="Scoring runner", description="Where scoring shards run: local processes, or a Dask cluster (local or remote).")
+    generation_runner: Literal["local", "task-workers"] = Field(
+        "local", title="Generation runner", description="Where generation shards run: local, in the flow run's own "
+        "process, one after another; task-workers, each shard a background task picked up by any of N `dpo-eval "
+        "worker` processes (on other machines; same Prefect API and shared result storage).")
+    scoring_runner: Literal["local", "dask", "task-workers"] = Field(
+        "local", title="Scoring runner", description="Where scoring shards run: local processes, a Dask cluster "
+        "(local or remote), or the `dpo-eval worker` processes (their CPUs).")
+    worker_lease_s: float = Field(
+        60.0, ge=1, title="Worker lease (seconds)", description="task-workers: a shard whose worker has not renewed "
+        "its lease (every quarter of this) for this long is taken as lost (a preempted machine) and is submitted "
+        "again for another worker.")
     dask_address: str | None = Field(None, title="Dask scheduler address", description="Scheduler address of an existing Dask cluster; "
                                      "default: a local cluster with one worker per core.")
     max_restarts: int = Field(3, ge=0, title="Restarts after a crash", description="Restarts after a crash (preempted worker) before the run "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import threading
 from pathlib import Path
@@ -110,7 +111,28 @@ def generate_shard(spec: ModelSpec, generation: GenerationSpec, shard: pl.DataFr
     loaded = cached_model(spec, check_identity(spec, key, model))
     answers = generate_both(loaded, shard, generation, models=(model,))
     check_identity(spec, key, model)
-    return answers, list(loaded.repairs)
+    return answers.with_columns(pl.lit(worker_label()).alias("worker")), list(loaded.repairs)
+
+
+def worker_label() -> str:
+    """`host:pid` of this process: the worker column of answers.parquet (who generated a shard)."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_account(answers: pl.DataFrame, runner: str, extra: dict | None = None) -> dict:
+    """summary.json `workers`: the runner, answers per worker (host:pid; None: cached before the column
+    existed), and what the runner adds (task workers: the shards submitted again after a lost worker)."""
+    counts = answers.group_by("worker").len().sort("worker", nulls_last=True).iter_rows()
+    return {"runner": runner, "answers": {str(w) if w is not None else "unknown": n for w, n in counts}} | (extra or {})
+
+
+def with_worker(answers: pl.DataFrame) -> pl.DataFrame:
+    """`answers` with a worker column (null for shards cached before the column existed)."""
+    if "worker" in answers.columns:
+        return answers
+    return answers.with_columns(pl.lit(None, dtype=pl.String).alias("worker"))
 
 
 REFERENCE_FEATURES = "reference_features.parquet"

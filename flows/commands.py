@@ -29,7 +29,8 @@ EVALUATE_FLAGS = {
     "generation.max_new_tokens": "--max-new-tokens", "generation.batch_size": "--batch-size",
     "scoring.cache_dir": "--cache-dir", "analysis.alpha": "--alpha", "analysis.bootstrap": "--bootstrap",
     "shard_size": "--shard-size", "out": "--out", "reference_dataset": "--reference-dataset",
-    "reference_dataset.source": "--reference-dataset",
+    "reference_dataset.source": "--reference-dataset", "generation_runner": "--generation-runner",
+    "scoring_runner": "--scoring-runner", "worker_lease_s": "--worker-lease",
 }
 
 
@@ -83,6 +84,9 @@ def evaluate(
     cache_dir: Optional[Path] = override_option(ScoringSpec, "cache_dir", "--cache-dir"),
     alpha: Optional[float] = override_option(AnalysisSpec, "alpha", "--alpha"),
     bootstrap: Optional[int] = override_option(AnalysisSpec, "bootstrap", "--bootstrap"),
+    generation_runner: Optional[str] = override_option(EvalConfig, "generation_runner", "--generation-runner"),
+    scoring_runner: Optional[str] = override_option(EvalConfig, "scoring_runner", "--scoring-runner"),
+    worker_lease: Optional[float] = override_option(EvalConfig, "worker_lease_s", "--worker-lease"),
 ) -> None:
     """Evaluate a checkpoint end to end as a Prefect flow (ephemeral local server, no set-up)."""
     from dpo_eval.config import parse_columns
@@ -100,7 +104,8 @@ def evaluate(
         "generation.max_new_tokens": max_new_tokens, "generation.batch_size": batch_size,
         "scoring.cache_dir": str(cache_dir) if cache_dir else None, "analysis.alpha": alpha,
         "analysis.bootstrap": bootstrap, "shard_size": shard_size, "out": str(out) if out else None,
-        "reference_dataset.source": reference_dataset})
+        "reference_dataset.source": reference_dataset, "generation_runner": generation_runner,
+        "scoring_runner": scoring_runner, "worker_lease_s": worker_lease})
     check_evaluation(eval_config)
     from flows.evaluate import evaluate_checkpoint
 

@@ -22,6 +22,7 @@ from dpo_eval.report import rewards_section, stats_table_rows, summary_markdown,
 from flows.judge import raise_failures, run_judges
 from flows.progress import stage_progress
 from flows.restarts import check_restarts
+from flows.task_workers import run_on_workers
 from tasks.evaluation import (compare_features_task, generate_answers_task, identify_task, implicit_rewards_task,
                               load_pairs_task, release_models_task, score_texts_task)
 from tasks.forgetting import compare_benchmarks_task, report_forgetting_task
@@ -47,11 +48,15 @@ def _collect(futures: list, sizes: list[int], stage: str, unit: str) -> list:
 
 
 def _score_shards(texts: pl.DataFrame, config: EvalConfig, stage: str = "scoring") -> list:
-    """Scoring shards on the flow's task runner (local processes), or on a Dask cluster."""
+    """Scoring shards on the flow's task runner (local processes), a Dask cluster, or the task workers."""
     if config.scoring_runner == "local":
         starts = range(0, texts.height, SCORE_SHARD)
         futures = [score_texts_task.submit(texts.slice(i, SCORE_SHARD), config.scoring) for i in starts]
         return _collect(futures, [texts.slice(i, SCORE_SHARD).height for i in starts], stage, "texts")
+    if config.scoring_runner == "task-workers":
+        parts = [texts.slice(i, SCORE_SHARD) for i in range(0, texts.height, SCORE_SHARD)]
+        return run_on_workers(score_texts_task, [{"texts": p, "spec": config.scoring} for p in parts],
+                              [p.height for p in parts], config.worker_lease_s, stage, "texts").results
     from prefect_dask import DaskTaskRunner
 
     workers = config.scoring.n_process or os.cpu_count() or 1
@@ -64,6 +69,23 @@ def _score_shards(texts: pl.DataFrame, config: EvalConfig, stage: str = "scoring
         futures = [runner.submit(score_texts_task, parameters={"texts": texts.slice(i, size), "spec": spec})
                    for i in starts]
         return _collect(futures, [texts.slice(i, size).height for i in starts], stage, "texts")
+
+
+def _generate(config: EvalConfig, shards: list, identity, n_pairs: int, logger) -> tuple[list, int, dict | None]:
+    """(results, cache hits, the task workers' account or None) of every shard x (base, tuned): in this
+    process one after another, or on the task workers (flows/task_workers.py)."""
+    calls = [{"spec": config.model, "generation": config.generation, "shard": shard, "model": model,
+              "key": identity.key(model)} for shard in shards for model in ("base", "tuned")]
+    if config.generation_runner == "task-workers":
+        done = run_on_workers(generate_answers_task, calls, [c["shard"].height for c in calls],
+                              config.worker_lease_s, "generation", "answers", logger)
+        return done.results, done.hits, {"resubmitted": done.resubmitted}
+    states = []
+    with stage_progress("generation", 2 * n_pairs, "answers") as progress:
+        for call in calls:
+            states.append(generate_answers_task(**call, return_state=True))
+            progress.advance(call["shard"].height)
+    return [s.result() for s in states], sum(s.name == "Cached" for s in states), None
 
 
 @flow(name="evaluate-checkpoint", log_prints=True)
@@ -94,18 +116,10 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
 
     with _timed(timings, "generate"):
         shards = pipeline.shard_pairs(pairs, config.shard_size)
-        states = []
-        with stage_progress("generation", 2 * pairs.height, "answers") as progress:
-            for shard in shards:
-                for model in ("base", "tuned"):
-                    states.append(generate_answers_task(config.model, config.generation, shard, model,
-                                                        identity.key(model), return_state=True))
-                    progress.advance(shard.height)
-        results = [s.result() for s in states]
-        answers = pl.concat([r[0] for r in results])
+        results, hits, workers = _generate(config, shards, identity, pairs.height, logger)
+        answers = pl.concat([pipeline.with_worker(r[0]) for r in results])
         repairs = list(dict.fromkeys(r for _, rs in results for r in rs))
-        hits = sum(s.name == "Cached" for s in states)
-        cache["generate"] = {"hits": hits, "misses": len(states) - hits}
+        cache["generate"] = {"hits": hits, "misses": len(results) - hits}
     answers.write_parquet(out / "answers.parquet")
     release_models_task()  # scoring needs the memory, not the model
 
@@ -149,7 +163,8 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
                                         "reference_report": reference_report})
     with _timed(timings, "report"):
         summary = analysis.summary | {"left_out": load_report["left_out"], "duplicates": load_report["duplicates"],
-                                      "timings": timings, "cache": cache}
+                                      "timings": timings, "cache": cache,
+                                      "workers": pipeline.worker_account(answers, config.generation_runner, workers)}
         if rewards_summary is not None:
             summary["implicit_reward"] = rewards_summary  # one object per split, nothing else
             summary["implicit_reward_beta"] = beta

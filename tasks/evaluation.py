@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dpo_eval import pipeline
 from dpo_eval.config import AnalysisSpec, DatasetSpec, GenerationSpec, ModelSpec, ScoringSpec
+from tasks.leases import held_lease
 
 
 def _generation_key(context, parameters) -> str:
@@ -52,20 +53,24 @@ def identify_task(spec: ModelSpec):
 @task(name="generate-answers", cache_key_fn=_generation_key, persist_result=True, retries=2,
       retry_delay_seconds=[5, 30], retry_condition_fn=_is_oom)
 def generate_answers_task(spec: ModelSpec, generation: GenerationSpec, shard: pl.DataFrame, model: str,
-                          key: str) -> tuple[pl.DataFrame, list[str]]:
+                          key: str, lease_s: float | None = None) -> tuple[pl.DataFrame, list[str]]:
+    """One model's answers to one shard; on a task worker (lease_s set) under a renewed lease."""
     from prefect.runtime import task_run
 
     batch = batch_for_attempt(generation.batch_size, task_run.run_count or 1)
     if batch != generation.batch_size:  # a retry after an out-of-memory error: half the batch each time
         pipeline.release_models()  # and a clean slate: what the failed attempt held is given back
         generation = generation.model_copy(update={"batch_size": batch})
-    return pipeline.generate_shard(spec, generation, shard, model, key)
+    with held_lease(lease_s):
+        return pipeline.generate_shard(spec, generation, shard, model, key)
 
 
 @task(name="score-texts", cache_policy=NO_CACHE, retries=1)
-def score_texts_task(texts: pl.DataFrame, spec: ScoringSpec):
-    """Scores of a shard of texts; the scoring cache makes one text scored once, ever."""
-    scores, stats = pipeline.score_frame(texts, spec)
+def score_texts_task(texts: pl.DataFrame, spec: ScoringSpec, lease_s: float | None = None):
+    """Scores of a shard of texts; the scoring cache makes one text scored once, ever (on a task worker,
+    lease_s set, under a renewed lease)."""
+    with held_lease(lease_s):
+        scores, stats = pipeline.score_frame(texts, spec)
     return scores, {"hits": stats.hits, "misses": stats.misses}
 
 

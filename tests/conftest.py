@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.prefect_server import on_server, server  # noqa: F401 - session fixtures: one real Prefect server
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DPO_EVAL_SHARED", ROOT.parent / "shared"))
 

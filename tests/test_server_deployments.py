@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from prefect import flow
 
 from dpo_eval.config import EvalConfig
 from tests.builders import make_adapter
+from tests.prefect_server import free_port, wait_for  # noqa: F401 - the session server is in conftest
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -51,77 +51,6 @@ SERVE_TEST_FLOWS = ("from prefect import serve\n"
                     "from tests.test_server_deployments import crash_probe, evaluate_stub\n"
                     "serve(crash_probe.to_deployment('probe', concurrency_limit=1),\n"
                     "      evaluate_stub.to_deployment('stub', concurrency_limit=1))\n")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str, interval: float = 1):
-    """Poll `check` until it returns something true; at most `timeout` seconds (and so a bounded count)."""
-    deadline = time.time() + timeout
-    for _ in range(int(timeout / interval) + 1):
-        value = check()
-        if value:
-            return value
-        if time.time() > deadline:
-            break
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """One `prefect server start` on 127.0.0.1 and a free port for the test session."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="false")
-    env.pop("PREFECT_API_URL", None)
-    prefect = Path(sys.executable).parent / "prefect"
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
-
-    def healthy():
-        try:
-            return httpx.get(f"{api}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(healthy, 120, "prefect server")
-        yield api, env
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
-
-
-@pytest.fixture
-def on_server(server):
-    """This process's Prefect client pointed at the session server.
-
-    Prefect keeps one events worker per client type, not per API URL: left running, the worker made here
-    would send a later module's events (its own test harness) to this server. Drain it on the way out, as
-    prefect_test_harness does."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: server[0]}):
-        try:
-            yield server[0]
-        finally:
-            APILogWorker.drain_all(timeout=30)
-            EventsWorker.drain_all(timeout=30)
 
 
 def deployment_named(api: str, flow_name: str, name: str) -> dict | None:
@@ -369,14 +298,18 @@ def test_watcher_through_a_deployment_runs_each_checkpoint_once(on_server, serve
 def test_docker_files_install_what_the_makefile_installs():
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"postgres", "prefect-server", "cpu-worker", "gpu-worker"} <= set(services)
+    assert {"postgres", "prefect-server", "cpu-worker", "pool-worker", "gpu-worker"} <= set(services)
     assert "postgresql+asyncpg" in json.dumps(services["prefect-server"]["environment"])
-    for worker in ("cpu-worker", "gpu-worker"):  # one result storage that both workers share
+    for worker in ("cpu-worker", "pool-worker", "gpu-worker"):  # one result storage that all workers share
         assert services[worker]["environment"]["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == "/results"
+        assert services[worker]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert "results:/results" in services[worker]["volumes"]
     assert "results" in compose["volumes"]
-    devices = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["capabilities"] == ["gpu"]
+    for worker in ("pool-worker", "gpu-worker"):
+        devices = services[worker]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == 1
+    # the task workers scale (--scale gpu-worker=N): no fixed name, and each runs `dpo-eval worker`
+    assert services["gpu-worker"]["command"] == ["dpo-eval", "worker"] and "container_name" not in services["gpu-worker"]
     for image in ("Dockerfile.gpu", "Dockerfile.cpu"):
         text = (ROOT / "docker" / image).read_text()
         assert "make install" in text and "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=reschedule" in text

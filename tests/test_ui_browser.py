@@ -17,7 +17,7 @@ import yaml
 
 from tests.builders import make_adapter
 from tests.test_report_browser import chromium
-from tests.test_server_deployments import free_port, wait_for
+from tests.prefect_server import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")

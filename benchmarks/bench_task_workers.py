@@ -1,0 +1,118 @@
+"""Generation shards on 1 vs 2 `dpo-eval worker` processes (Prefect task workers) of a real `prefect server`:
+wall time of the generation stage of the same evaluation (fresh result storage each time, so every shard is
+generated). Prints JSON.
+
+    .venv/bin/python benchmarks/bench_task_workers.py [--pairs 24] [--shard-size 4] [--new-tokens 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait(check, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run(n_workers: int, api: str, env: dict, config: dict, root: Path) -> dict:
+    results = root / f"results-{n_workers}"
+    worker_env = dict(env, PREFECT_API_URL=api, PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(results), PYTHONPATH=str(ROOT))
+    workers = [subprocess.Popen([sys.executable, "-m", "dpo_eval", "worker"], env=worker_env, cwd=ROOT,
+                                stdout=open(root / f"worker-{n_workers}-{i}.log", "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True) for i in range(n_workers)]
+    try:
+        wait(lambda: len(httpx.post(f"{api}/task_workers/filter", json={}, timeout=5).json()) >= n_workers, 180,
+             "the workers")
+        out = root / f"run-{n_workers}"
+        (root / f"config-{n_workers}.json").write_text(json.dumps(config | {"out": str(out)}))
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import sys; from dpo_eval.config import EvalConfig; "
+                        "from flows.evaluate import evaluate_checkpoint; "
+                        "evaluate_checkpoint(EvalConfig.model_validate_json(open(sys.argv[1]).read()))",
+                        str(root / f"config-{n_workers}.json")], env=worker_env, cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        summary = json.loads((out / "summary.json").read_text())
+        return {"workers": n_workers, "generate_s": summary["timings"]["generate"], "run_s": round(wall, 1),
+                "answers_per_worker": summary["workers"]["answers"], "cache": summary["cache"]["generate"]}
+    finally:
+        for proc in workers:
+            stop(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=str(SHARED / "models" / "stories260k"))
+    parser.add_argument("--data", default=str(SHARED / "data" / "orca_dpo_pairs_validation.jsonl"))
+    parser.add_argument("--pairs", type=int, default=24)
+    parser.add_argument("--shard-size", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from tests.builders import make_adapter
+
+    root = Path(tempfile.mkdtemp(prefix="bench-task-workers-"))
+    adapter = make_adapter(Path(args.base), root / "adapter", zero=False, seed=5)
+    config = {"dataset": {"source": args.data, "limit": args.pairs},
+              "model": {"base": args.base, "adapter": str(adapter), "quantization": "4bit"},
+              "generation": {"max_new_tokens": args.new_tokens, "batch_size": args.shard_size},
+              "scoring": {"n_process": 1, "cache_dir": str(root / "scores")},
+              "analysis": {"bootstrap": 0, "permutations": 0}, "rewards": False,
+              "shard_size": args.shard_size, "generation_runner": "task-workers"}
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=open(root / "server.log", "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 120, "prefect server")
+        one, two = run(1, api, env, config, root), run(2, api, env, config, root)
+    finally:
+        stop(server)
+    print(json.dumps({"pairs": args.pairs, "shards": -(-args.pairs // args.shard_size), "task_runs":
+                      2 * -(-args.pairs // args.shard_size), "new_tokens": args.new_tokens, "cores": os.cpu_count(),
+                      "one_worker": one, "two_workers": two,
+                      "generate_speedup": round(one["generate_s"] / two["generate_s"], 2)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

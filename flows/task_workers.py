@@ -1,0 +1,183 @@
+"""Shards on N machines: Prefect task workers (`dpo-eval worker`) and the flow side that feeds and watches them.
+
+Why task workers and not a `generate-shard` deployment started with run_deployment: a deployment's run
+is a new process on the worker (a process or docker worker starts one per flow run), so every shard
+would load the model again; a task worker is one long-lived process that runs background task runs
+(`task.delay()`) in threads, so the model it loaded for the first shard (pipeline.cached_model, keyed on
+the model identity) serves every later shard of that identity. Shards keep their cache keys, results go
+to the shared result storage, so a shard done by any worker, in any run, is never redone.
+
+A worker lost mid-shard is found by its lease (tasks/leases.py) and the shard is submitted again; the
+stale task run is marked Crashed so the UI tells the truth.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import typer
+
+from dpo_eval.errors import DpoEvalError
+from tasks.leases import lease_name
+
+POLL_S = 1.0
+
+
+def worker(limit: int = typer.Option(1, "--limit", min=1, help="Shards this worker runs at once (one GPU: 1)."),
+           ) -> None:
+    """Run a dpo-eval task worker: generation and scoring shards of evaluations with generation_runner (or
+    scoring_runner) task-workers, from the Prefect API in PREFECT_API_URL; results in the shared result storage
+    (PREFECT_RESULTS_LOCAL_STORAGE_PATH on a shared volume, or PREFECT_DEFAULT_RESULT_STORAGE_BLOCK)."""
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        raise DpoEvalError("dpo-eval worker needs PREFECT_API_URL: the Prefect server that the evaluation's flow "
+                           "also uses (e.g. http://HOST:4200/api); a worker on a private ephemeral server gets no work")
+    import asyncio
+
+    from tasks.evaluation import generate_answers_task, score_texts_task
+
+    async def run() -> None:  # a TaskWorker is made inside its event loop
+        await shard_worker_class()(generate_answers_task, score_texts_task, limit=limit).astart()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+def shard_worker_class():
+    """Prefect's TaskWorker, taking a task run off the server only when it has room to run it.
+
+    Prefect 3.9's worker acknowledges every task run the server sends as soon as it arrives and only then
+    waits for a free slot: a busy worker holds one more shard than it runs, and when that worker dies the
+    server, which forgets a task run once acknowledged, never hands that shard to anyone (it stays
+    Scheduled, with no lease to lapse). This worker waits for a slot first, then reads (and acknowledges) the
+    next task run; a shard sent to it but not yet read goes back to the server's queue when it dies, and the
+    server gives it to another worker. The rest (engine, results, cache) is Prefect's own.
+    """
+    from prefect.client.schemas.objects import TaskRun
+    from prefect.client.subscriptions import Subscription
+    from prefect.settings import get_current_settings
+    from prefect.task_worker import TaskWorker
+
+    class ShardWorker(TaskWorker):
+        async def _subscribe_to_task_scheduling(self):
+            subscription = Subscription(model=TaskRun, path="/task_runs/subscriptions/scheduled",
+                                        keys=self.task_keys, client_id=self.client_id,
+                                        base_url=get_current_settings().api.url)
+            slot = object()
+            while True:
+                await self._limiter.acquire_on_behalf_of(slot)  # room to run one more: only now read one
+                self._limiter.release_on_behalf_of(slot)
+                task_run = await subscription.__anext__()
+                if await self._acquire_token(task_run.id):
+                    self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, task_run)
+
+    return ShardWorker
+
+
+@dataclass
+class Outcome:
+    """What a batch of shards on the workers gave: results in submission order, the final states, and the
+    shards submitted again because their worker was lost."""
+
+    results: list
+    states: list
+    resubmitted: list[dict] = field(default_factory=list)
+
+    @property
+    def hits(self) -> int:
+        return sum(s.name == "Cached" for s in self.states)
+
+
+@dataclass
+class _Watch:
+    """The lease renewals seen of one running task run, on this process's clock."""
+
+    beat: int | None = None
+    since: float = field(default_factory=time.monotonic)
+    worker: str | None = None
+
+
+def _running_states(client, futures: dict) -> dict:
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+
+    ids = [f.task_run_id for f in futures.values()]
+    runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=ids)), limit=len(ids))
+    return {run.id: run.state for run in runs}
+
+
+def _lost(client, task_run_id, watch: _Watch, lease_s: float) -> bool:
+    """Whether the lease of a running task run went unrenewed for lease_s (its worker is gone)."""
+    from prefect.variables import Variable
+
+    lease = Variable.get(lease_name(task_run_id), default=None)
+    beat = lease.get("beat") if isinstance(lease, dict) else None  # None: not taken yet, or just given back
+    if beat != watch.beat:
+        watch.beat, watch.since = beat, time.monotonic()
+        watch.worker = lease.get("worker") if isinstance(lease, dict) else watch.worker
+    return time.monotonic() - watch.since > lease_s
+
+
+def _give_up(client, task_run_id, watch: _Watch, lease_s: float) -> None:
+    from prefect.states import Crashed
+    from prefect.variables import Variable
+
+    client.set_task_run_state(task_run_id, Crashed(message=f"dpo-eval: worker {watch.worker or '?'} lost (no lease "
+                                                   f"renewal for {lease_s:g} s); shard submitted again"), force=True)
+    Variable.unset(lease_name(task_run_id))
+
+
+def run_on_workers(task, calls: list[dict], sizes: list[int], lease_s: float, stage: str, unit: str,
+                   logger=None) -> Outcome:
+    """Submit `task(**call, lease_s=...)` for every call to the task workers and wait for all; a call whose
+    worker is lost is submitted again (the cache key is the same, so work already stored is not redone)."""
+    from prefect import get_client
+
+    from flows.progress import stage_progress
+
+    futures = {i: task.delay(**call, lease_s=lease_s) for i, call in enumerate(calls)}
+    watches: dict = {}
+    final: dict = {}
+    resubmitted: list[dict] = []
+    with get_client(sync_client=True) as client, stage_progress(stage, sum(sizes), unit) as progress:
+        _warn_without_workers(client, task, logger)
+        while len(final) < len(calls):
+            states = _running_states(client, {i: f for i, f in futures.items() if i not in final})
+            for i, future in futures.items():
+                if i in final:
+                    continue
+                if future.task_run_id not in states:
+                    raise DpoEvalError(f"{stage} shard {i}: its task run {future.task_run_id} was deleted, as a worker "
+                                       "does when it cannot read the task's parameters: every dpo-eval worker and the "
+                                       "flow must share one result storage (the same PREFECT_RESULTS_LOCAL_STORAGE_PATH "
+                                       "on a shared volume, or PREFECT_DEFAULT_RESULT_STORAGE_BLOCK); finished shards "
+                                       "are kept, so run again once the workers are fixed")
+                state = states[future.task_run_id]
+                if state.is_final():
+                    final[i] = state
+                    progress.advance(sizes[i])
+                elif state.is_running():
+                    watch = watches.setdefault(future.task_run_id, _Watch())
+                    if _lost(client, future.task_run_id, watch, lease_s):
+                        _give_up(client, future.task_run_id, watch, lease_s)
+                        resubmitted.append({"call": i, "task_run": str(future.task_run_id), "worker": watch.worker})
+                        if logger is not None:
+                            logger.warning("%s shard %d: worker %s lost; submitted again", stage, i, watch.worker)
+                        futures[i] = task.delay(**calls[i], lease_s=lease_s)
+            if len(final) < len(calls):
+                time.sleep(POLL_S)
+    results = [futures[i].result() for i in range(len(calls))]
+    return Outcome(results, [final[i] for i in range(len(calls))], resubmitted)
+
+
+def _warn_without_workers(client, task, logger) -> None:
+    """A run waits for workers that may come later; say so where none is connected now."""
+    if logger is None:
+        return
+    response = client._client.post("/task_workers/filter", json={"task_worker_filter": {"task_keys": [task.task_key]}})
+    if response.status_code == 200 and not response.json():
+        logger.warning("no dpo-eval worker is connected for %s: shards wait until one starts (`dpo-eval worker` "
+                       "with this PREFECT_API_URL and the shared result storage)", task.name)

@@ -1,0 +1,86 @@
+"""One real `prefect server start` per test session (fixtures `server`, `on_server`, registered in conftest),
+and the polling helpers of the tests that drive it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 1):
+    """Poll `check` until it returns something true; at most `timeout` seconds (and so a bounded count)."""
+    deadline = time.time() + timeout
+    for _ in range(int(timeout / interval) + 1):
+        value = check()
+        if value:
+            return value
+        if time.time() > deadline:
+            break
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One `prefect server start` on 127.0.0.1 and a free port for the test session."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    prefect = Path(sys.executable).parent / "prefect"
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+
+    def healthy():
+        try:
+            return httpx.get(f"{api}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, 120, "prefect server")
+        yield api, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def on_server(server):
+    """This process's Prefect client pointed at the session server.
+
+    Prefect keeps one events worker per client type, not per API URL: left running, the worker made here
+    would send a later module's events (its own test harness) to this server. Drain it on the way out, as
+    prefect_test_harness does."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server[0]}):
+        try:
+            yield server[0]
+        finally:
+            APILogWorker.drain_all(timeout=30)
+            EventsWorker.drain_all(timeout=30)
