@@ -19,12 +19,12 @@ from dpo_eval.forgetting_report import forgetting_markdown
 from dpo_eval.forgetting_report import headline as forgetting_headline
 from dpo_eval.judge_report import judge_markdown
 from dpo_eval.logprobs import reward_summary
+from dpo_eval.per_source import has_sources, source_section
+from dpo_eval.quant_study import STUDY_FILE, setting_config
 from dpo_eval.report import rewards_section, stats_table_rows, summary_markdown, write_outputs
 from flows.judge import raise_failures, run_judges
 from flows.progress import stage_progress
 from flows.restarts import check_restarts
-from dpo_eval.per_source import has_sources, source_section
-from dpo_eval.quant_study import STUDY_FILE, setting_config
 from tasks.evaluation import (analyze_sources_task, compare_features_task, compare_quantizations_task,
                               generate_answers_task, identify_task, implicit_rewards_task, load_pairs_task,
                               load_sources_task, release_models_task, score_texts_task)
@@ -73,11 +73,13 @@ def _score_shards(texts: pl.DataFrame, config: EvalConfig, stage: str = "scoring
 def _quantization_study(config: EvalConfig, judge_limit: str | None) -> dict:
     """Each further quantization setting as a sub-run (this flow again, as a subflow: every stage cached as
     usual), then their comparison with this run; returns the summary with its `quantization` block."""
+    started = time.perf_counter()
     for setting in config.quantization_study:
         evaluate_checkpoint(setting_config(config, setting), judge_limit)
     study = compare_quantizations_task(config)
     path = config.out / "summary.json"
     summary = json.loads(path.read_text())
+    summary["timings"]["quantization_study"] = round(time.perf_counter() - started, 3)
     summary["quantization"] = {"file": STUDY_FILE, "reference": study["reference"],
                                "settings": {s: {k: r[k] for k in ("identical_answers", "features_moved", "n_features")}
                                             for s, r in study["settings"].items()}}
