@@ -23,7 +23,7 @@ from dpo_eval.report import Section, add_section
 
 STUDY_FILE = "quantization.json"
 FOLDER = "quantization"
-GPU_NOTE = ("On stories260k every setting runs on the CPU in seconds. On a 7B model the study needs a GPU: "
+GPU_NOTE = ("A tiny model such as stories260k runs every setting on the CPU. On a 7B model the study needs a GPU: "
             "bitsandbytes' 8-bit and 4-bit layers run on the CPU but far too slowly for thousands of answers, "
             "and 'none' holds the whole model in the compute dtype (about 14 GB for 7B parameters in bf16).")
 CPU_8BIT_NOTE = ("bitsandbytes 8-bit on the CPU casts each layer's input to float16 (its warning: 'MatMul8bitLt: "

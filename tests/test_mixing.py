@@ -90,11 +90,11 @@ def test_checkpoint_metadata_records_each_pairs_source(mixed_checkpoint, two_sou
 def test_evaluate_reports_per_source(harness, mixed_checkpoint, two_sources, stories260k, tmp_path):
     from flows.evaluate import evaluate_checkpoint
 
-    small = tuple(spec.model_copy(update={"limit": 10}) for spec in two_sources)
+    small = tuple(spec.model_copy(update={"limit": 6}) for spec in two_sources)
     config = EvalConfig(dataset=small[0], extra_datasets=small[1:],
                         model=ModelSpec(base=str(stories260k), adapter=str(mixed_checkpoint), quantization="none",
                                         compute_dtype="float32"),
-                        generation=GenerationSpec(max_new_tokens=8, batch_size=10),
+                        generation=GenerationSpec(max_new_tokens=6, batch_size=6),
                         scoring=ScoringSpec(cache_dir=tmp_path / "scores", n_process=1),
                         analysis=AnalysisSpec(bootstrap=50, permutations=50), out=tmp_path / "run")
     summary = evaluate_checkpoint(config)
@@ -106,7 +106,7 @@ def test_evaluate_reports_per_source(harness, mixed_checkpoint, two_sources, sto
         mine = pairs.filter(pl.col("source") == source)
         trained = mine.filter(pl.col("pair_id").is_in(meta["source_pair_ids"][source]["train"]))
         assert result["n_pairs"].get("train", 0) == trained.height == (mine["split"] == "train").sum()
-        assert sum(result["n_pairs"].values()) == mine.height == 10
-        assert sum(r["n"] + r["skipped"] for r in result["implicit_reward"].values()) == 10
+        assert sum(result["n_pairs"].values()) == mine.height == 6
+        assert sum(r["n"] + r["skipped"] for r in result["implicit_reward"].values()) == 6
     assert {s: sum(r["n_pairs"].get(s, 0) for r in by_source.values()) for s in summary["n_pairs"]} == summary["n_pairs"]
     assert "Per data set" in (tmp_path / "run" / "report.html").read_text()

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
-from dpo_eval.quant_study import compare_setting, identical_answers
+from dpo_eval.quant_study import identical_answers, reward_shift
 from tests.builders import make_adapter
 
 N = 8
@@ -62,13 +62,12 @@ def test_every_setting_runs_and_is_compared_with_4bit(study):
     assert "Quantization study (against 4bit)" in (run / "report.html").read_text()
 
 
-def test_none_against_none_is_identical(study, tmp_path):
+def test_none_against_none_is_identical(study):
+    """The same setting's answers and rewards against themselves (test_compare covers a run's features against
+    themselves: no feature moves)."""
     none = study["run"] / "quantization" / "none"
-    row = compare_setting(none, none, tmp_path / "same")
-    assert row["identical_answers"] == {"tuned": N, "base": N, "n": N}
-    assert all(v == 0 for v in row["features_moved"].values())
-    assert row["reward_shift"]["margin_max_abs_diff"] == 0 and row["reward_shift"]["same_verdict"] == 1
-    assert identical_answers(none, study["run"])["n"] == N
+    assert identical_answers(none, none) == {"tuned": N, "base": N, "n": N}
+    assert reward_shift(none, none) == {"n": N, "margin_max_abs_diff": 0.0, "same_verdict": 1.0}
 
 
 def test_a_setting_given_twice_is_named(tmp_path, capsys, stories260k, orca_jsonl):
