@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Format = Literal["auto", "orca", "openai", "hh-rlhf", "trl", "columns", "prompts"]
 
@@ -202,14 +202,16 @@ class EvalConfig(Spec):
                                      "or hub id) that scores every answer, added as the feature reward_model with "
                                      "its calibration on chosen vs rejected; None: no reward model.")
 
-    @model_validator(mode="after")
-    def _study_settings_differ(self):
-        settings = (self.model.quantization, *self.quantization_study)
+    @field_validator("quantization_study")
+    @classmethod
+    def _study_settings_differ(cls, value, info):
+        model = info.data.get("model")  # validated before this field; absent when it was invalid
+        settings = ((model.quantization,) if model is not None else ()) + tuple(value)
         repeated = sorted({s for s in settings if settings.count(s) > 1})
         if repeated:
-            raise ValueError(f"quantization {', '.join(repeated)} given twice: list each setting once, the main "
-                             "run's first (e.g. 4bit,8bit,none)")
-        return self
+            raise ValueError(f"quantization {', '.join(repeated)} given twice (model.quantization is the main "
+                             "run's): list each setting once, the main run's first (e.g. 4bit,8bit,none)")
+        return value
 
 
 class JudgeSpec(Spec):
