@@ -159,6 +159,11 @@ class EvalConfig(Spec):
 
     dataset: DatasetSpec = Field(title="Data set", description="The preference data set and its split (or questions without "
                                  "labels: the prompts format).")
+    extra_datasets: tuple[DatasetSpec, ...] = Field(
+        (), title="More data sets (per-source results)", description="Further preference data sets evaluated with "
+        "`dataset` in one run (e.g. each data set a mixed training run was trained on): every pair keeps its "
+        "source (pairs.parquet's `source` column), and the summary and report add each source's results beside "
+        "the pooled ones. A pair already in an earlier data set is counted once.")
     reference_dataset: DatasetSpec | None = Field(
         None, title="Reference data set (for questions without labels)", description="For a data set without labels: the preference data the checkpoint was trained on, "
         "whose chosen - rejected gives the direction and the scale S_j (its train split, as the checkpoint's "
@@ -170,6 +175,11 @@ class EvalConfig(Spec):
                                  "scored with TextDescriptives (spaCy).")
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, title="Statistics", description="The paired "
                                    "statistics: significance level, bootstrap CIs, permutation test.")
+    quantization_study: tuple[Literal["none", "8bit", "4bit"], ...] = Field(
+        (), title="Quantization study", description="Further quantization settings to evaluate the same checkpoint "
+        "in, each compared with model.quantization (the main run): a sub-run in quantization/<setting>/, its "
+        "comparison with the main run in quantization/<setting>-vs-<main>/, and quantization.json (identical "
+        "greedy answers, features moved, implicit rewards per setting). Empty: no study.")
     out: Path = Field(Path("runs/latest"), title="Run folder", description="Folder for every output file "
                       "(report.html, summary.json, stats, answers); relative paths are on the serving machine.")
     shard_size: int = Field(256, ge=1, title="Shard size", description="Prompts per generation shard (the unit of resumption).")
@@ -200,6 +210,17 @@ class EvalConfig(Spec):
     reward_model: str | None = Field(None, title="Reward model", description="A reward model (one-output sequence classifier: a folder "
                                      "or hub id) that scores every answer, added as the feature reward_model with "
                                      "its calibration on chosen vs rejected; None: no reward model.")
+
+    @field_validator("quantization_study")
+    @classmethod
+    def _study_settings_differ(cls, value, info):
+        model = info.data.get("model")  # validated before this field; absent when it was invalid
+        settings = ((model.quantization,) if model is not None else ()) + tuple(value)
+        repeated = sorted({s for s in settings if settings.count(s) > 1})
+        if repeated:
+            raise ValueError(f"quantization {', '.join(repeated)} given twice (model.quantization is the main "
+                             "run's): list each setting once, the main run's first (e.g. 4bit,8bit,none)")
+        return value
 
 
 class JudgeSpec(Spec):

@@ -143,7 +143,12 @@ def check_evaluation(config: EvalConfig) -> None:
     from dpo_eval.pipeline import check_labels
 
     check_model(config.model, require_adapter=True)
-    pairs = read_pairs(config.dataset)[0]
+    if config.extra_datasets:
+        from dpo_eval.mixing import read_sources
+
+        pairs = read_sources((config.dataset, *config.extra_datasets))[0]
+    else:
+        pairs = read_pairs(config.dataset)[0]
     reference = read_pairs(config.reference_dataset)[0] if config.reference_dataset is not None else None
     check_labels(pairs, reference, config)
 

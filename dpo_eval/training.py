@@ -2,7 +2,7 @@
 
 Each checkpoint folder holds the adapter and `dpo_eval_training.json`: beta, loss type, step, learning
 rate, base and data fingerprints, and the train/valid pair ids (so evaluation never tests on training
-pairs). `on_checkpoint(folder)` is called after each save (the Prefect flow emits an event there).
+pairs); with several data sets (a mix, dpo_eval.mixing) also each source's share and its pair ids. `on_checkpoint(folder)` is called after each save (the Prefect flow emits an event there).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import polars as pl
 from pydantic import Field
 
 from dpo_eval.config import DatasetSpec, ModelSpec, Spec
-from dpo_eval.data import prompt_turns, read_pairs
+from dpo_eval.data import prompt_turns
+from dpo_eval.mixing import mix_train, read_sources, source_pair_ids
 from dpo_eval.progress import quiet_trainer, terminal
 from dpo_eval.prompts import PromptFormatter, training_prompt
 
@@ -29,6 +30,13 @@ class TrainSpec(Spec):
 
     base: str = Field(description="Base model folder or hub id.")
     dataset: DatasetSpec = Field(description="Preference data; only its train split is trained on.")
+    extra_datasets: tuple[DatasetSpec, ...] = Field((), description="Further preference data sets mixed into "
+                                                    "training (their train splits); each pair's source is recorded "
+                                                    "in the checkpoint's metadata.")
+    weights: tuple[float, ...] | None = Field(None, description="Share of each data set in the training mix, "
+                                              "`dataset` first (normalised to sum 1): drawn without replacement "
+                                              "with `seed`, as many pairs as the scarcest source allows. None: "
+                                              "every train pair of every data set.")
     out: Path = Field(description="Folder for checkpoint-N adapter folders.")
     steps: int = Field(40, ge=1, description="Optimiser steps.")
     save_every: int = Field(20, ge=1, description="Save a checkpoint every N steps.")
@@ -79,8 +87,8 @@ def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None 
 
     from dpo_eval.models import fingerprints, load_base, load_tokenizer
 
-    pairs, _ = read_pairs(spec.dataset)
-    train = pairs.filter(pl.col("split") == "train")
+    pairs, _ = read_sources((spec.dataset, *spec.extra_datasets))
+    train, mix = mix_train(pairs, spec.weights, spec.seed)
     model_spec = ModelSpec(base=spec.base, quantization=spec.quantization,
                            compute_dtype="bfloat16" if torch.cuda.is_available() else "float32")
     repairs: list[str] = []
@@ -92,6 +100,8 @@ def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None 
                 "prompt_template": spec.prompt_template,
                 "base": spec.base, "base_fingerprint": fingerprints(model_spec)[0],
                 "data_fingerprint": data_fingerprint(pairs), "dataset": spec.dataset.model_dump(mode="json"),
+                "datasets": [d.model_dump(mode="json") for d in (spec.dataset, *spec.extra_datasets)],
+                "mix": mix, "source_pair_ids": source_pair_ids(pairs, train),
                 "train_pair_ids": train["pair_id"].to_list(),
                 "valid_pair_ids": pairs.filter(pl.col("split") == "valid")["pair_id"].to_list(),
                 "repairs": repairs}

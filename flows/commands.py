@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.training import TrainSpec
-from dpo_eval_cli.options import BaseOpt, ColumnsOpt, DatasetOpt, LimitOpt, build, override_option, spec_option, \
+from dpo_eval_cli.options import BaseOpt, ColumnsOpt, LimitOpt, build, override_option, spec_option, \
     validation_message
 
 # evaluate's options: the EvalConfig field each one sets, and its flag.
@@ -29,9 +29,25 @@ EVALUATE_FLAGS = {
     "generation.max_new_tokens": "--max-new-tokens", "generation.batch_size": "--batch-size",
     "scoring.cache_dir": "--cache-dir", "analysis.alpha": "--alpha", "analysis.bootstrap": "--bootstrap",
     "shard_size": "--shard-size", "out": "--out", "reference_dataset": "--reference-dataset",
-    "reference_dataset.source": "--reference-dataset", "generation_runner": "--generation-runner",
+    "reference_dataset.source": "--reference-dataset", "quantization_study": "--quantization",
+    **{f"quantization_study.{i}": "--quantization" for i in range(3)}, "generation_runner": "--generation-runner",
     "scoring_runner": "--scoring-runner", "worker_lease_s": "--worker-lease",
 }
+REPEAT_HELP = " Repeat it for several data sets (e.g. each one a mixed training run used): results per data set too."
+QUANT_HELP = (" A comma-separated list (e.g. 4bit,8bit,none) runs a quantization study: the first setting is the main "
+              "run, each other one a sub-run in OUT/quantization/<setting>/ compared with it (quantization.json).")
+
+
+def parse_quantizations(text: str | None) -> tuple[str | None, tuple[str, ...] | None]:
+    """--quantization 4bit[,8bit,none]: (the main run's setting, the study's other settings or None)."""
+    if text is None:
+        return None, None
+    settings = [part.strip() for part in text.split(",")]
+    twice = sorted({s for s in settings if settings.count(s) > 1})
+    if twice or "" in settings:
+        raise DpoEvalError(f"--quantization {text}: " + (f"{twice[0]} is given twice" if twice else "an empty setting")
+                           + "; list each setting once, the main run's first (e.g. 4bit,8bit,none)")
+    return settings[0], (tuple(settings[1:]) if len(settings) > 1 else None)
 
 
 def _set(tree: dict, dotted: str, value) -> None:
@@ -64,7 +80,8 @@ def evaluate(
     base: Optional[str] = override_option(ModelSpec, "base", "--base"),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="The DPO adapter (checkpoint) to evaluate: "
                                           "a folder or hub id (required, here or in --config)."),
-    dataset: Optional[str] = override_option(DatasetSpec, "source", "--dataset"),
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", metavar="DATA", help=DatasetSpec.model_fields["source"].description
+                                                + REPEAT_HELP, show_default=False),
     reference_dataset: Optional[str] = typer.Option(
         None, "--reference-dataset", help="For questions without labels (prompt or question only): the preference "
         "data the checkpoint was trained on, whose chosen - rejected gives the direction and the scale."),
@@ -75,7 +92,9 @@ def evaluate(
     seed: Optional[int] = override_option(DatasetSpec, "seed", "--seed"),
     valid_fraction: Optional[float] = override_option(DatasetSpec, "valid_fraction", "--valid-fraction"),
     limit: Optional[int] = override_option(DatasetSpec, "limit", "--limit"),
-    quantization: Optional[str] = override_option(ModelSpec, "quantization", "--quantization"),
+    quantization: Optional[str] = typer.Option(None, "--quantization", help=ModelSpec.model_fields["quantization"]
+                                               .description + " One of: none|8bit|4bit. Default: 4bit." + QUANT_HELP,
+                                               show_default=False),
     compute_dtype: Optional[str] = override_option(ModelSpec, "compute_dtype", "--compute-dtype"),
     prompt_template: Optional[str] = override_option(ModelSpec, "prompt_template", "--prompt-template"),
     max_new_tokens: Optional[int] = override_option(GenerationSpec, "max_new_tokens", "--max-new-tokens"),
@@ -96,16 +115,21 @@ def evaluate(
         mapping = parse_columns(columns) or None
     except ValueError as exc:
         raise DpoEvalError(str(exc)) from exc
+    main_quantization, study = parse_quantizations(quantization)
     eval_config = evaluate_config(config, {
-        "dataset.source": dataset, "dataset.format": fmt, "dataset.seed": seed,
+        "dataset.source": dataset[0] if dataset else None, "dataset.format": fmt, "dataset.seed": seed,
         "dataset.valid_fraction": valid_fraction, "dataset.limit": limit, "dataset.columns": mapping,
-        "model.base": base, "model.adapter": adapter, "model.quantization": quantization,
+        "model.base": base, "model.adapter": adapter, "model.quantization": main_quantization,
+        "quantization_study": study,
         "model.compute_dtype": compute_dtype, "model.prompt_template": prompt_template,
         "generation.max_new_tokens": max_new_tokens, "generation.batch_size": batch_size,
         "scoring.cache_dir": str(cache_dir) if cache_dir else None, "analysis.alpha": alpha,
         "analysis.bootstrap": bootstrap, "shard_size": shard_size, "out": str(out) if out else None,
         "reference_dataset.source": reference_dataset, "generation_runner": generation_runner,
         "scoring_runner": scoring_runner, "worker_lease_s": worker_lease})
+    if dataset and len(dataset) > 1:  # --format, --columns, --limit and the split options apply to each
+        eval_config = eval_config.model_copy(update={"extra_datasets": tuple(
+            eval_config.dataset.model_copy(update={"source": source}) for source in dataset[1:])})
     check_evaluation(eval_config)
     from flows.evaluate import evaluate_checkpoint
 
@@ -149,13 +173,15 @@ def demo(
 
 
 TRAIN_FLAGS = {"base": "--base", "dataset.source": "--dataset", "dataset.limit": "--limit", "out": "--out",
+               "weights": "--weights", **{f"weights.{i}": "--weights" for i in range(16)},
                "steps": "--steps", "save_every": "--save-every", "beta": "--beta", "learning_rate": "--lr",
                "batch_size": "--batch-size", "quantization": "--quantization"}
 
 
 def train(
     base: str = BaseOpt,
-    dataset: str = DatasetOpt,
+    dataset: list[str] = typer.Option(..., "--dataset", metavar="DATA", help=DatasetSpec.model_fields["source"].description
+                                      + " Repeat it to train on a mix of data sets (see --weights)."),
     out: Path = typer.Option(..., "--out", help=TrainSpec.model_fields["out"].description),
     steps: int = spec_option(TrainSpec, "steps", "--steps"),
     save_every: int = spec_option(TrainSpec, "save_every", "--save-every"),
@@ -164,20 +190,38 @@ def train(
     batch_size: int = spec_option(TrainSpec, "batch_size", "--batch-size"),
     quantization: str = spec_option(TrainSpec, "quantization", "--quantization"),
     limit: Optional[int] = LimitOpt,
+    weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated share of each --dataset in the "
+                                          "training mix, in order (e.g. 0.5,0.5; normalised to sum 1): drawn "
+                                          "without replacement with the training seed, as many pairs as the "
+                                          "scarcest data set allows. Default: every train pair of every data set."),
 ) -> None:
     """DPO training of a (Q)LoRA adapter with trl, as the Prefect flow train-dpo."""
+    from dpo_eval.mixing import mix_train, read_sources
     from dpo_eval.preflight import check_dataset, check_model
 
-    data = build(DatasetSpec, {"source": "--dataset", "limit": "--limit"}, source=dataset, limit=limit)
-    spec = build(TrainSpec, TRAIN_FLAGS, base=base, dataset=data, out=out, steps=steps, save_every=save_every,
-                 beta=beta, learning_rate=lr, batch_size=batch_size, quantization=quantization)
+    data = [build(DatasetSpec, {"source": "--dataset", "limit": "--limit"}, source=d, limit=limit) for d in dataset]
+    spec = build(TrainSpec, TRAIN_FLAGS, base=base, dataset=data[0], extra_datasets=tuple(data[1:]), out=out,
+                 steps=steps, save_every=save_every, beta=beta, learning_rate=lr, batch_size=batch_size,
+                 quantization=quantization, weights=parse_weights(weights))
     check_model(ModelSpec(base=base))
-    check_dataset(data)
+    for one in data:
+        check_dataset(one)
+    mix_train(read_sources(data)[0], spec.weights, spec.seed)  # a bad mix fails here, before any flow starts
     _quiet_prefect()
     from flows.train import train_dpo_flow
 
     for folder in train_dpo_flow(spec):
         print(folder)
+
+
+def parse_weights(text: str | None) -> tuple[float, ...] | None:
+    """--weights 0.5,0.5 as numbers; None where not given."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise DpoEvalError(f"--weights {text}: comma-separated numbers, one per --dataset (e.g. 0.5,0.5)") from None
 
 
 def serve(

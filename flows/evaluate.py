@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -18,13 +19,16 @@ from dpo_eval.forgetting_report import forgetting_markdown
 from dpo_eval.forgetting_report import headline as forgetting_headline
 from dpo_eval.judge_report import judge_markdown
 from dpo_eval.logprobs import reward_summary
+from dpo_eval.per_source import has_sources, source_section
+from dpo_eval.quant_study import STUDY_FILE, setting_config
 from dpo_eval.report import rewards_section, stats_table_rows, summary_markdown, write_outputs
 from flows.judge import raise_failures, run_judges
 from flows.progress import stage_progress
 from flows.restarts import check_restarts
 from flows.task_workers import run_on_workers
-from tasks.evaluation import (compare_features_task, generate_answers_task, identify_task, implicit_rewards_task,
-                              load_pairs_task, release_models_task, score_texts_task)
+from tasks.evaluation import (analyze_sources_task, compare_features_task, compare_quantizations_task,
+                              generate_answers_task, identify_task, implicit_rewards_task, load_pairs_task,
+                              load_sources_task, release_models_task, score_texts_task)
 from tasks.forgetting import compare_benchmarks_task, report_forgetting_task
 from tasks.judging import DEFAULT_LIMIT
 
@@ -88,6 +92,23 @@ def _generate(config: EvalConfig, shards: list, identity, n_pairs: int, logger) 
     return [s.result() for s in states], sum(s.name == "Cached" for s in states), None
 
 
+def _quantization_study(config: EvalConfig, judge_limit: str | None) -> dict:
+    """Each further quantization setting as a sub-run (this flow again, as a subflow: every stage cached as
+    usual), then their comparison with this run; returns the summary with its `quantization` block."""
+    started = time.perf_counter()
+    for setting in config.quantization_study:
+        evaluate_checkpoint(setting_config(config, setting), judge_limit)
+    study = compare_quantizations_task(config)
+    path = config.out / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["timings"]["quantization_study"] = round(time.perf_counter() - started, 3)
+    summary["quantization"] = {"file": STUDY_FILE, "reference": study["reference"],
+                               "settings": {s: {k: r[k] for k in ("identical_answers", "features_moved", "n_features")}
+                                            for s, r in study["settings"].items()}}
+    path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 @flow(name="evaluate-checkpoint", log_prints=True)
 def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LIMIT) -> dict:
     """Evaluate one DPO checkpoint against its base; returns the summary (also in summary.json). With
@@ -99,7 +120,10 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
     out = config.out
     timings, cache = {}, {}
     with _timed(timings, "load_pairs"):
-        pairs, load_report = load_pairs_task(config.dataset)
+        if config.extra_datasets:
+            pairs, load_report = load_sources_task((config.dataset, *config.extra_datasets))
+        else:
+            pairs, load_report = load_pairs_task(config.dataset)
         pairs, split_source = pipeline.apply_training_split(pairs, config.model.adapter)
         reference, reference_report = None, None
         if config.reference_dataset is not None:
@@ -141,7 +165,7 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
 
     with _timed(timings, "analyze"):
         analysis = compare_features_task(features, config.analysis, reference_features)
-    rewards_summary, extra = None, []
+    rewards, rewards_summary, extra = None, None, []
     if config.rewards and not labeled:
         logger.info("implicit rewards skipped: the data set has no chosen and rejected answers to score")
     if config.rewards and labeled:
@@ -152,6 +176,11 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
             rewards.write_parquet(out / "rewards.parquet")
             rewards_summary = reward_summary(rewards)
             extra.append(rewards_section(rewards, rewards_summary, out, beta=beta, max_length=max_length))
+    by_source = None
+    if has_sources(pairs):
+        with _timed(timings, "analyze_sources"):
+            by_source = analyze_sources_task(features, pairs, config.analysis, rewards)
+        extra.append(source_section(by_source))
     forgetting = None
     if config.forgetting is not None:
         with _timed(timings, "forgetting"):
@@ -169,12 +198,16 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
             summary["implicit_reward"] = rewards_summary  # one object per split, nothing else
             summary["implicit_reward_beta"] = beta
             summary["implicit_reward_max_length"] = max_length
+        if by_source is not None:
+            summary["by_source"] = by_source
         if forgetting is not None:
             summary["forgetting"] = {"headline": forgetting_headline(forgetting), "tasks": forgetting["tasks"],
                                      "failed": forgetting["failed"], "file": "forgetting.json"}
         summary = write_outputs(analysis.stats, summary, out, extra)
         if forgetting is not None and forgetting["tasks"]:
             report_forgetting_task(out, forgetting)
+    if config.quantization_study:
+        summary = _quantization_study(config, judge_limit)
     stats, failed = analysis.stats, []
     if config.judge is not None or config.reward_model:
         summary, failed = run_judges(out, config.judge, config.reward_model, judge_limit)

@@ -7,7 +7,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dpo_eval import pipeline
-from dpo_eval.config import AnalysisSpec, DatasetSpec, GenerationSpec, ModelSpec, ScoringSpec
+from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from tasks.leases import held_lease
 
 
@@ -38,6 +38,15 @@ def load_pairs_task(spec: DatasetSpec):
 
     table, report = read_pairs(spec)
     return table, report.to_dict()
+
+
+@task(name="load-sources", cache_policy=NO_CACHE)
+def load_sources_task(specs: tuple[DatasetSpec, ...]):
+    """The pairs of several data sets, each tagged with its source, and one load report of them all."""
+    from dpo_eval.mixing import combined_report, read_sources
+
+    table, reports = read_sources(specs)
+    return table, combined_report(reports)
 
 
 @task(name="identify-checkpoint", cache_policy=NO_CACHE)
@@ -91,6 +100,23 @@ def _rewards_key(context, parameters) -> str:
 def implicit_rewards_task(spec: ModelSpec, pairs: pl.DataFrame, beta: float, max_length: int | None,
                           key: str) -> pl.DataFrame:
     return pipeline.compute_rewards(spec, pairs, beta, max_length, key)
+
+
+@task(name="analyze-sources", cache_policy=NO_CACHE)
+def analyze_sources_task(features: pl.DataFrame, pairs: pl.DataFrame, spec: AnalysisSpec,
+                         rewards: pl.DataFrame | None = None) -> dict:
+    """Each data set's pairs analysed alone (dpo_eval.per_source)."""
+    from dpo_eval.per_source import per_source
+
+    return per_source(features, pairs, spec, rewards)
+
+
+@task(name="compare-quantizations", cache_policy=NO_CACHE)
+def compare_quantizations_task(config: EvalConfig) -> dict:
+    """quantization.json and the report's section, from the sub-runs of the quantization study."""
+    from dpo_eval.quant_study import write_study
+
+    return write_study(config)
 
 
 @task(name="release-models", cache_policy=NO_CACHE)
