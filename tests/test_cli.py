@@ -17,7 +17,7 @@ from flows.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["evaluate", "pairs", "generate", "analyze", "diagnose", "train", "trend", "serve", "demo", "judge",
-            "train-reward", "forgetting", "compare"]
+            "train-reward", "forgetting", "compare", "worker"]
 ORCHESTRATION = ("flows", "tasks", "prefect")
 
 IMPORTED_AFTER = """
