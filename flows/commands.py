@@ -25,6 +25,7 @@ EVALUATE_FLAGS = {
     "dataset": "--dataset", "dataset.source": "--dataset", "dataset.format": "--format", "dataset.seed": "--seed",
     "dataset.columns": "--columns", "dataset.valid_fraction": "--valid-fraction", "dataset.limit": "--limit",
     "model": "--base", "model.base": "--base", "model.adapter": "--adapter", "model.quantization": "--quantization",
+    "model.reference_adapter": "--reference-adapter",
     "model.compute_dtype": "--compute-dtype", "model.prompt_template": "--prompt-template",
     "generation.max_new_tokens": "--max-new-tokens", "generation.batch_size": "--batch-size",
     "scoring.cache_dir": "--cache-dir", "analysis.alpha": "--alpha", "analysis.bootstrap": "--bootstrap",
@@ -63,6 +64,7 @@ def evaluate(
     base: Optional[str] = override_option(ModelSpec, "base", "--base"),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="The DPO adapter (checkpoint) to evaluate: "
                                           "a folder or hub id (required, here or in --config)."),
+    reference_adapter: Optional[str] = override_option(ModelSpec, "reference_adapter", "--reference-adapter"),
     dataset: Optional[str] = override_option(DatasetSpec, "source", "--dataset"),
     reference_dataset: Optional[str] = typer.Option(
         None, "--reference-dataset", help="For questions without labels (prompt or question only): the preference "
@@ -95,7 +97,8 @@ def evaluate(
     eval_config = evaluate_config(config, {
         "dataset.source": dataset, "dataset.format": fmt, "dataset.seed": seed,
         "dataset.valid_fraction": valid_fraction, "dataset.limit": limit, "dataset.columns": mapping,
-        "model.base": base, "model.adapter": adapter, "model.quantization": quantization,
+        "model.base": base, "model.adapter": adapter, "model.reference_adapter": reference_adapter,
+        "model.quantization": quantization,
         "model.compute_dtype": compute_dtype, "model.prompt_template": prompt_template,
         "generation.max_new_tokens": max_new_tokens, "generation.batch_size": batch_size,
         "scoring.cache_dir": str(cache_dir) if cache_dir else None, "analysis.alpha": alpha,
@@ -145,7 +148,7 @@ def demo(
 
 TRAIN_FLAGS = {"base": "--base", "dataset.source": "--dataset", "dataset.limit": "--limit", "out": "--out",
                "steps": "--steps", "save_every": "--save-every", "beta": "--beta", "learning_rate": "--lr",
-               "batch_size": "--batch-size", "quantization": "--quantization"}
+               "batch_size": "--batch-size", "quantization": "--quantization", "sft_adapter": "--sft-adapter"}
 
 
 def train(
@@ -159,14 +162,18 @@ def train(
     batch_size: int = spec_option(TrainSpec, "batch_size", "--batch-size"),
     quantization: str = spec_option(TrainSpec, "quantization", "--quantization"),
     limit: Optional[int] = LimitOpt,
+    sft_adapter: Optional[str] = spec_option(TrainSpec, "sft_adapter", "--sft-adapter"),
 ) -> None:
     """DPO training of a (Q)LoRA adapter with trl, as the Prefect flow train-dpo."""
     from dpo_eval.preflight import check_dataset, check_model
+    from dpo_eval.training import check_sft_adapter
 
     data = build(DatasetSpec, {"source": "--dataset", "limit": "--limit"}, source=dataset, limit=limit)
     spec = build(TrainSpec, TRAIN_FLAGS, base=base, dataset=data, out=out, steps=steps, save_every=save_every,
-                 beta=beta, learning_rate=lr, batch_size=batch_size, quantization=quantization)
+                 beta=beta, learning_rate=lr, batch_size=batch_size, quantization=quantization,
+                 sft_adapter=sft_adapter)
     check_model(ModelSpec(base=base))
+    check_sft_adapter(spec)
     check_dataset(data)
     _quiet_prefect()
     from flows.train import train_dpo_flow

@@ -18,6 +18,7 @@ from dpo_eval.forgetting_report import forgetting_markdown
 from dpo_eval.forgetting_report import headline as forgetting_headline
 from dpo_eval.judge_report import judge_markdown
 from dpo_eval.logprobs import reward_summary
+from dpo_eval.reference import reference_adapter, reference_label
 from dpo_eval.report import rewards_section, stats_table_rows, summary_markdown, write_outputs
 from flows.judge import raise_failures, run_judges
 from flows.progress import stage_progress
@@ -149,7 +150,9 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
                                         "reference_report": reference_report})
     with _timed(timings, "report"):
         summary = analysis.summary | {"left_out": load_report["left_out"], "duplicates": load_report["duplicates"],
-                                      "timings": timings, "cache": cache}
+                                      "timings": timings, "cache": cache,
+                                      "reference": {"adapter": reference_adapter(config.model),
+                                                    "label": reference_label(config.model)}}
         if rewards_summary is not None:
             summary["implicit_reward"] = rewards_summary  # one object per split, nothing else
             summary["implicit_reward_beta"] = beta
