@@ -26,7 +26,13 @@ def recorded_reference(adapter: str | None) -> str | None:
     """The reference adapter the checkpoint's training metadata records (the SFT adapter DPO started from)."""
     from dpo_eval.training import read_metadata
 
-    return (read_metadata(adapter).get("reference_adapter") or None) if adapter else None
+    if adapter is None:
+        return None
+    try:
+        meta = read_metadata(adapter)
+    except (OSError, ValueError):  # an unreadable metadata file records nothing (json.JSONDecodeError: ValueError)
+        return None
+    return (meta.get("reference_adapter") or None) if isinstance(meta, dict) else None
 
 
 def reference_adapter(spec: ModelSpec) -> str | None:

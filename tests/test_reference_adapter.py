@@ -45,7 +45,7 @@ def train_sft_adapter(base: Path, pairs: pl.DataFrame, folder: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     rendered = trl_dataset(pairs, tokenizer, None, [])
     data = datasets.Dataset.from_dict({"prompt": rendered["prompt"], "completion": rendered["chosen"]})
-    args = SFTConfig(output_dir=str(folder / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+    args = SFTConfig(output_dir=str(folder / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
                      max_length=256, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
                      save_strategy="no", disable_tqdm=True, seed=0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
@@ -63,7 +63,7 @@ def sft_dpo(stories260k, orca_jsonl, tmp_path_factory):
     dataset = DatasetSpec(source=str(orca_jsonl), limit=48)
     pairs, _ = read_pairs(dataset)
     sft = train_sft_adapter(stories260k, pairs.filter(pl.col("split") == "train").head(16), root)
-    spec = TrainSpec(base=str(stories260k), dataset=dataset, out=root / "dpo", steps=4, save_every=4, batch_size=4,
+    spec = TrainSpec(base=str(stories260k), dataset=dataset, out=root / "dpo", steps=3, save_every=3, batch_size=4,
                      quantization="none", max_length=512, beta=BETA, learning_rate=5e-3, sft_adapter=str(sft))
     trainer, saved = build_trainer(spec)
     trainer.train()
@@ -92,13 +92,16 @@ def test_trl_trains_a_copy_of_the_sft_adapter_against_a_frozen_one(sft_dpo):
 
 def test_base_side_answers_are_the_sft_adapters_answers(sft_dpo, stories260k):
     base, checkpoint, sft = str(stories260k), str(sft_dpo["checkpoint"]), str(sft_dpo["sft"])
-    prompts = sft_dpo["pairs"].head(6)
-    gen = GenerationSpec(max_new_tokens=24, batch_size=6)
-    both = load_model(ModelSpec(base=base, adapter=checkpoint))  # 4-bit; the reference from the metadata
+    prompts = sft_dpo["pairs"].head(4)
+    gen = GenerationSpec(max_new_tokens=16, batch_size=4)
+    # float32: 4-bit generation is slow on the CPU, and switching adapters is the same peft code either way
+    loading = {"quantization": "none", "compute_dtype": "float32"}
+    both = load_model(ModelSpec(base=base, adapter=checkpoint, **loading))  # the reference from the metadata
     assert both.reference == str(sft_dpo["sft"].resolve()) and set(both.model.peft_config) == {"default", "reference"}
     answers = generate_both(both, prompts, gen)
-    plain_sft = generate_both(load_model(ModelSpec(base=base, adapter=sft)), prompts, gen, models=("tuned",))
-    bare = load_model(ModelSpec(base=base, adapter=checkpoint, reference_adapter="none"))
+    plain_sft = generate_both(load_model(ModelSpec(base=base, adapter=sft, **loading)), prompts, gen,
+                              models=("tuned",))
+    bare = load_model(ModelSpec(base=base, adapter=checkpoint, reference_adapter="none", **loading))
     bare_answers = generate_both(bare, prompts, gen)
 
     def texts(frame, model):
