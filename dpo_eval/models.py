@@ -165,7 +165,8 @@ def check_adapter(base_model, spec: ModelSpec, repairs: list[str], adapter: str 
         raise DpoEvalError(f"{option} {adapter} was trained for base '{trained_on}' and does not fit "
                            f"--base {spec.base}: " + "; ".join(problems[:5]))
     if trained_on and not _same_model(trained_on, spec.base):
-        message = (f"{option} {adapter} was trained on '{trained_on}', not '{spec.base}'; "
+        label = "adapter" if option == "--adapter" else f"reference adapter ({option})"
+        message = (f"{label} {adapter} was trained on '{trained_on}', not '{spec.base}'; "
                    "the shapes fit, so it loads, but check that this is the base you meant")
         warnings.warn(message, stacklevel=2)
         repairs.append("warning: " + message)
