@@ -129,7 +129,9 @@ def _key(payload) -> str:
 @dataclass(frozen=True)
 class ModelIdentity:
     """What the base and the tuned model are; `base_key` and `tuned_key` key every cache of their outputs.
-    `reference`: the files of the reference adapter that makes the 'base' side (None: the bare base)."""
+    `reference`: the files of the reference adapter that makes the 'base' side (None: the bare base).
+    `pair_key` keys what needs both sides at once (implicit rewards, a load holding both adapters); it is
+    `tuned_key` where the base side is the bare base."""
 
     base: dict
     adapter: dict | None
@@ -138,10 +140,11 @@ class ModelIdentity:
     base_key: str
     tuned_key: str
     reference: dict | None = None
+    pair_key: str = ""
 
     def key(self, model: str) -> str:
-        """The key of the 'base' or 'tuned' side."""
-        return self.base_key if model == "base" else self.tuned_key
+        """The key of the 'base' or 'tuned' side, or of the 'pair' (both sides together)."""
+        return {"base": self.base_key, "pair": self.pair_key or self.tuned_key}.get(model, self.tuned_key)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,8 +170,10 @@ def model_identity(spec: ModelSpec, store: DigestStore | None = None) -> ModelId
     loading = {"quantization": spec.quantization, "compute_dtype": spec.compute_dtype,
                "prompt_template": spec.prompt_template}
     versions = library_versions()
-    # the reference enters the base side's key only where there is one: keys of bare-base runs are unchanged
-    base_key = _key({"base": base, "loading": loading, "versions": versions}
-                    | ({"reference": reference} if reference else {}))
-    tuned_key = _key({"base": base_key, "adapter": adapter}) if adapter else base_key
-    return ModelIdentity(base, adapter, loading, versions, base_key, tuned_key, reference)
+    bare_key = _key({"base": base, "loading": loading, "versions": versions})
+    # the reference changes the base side's key only, and only where there is one (bare-base keys stay as
+    # they were); the tuned side computes the same outputs whatever the reference, so its key ignores it
+    base_key = _key({"base": bare_key, "reference": reference}) if reference else bare_key
+    tuned_key = _key({"base": bare_key, "adapter": adapter}) if adapter else base_key
+    pair_key = _key({"tuned": tuned_key, "base": base_key}) if reference else tuned_key
+    return ModelIdentity(base, adapter, loading, versions, base_key, tuned_key, reference, pair_key)

@@ -134,7 +134,7 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
     if config.rewards and labeled:
         with _timed(timings, "rewards"):
             beta, max_length = pipeline.reward_beta(config), pipeline.reward_max_length(config)
-            rewards = implicit_rewards_task(config.model, pairs, beta, max_length, identity.tuned_key)
+            rewards = implicit_rewards_task(config.model, pairs, beta, max_length, identity.pair_key)
             release_models_task()
             rewards.write_parquet(out / "rewards.parquet")
             rewards_summary = reward_summary(rewards)
