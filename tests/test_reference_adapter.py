@@ -182,3 +182,20 @@ def test_cli_reference_and_sft_adapter_mistakes_are_one_line(stories260k, orca_j
         assert result.returncode != 0 and "Traceback" not in result.stderr, (command, result.stderr)
         option = "--reference-adapter" if command == "evaluate" else "--sft-adapter"
         assert f"{option} {missing}: no such adapter folder" in result.stderr, (command, result.stderr)
+
+
+def test_report_and_markdown_say_what_the_base_side_was(tmp_path):
+    from dpo_eval.analysis import AnalysisSpec, run_analysis
+    from dpo_eval.report import summary_markdown, write_outputs
+    from tests.test_report import planted_features
+
+    result = run_analysis(planted_features(n_train=40, n_valid=10), AnalysisSpec(bootstrap=0, permutations=50))
+    label = "base + SFT adapter /ckpt/sft <b>"
+    summary = write_outputs(result.stats, result.summary | {"reference": {"adapter": "/ckpt/sft <b>", "label": label}},
+                            tmp_path / "sft")
+    page = (tmp_path / "sft" / "report.html").read_text()
+    assert "compared with <strong>base + SFT adapter /ckpt/sft &lt;b&gt;</strong>" in page  # escaped
+    assert f"The 'base' side of every comparison is {label}." in summary_markdown(summary)
+    write_outputs(result.stats, result.summary, tmp_path / "bare")  # a run without a reference: plain base
+    assert "compared with <strong>base</strong>" in (tmp_path / "bare" / "report.html").read_text()
+    assert "'base' side" not in summary_markdown(result.summary)
