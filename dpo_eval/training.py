@@ -7,8 +7,9 @@ pairs). `on_checkpoint(folder)` is called after each save (the Prefect flow emit
 With `sft_adapter`, DPO starts from an SFT adapter the way trl 1.x does it: the adapter is loaded
 trainable on the base, and trl's DPOTrainer copies it into a frozen second adapter named `ref` that
 serves as the reference (one base, two adapters). trl 0.x's DPOConfig `model_adapter_name` /
-`ref_adapter_name` are gone in 1.x (DPOConfig rejects them); the `ref` copy is what replaced them. The metadata records that reference, so evaluation
-measures the checkpoint against base + SFT adapter by default (dpo_eval.reference).
+`ref_adapter_name` are gone in 1.x (DPOConfig rejects them); the `ref` copy is what replaced them.
+The metadata records that reference, so evaluation measures the checkpoint against base + SFT adapter
+by default (dpo_eval.reference).
 """
 
 from __future__ import annotations
