@@ -37,8 +37,9 @@ def forgetting(
 ) -> None:
     """Run lm-evaluation-harness tasks on the base (adapter disabled, or base + the reference adapter) and the
     tuned model from one load and compare them per question: accuracies, the paired difference with its CI,
-    the exact McNemar p and BH q across tasks. Writes forgetting.parquet and forgetting.json; prints the per-task block. A task that
-    cannot run is one line on stderr (exit 2) after the others' results are written."""
+    the exact McNemar p and BH q across tasks. Writes forgetting.parquet and forgetting.json; prints the
+    per-task block. A task that cannot run is one line on stderr (exit 2) after the others' results are
+    written."""
     from dpo_eval.forgetting import jsonable, raise_failures, run_forgetting, write_forgetting
     from dpo_eval.forgetting_report import write_forgetting_report
     from dpo_eval.models import check_paths
