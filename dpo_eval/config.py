@@ -97,6 +97,11 @@ class ModelSpec(Spec):
     revision: str | None = Field(None, description="Hub revision of the base (branch, tag or commit).")
     adapter: str | None = Field(None, title="Adapter", description="The DPO checkpoint to evaluate: a LoRA/QLoRA "
                                 "adapter folder or hub id (evaluate requires one).")
+    reference_adapter: str | None = Field(
+        None, title="Reference adapter", description="The 'base' side of every comparison is the base plus this "
+        "adapter (e.g. the SFT adapter DPO started from), attached beside the tuned adapter in one load. None: "
+        "the reference recorded in the checkpoint's training metadata (dpo-eval train --sft-adapter), else the "
+        "bare base; 'none': the bare base even where the metadata records one.")
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "4bit", description="Load the base as is, in 8-bit, or in 4-bit nf4 with double quantization.")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(

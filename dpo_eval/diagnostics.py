@@ -76,6 +76,8 @@ def perplexity(logits, batch) -> float:
 def _load(spec: ModelSpec, **update):
     from dpo_eval.models import load_model
 
+    if "adapter" in update and update["adapter"] is None:
+        update.setdefault("reference_adapter", "none")  # the bare base: no reference adapter either
     return load_model(spec.model_copy(update=update))
 
 

@@ -2,7 +2,8 @@
 
 Anything that can change a generated answer or a log-prob is part of it: the base's weights,
 tokenizer files, chat template, model and generation config; quantization and compute dtype; the
-prompt template; the adapter's files (trainer state left out, so identical adapters hit); hub
+prompt template; the adapter's files (trainer state left out, so identical adapters hit); the reference adapter's files
+where the 'base' side is base + that adapter (so "base" and "base + SFT" never share a cache entry); hub
 revisions resolved to a commit; the versions of the libraries that compute the outputs.
 
 A local folder is identified by the content of its files, never by its path, so a copy hits and a
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from dpo_eval.config import ModelSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.reference import reference_adapter
 from dpo_eval.sqlite_table import open_table
 
 # Files a trainer writes beside the adapter that never change what the adapter computes.
@@ -126,7 +128,10 @@ def _key(payload) -> str:
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What the base and the tuned model are; `base_key` and `tuned_key` key every cache of their outputs."""
+    """What the base and the tuned model are; `base_key` and `tuned_key` key every cache of their outputs.
+    `reference`: the files of the reference adapter that makes the 'base' side (None: the bare base).
+    `pair_key` keys what needs both sides at once (implicit rewards, a load holding both adapters); it is
+    `tuned_key` where the base side is the bare base."""
 
     base: dict
     adapter: dict | None
@@ -134,10 +139,12 @@ class ModelIdentity:
     versions: dict
     base_key: str
     tuned_key: str
+    reference: dict | None = None
+    pair_key: str = ""
 
     def key(self, model: str) -> str:
-        """The key of the 'base' or 'tuned' side."""
-        return self.base_key if model == "base" else self.tuned_key
+        """The key of the 'base' or 'tuned' side, or of the 'pair' (both sides together)."""
+        return {"base": self.base_key, "pair": self.pair_key or self.tuned_key}.get(model, self.tuned_key)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +152,8 @@ class ModelIdentity:
     @property
     def unpinned(self) -> list[str]:
         """Hub models whose commit could not be resolved: their cached outputs may be stale."""
-        parts = [("base", self.base)] + ([("adapter", self.adapter)] if self.adapter else [])
+        parts = [("base", self.base)] + ([("adapter", self.adapter)] if self.adapter else []) + \
+            ([("reference adapter", self.reference)] if self.reference else [])
         return [f"{label} {part['hub']}" for label, part in parts if part.get("commit") == "unpinned"]
 
 
@@ -155,11 +163,17 @@ def model_identity(spec: ModelSpec, store: DigestStore | None = None) -> ModelId
     try:
         base = _source(spec.base, spec.revision, store)
         adapter = _source(spec.adapter, None, store) if spec.adapter else None
+        reference_name = reference_adapter(spec)
+        reference = _source(reference_name, None, store) if reference_name else None
     except OSError as exc:
         raise DpoEvalError(f"cannot read the model files to identify them: {exc}") from None
     loading = {"quantization": spec.quantization, "compute_dtype": spec.compute_dtype,
                "prompt_template": spec.prompt_template}
     versions = library_versions()
-    base_key = _key({"base": base, "loading": loading, "versions": versions})
-    tuned_key = _key({"base": base_key, "adapter": adapter}) if adapter else base_key
-    return ModelIdentity(base, adapter, loading, versions, base_key, tuned_key)
+    bare_key = _key({"base": base, "loading": loading, "versions": versions})
+    # the reference changes the base side's key only, and only where there is one (bare-base keys stay as
+    # they were); the tuned side computes the same outputs whatever the reference, so its key ignores it
+    base_key = _key({"base": bare_key, "reference": reference}) if reference else bare_key
+    tuned_key = _key({"base": bare_key, "adapter": adapter}) if adapter else base_key
+    pair_key = _key({"tuned": tuned_key, "base": base_key}) if reference else tuned_key
+    return ModelIdentity(base, adapter, loading, versions, base_key, tuned_key, reference, pair_key)

@@ -7,7 +7,7 @@ sequence is then cut to `max_length` keeping its start. log p(answer | prompt) i
 answer tokens that survive the cut.
 
 Implicit reward of a pair: r = beta * [(log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))],
-pi = adapter on, ref = adapter off (one load).
+pi = adapter on, ref = the 'base' side (adapter off, or the reference adapter on: dpo_eval.reference), one load.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def sequence_logprobs(model, tokenizer, prompts: list[list[int]], responses: lis
 
 def implicit_rewards(loaded, pairs: pl.DataFrame, beta: float = 0.1, max_length: int | None = None,
                      batch_size: int = 8) -> pl.DataFrame:
-    """Per pair: log-probs of chosen and rejected under pi (adapter on) and ref (adapter off), and r."""
+    """Per pair: log-probs of chosen and rejected under pi (adapter on) and ref (the base side: adapter off, or
+    the reference adapter on), and r."""
     if not loaded.has_adapter:
         raise DpoEvalError("implicit rewards need --adapter: pi is the adapter on, the reference the adapter off")
     tokenizer = loaded.tokenizer

@@ -1,7 +1,9 @@
 """Load the base LLM once, quantized as asked, with the DPO adapter attached (unmerged).
 
 The tuned model is the adapter on; the base model is the same object under `disable_adapter()`: one
-load serves both. Every check runs before any generation; every repair is recorded in `repairs`.
+load serves both. With a reference adapter (dpo_eval.reference) the 'base' side is base + that adapter,
+attached beside the tuned one under its own name and switched to with `set_adapter`. Every check runs
+before any generation; every repair is recorded in `repairs`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dpo_eval.config import ModelSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import ModelIdentity, model_identity
 from dpo_eval.locations import is_local_path
+from dpo_eval.reference import REFERENCE_NAME, reference_adapter, reference_option, use_adapter
 
 
 
@@ -30,6 +33,7 @@ class LoadedModel:
     identity: ModelIdentity
     context_length: int
     repairs: list[str] = field(default_factory=list)
+    reference: str | None = None  # the reference adapter attached as REFERENCE_NAME; None: the bare base
 
     @property
     def base_fingerprint(self) -> str:
@@ -44,20 +48,24 @@ class LoadedModel:
         return self.spec.adapter is not None
 
     def base_context(self):
-        """Context in which the model is the base: adapter disabled (no-op without an adapter)."""
+        """Context in which the model is the 'base' side: the reference adapter active where there is one,
+        else the adapter disabled (no-op without an adapter)."""
+        if self.reference is not None:
+            return use_adapter(self.model, REFERENCE_NAME)
         return self.model.disable_adapter() if self.has_adapter else nullcontext()
 
 
 def check_paths(spec: ModelSpec) -> None:
-    """Fail before loading anything on a missing base or adapter folder."""
+    """Fail before loading anything on a missing base, adapter or reference adapter folder."""
     if is_local_path(spec.base) and not Path(spec.base).expanduser().is_dir():
         raise DpoEvalError(f"--base {spec.base}: no such model folder (give a local folder or a hub id)")
-    if spec.adapter is not None and is_local_path(spec.adapter):
-        folder = Path(spec.adapter).expanduser()
-        if not folder.is_dir():
-            raise DpoEvalError(f"--adapter {spec.adapter}: no such adapter folder")
-        if not (folder / "adapter_config.json").is_file():
-            raise DpoEvalError(f"--adapter {spec.adapter}: no adapter_config.json; is this a peft adapter folder?")
+    for adapter, option in ((spec.adapter, "--adapter"), (reference_adapter(spec), reference_option(spec))):
+        if adapter is not None and is_local_path(adapter):
+            folder = Path(adapter).expanduser()
+            if not folder.is_dir():
+                raise DpoEvalError(f"{option} {adapter}: no such adapter folder")
+            if not (folder / "adapter_config.json").is_file():
+                raise DpoEvalError(f"{option} {adapter}: no adapter_config.json; is this a peft adapter folder?")
 
 
 def fingerprints(spec: ModelSpec) -> tuple[str, str]:
@@ -127,12 +135,15 @@ def fix_cpu_4bit_layers(model) -> int:
     return count
 
 
-def check_adapter(base_model, spec: ModelSpec, repairs: list[str]) -> None:
-    """Fail when the adapter's shapes or vocabulary do not fit the base; warn when only names differ."""
-    folder = Path(spec.adapter).expanduser()
+def check_adapter(base_model, spec: ModelSpec, repairs: list[str], adapter: str | None = None,
+                  option: str = "--adapter") -> None:
+    """Fail when the adapter's (default: spec.adapter) shapes or vocabulary do not fit the base; warn when
+    only names differ. `option` names the adapter in messages."""
+    adapter = adapter or spec.adapter
+    folder = Path(adapter).expanduser()
     config = read_adapter_config(folder)
     trained_on = config.get("base_model_name_or_path")
-    shapes = _adapter_shapes(folder)
+    shapes = _adapter_shapes(folder, option)
     modules = dict(base_model.named_modules())
     vocab = base_model.get_input_embeddings().weight.shape[0]
     problems = []
@@ -151,10 +162,11 @@ def check_adapter(base_model, spec: ModelSpec, repairs: list[str]) -> None:
         elif ("embed_tokens" in key or "lm_head" in key) and shape[0] != vocab:
             problems.append(f"{key}: vocabulary {shape[0]}, base vocabulary {vocab}")
     if problems:
-        raise DpoEvalError(f"--adapter {spec.adapter} was trained for base '{trained_on}' and does not fit "
+        raise DpoEvalError(f"{option} {adapter} was trained for base '{trained_on}' and does not fit "
                            f"--base {spec.base}: " + "; ".join(problems[:5]))
     if trained_on and not _same_model(trained_on, spec.base):
-        message = (f"adapter {spec.adapter} was trained on '{trained_on}', not '{spec.base}'; "
+        label = "adapter" if option == "--adapter" else f"reference adapter ({option})"
+        message = (f"{label} {adapter} was trained on '{trained_on}', not '{spec.base}'; "
                    "the shapes fit, so it loads, but check that this is the base you meant")
         warnings.warn(message, stacklevel=2)
         repairs.append("warning: " + message)
@@ -183,7 +195,7 @@ def _same_model(a: str, b: str) -> bool:
     return a == b
 
 
-def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+def _adapter_shapes(folder: Path, option: str = "--adapter") -> dict[str, tuple[int, ...]]:
     st = folder / "adapter_model.safetensors"
     if st.is_file():
         from safetensors import safe_open
@@ -195,7 +207,7 @@ def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
         import torch
 
         return {k: tuple(v.shape) for k, v in torch.load(bin_file, map_location="cpu", weights_only=True).items()}
-    raise DpoEvalError(f"--adapter {folder}: no adapter_model.safetensors or adapter_model.bin")
+    raise DpoEvalError(f"{option} {folder}: no adapter_model.safetensors or adapter_model.bin")
 
 
 def load_tokenizer(spec: ModelSpec, repairs: list[str]):
@@ -215,7 +227,8 @@ def load_tokenizer(spec: ModelSpec, repairs: list[str]):
 
 
 def load_model(spec: ModelSpec, identity: ModelIdentity | None = None) -> LoadedModel:
-    """Check, identify, load the base once, attach the adapter (unmerged). See the module docstring.
+    """Check, identify, load the base once, attach the adapter and any reference adapter (unmerged, by name:
+    the adapter as peft's `default`, the reference as REFERENCE_NAME). See the module docstring.
 
     The identity is taken again after loading: files rewritten during the load (a trainer saving over
     `checkpoint/latest`) would otherwise put new weights under the old key, so that is an error.
@@ -225,14 +238,31 @@ def load_model(spec: ModelSpec, identity: ModelIdentity | None = None) -> Loaded
     repairs: list[str] = []
     tokenizer = load_tokenizer(spec, repairs)
     model = load_base(spec, repairs)
+    reference = reference_adapter(spec)
     if spec.adapter is not None:
-        from peft import PeftModel
-
         check_adapter(model, spec, repairs)
-        model = PeftModel.from_pretrained(model, spec.adapter, is_trainable=False)
-        model.eval()
+    if reference is not None:
+        check_adapter(model, spec, repairs, reference, reference_option(spec))
+    model = attach_adapters(model, spec.adapter, reference)
     if model_identity(spec) != identity:
-        raise DpoEvalError(f"the files of --base {spec.base} or --adapter {spec.adapter} changed while the run "
-                           "was using them (a checkpoint being rewritten?); run again once they are complete")
+        raise DpoEvalError(f"the files of --base {spec.base}, --adapter {spec.adapter} or --reference-adapter "
+                           f"{reference} changed while the run was using them (a checkpoint being rewritten?); "
+                           "run again once they are complete")
     context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-    return LoadedModel(model, tokenizer, spec, identity, context, repairs)
+    return LoadedModel(model, tokenizer, spec, identity, context, repairs, reference)
+
+
+def attach_adapters(model, adapter: str | None, reference: str | None):
+    """`model` with the adapter (peft's `default`, active) and the reference (REFERENCE_NAME) attached,
+    both frozen; `model` itself without either."""
+    if adapter is None and reference is None:
+        return model
+    from peft import PeftModel
+
+    first, name = (adapter, "default") if adapter is not None else (reference, REFERENCE_NAME)
+    model = PeftModel.from_pretrained(model, first, adapter_name=name, is_trainable=False)
+    if adapter is not None and reference is not None:
+        model.load_adapter(reference, adapter_name=REFERENCE_NAME, is_trainable=False)
+        model.set_adapter("default", inference_mode=True)
+    model.eval()
+    return model

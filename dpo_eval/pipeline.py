@@ -70,10 +70,10 @@ def cached_model(spec: ModelSpec, identity: ModelIdentity | None = None):
 
     identity = identity or model_identity(spec)
     with _MODEL_LOCK:
-        loaded = _MODEL.get(identity.tuned_key)
+        loaded = _MODEL.get(identity.pair_key)
         if loaded is None or loaded.spec != spec:
             release_models()
-            loaded = _MODEL[identity.tuned_key] = load_model(spec, identity)
+            loaded = _MODEL[identity.pair_key] = load_model(spec, identity)
         return loaded
 
 
@@ -97,8 +97,10 @@ def check_identity(spec: ModelSpec, expected: str, model: str) -> ModelIdentity:
     (the files changed during the run, so the cache key would name other weights)."""
     identity = model_identity(spec)
     if identity.key(model) != expected:
-        raise DpoEvalError(f"the {model} model's files changed since this run identified them (--base {spec.base}, "
-                           f"--adapter {spec.adapter}); run again once the checkpoint is complete")
+        which = "tuned and base" if model == "pair" else model
+        raise DpoEvalError(f"the {which} model's files changed since this run identified them (--base {spec.base}, "
+                           f"--adapter {spec.adapter}, --reference-adapter {spec.reference_adapter or 'as recorded'}); "
+                           "run again once the checkpoint is complete")
     return identity
 
 
@@ -247,5 +249,5 @@ def compute_rewards(spec: ModelSpec, pairs: pl.DataFrame, beta: float, max_lengt
                     key: str) -> pl.DataFrame:
     from dpo_eval.logprobs import implicit_rewards
 
-    loaded = cached_model(spec, check_identity(spec, key, "tuned"))
+    loaded = cached_model(spec, check_identity(spec, key, "pair"))
     return implicit_rewards(loaded, pairs, beta=beta, max_length=max_length)

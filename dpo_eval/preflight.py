@@ -57,7 +57,10 @@ def read_config_file(path: Path) -> dict:
 
 
 def check_model(spec: ModelSpec, require_adapter: bool = False) -> None:
-    """Local base and adapter folders exist, adapter_config.json parses, and the adapter fits the base."""
+    """Local base, adapter and reference adapter folders exist, adapter_config.json parses, and each adapter
+    fits the base."""
+    from dpo_eval.reference import reference_adapter, reference_option
+
     if require_adapter and spec.adapter is None:
         raise DpoEvalError("--adapter is required: without one, tuned and base are the same model "
                            "(give the DPO checkpoint folder or hub id)")
@@ -68,27 +71,34 @@ def check_model(spec: ModelSpec, require_adapter: bool = False) -> None:
         from dpo_eval.prompts import compile_prompt_template
 
         compile_prompt_template(spec.prompt_template)
-    if spec.adapter is None or not is_local_path(spec.adapter):
+    check_adapter_folder(spec.adapter, "--adapter", spec)
+    check_adapter_folder(reference_adapter(spec), reference_option(spec), spec)
+
+
+def check_adapter_folder(adapter: str | None, option: str, spec: ModelSpec) -> None:
+    """A local adapter folder exists, holds a peft adapter config, and its shapes fit spec.base."""
+    if adapter is None or not is_local_path(adapter):
         return
-    folder = Path(spec.adapter).expanduser()
+    base = Path(spec.base).expanduser()
+    folder = Path(adapter).expanduser()
     if not folder.is_dir():
-        raise DpoEvalError(f"--adapter {spec.adapter}: no such adapter folder")
+        raise DpoEvalError(f"{option} {adapter}: no such adapter folder")
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
-        raise DpoEvalError(f"--adapter {spec.adapter}: no adapter_config.json; is this a peft adapter folder?")
-    config = read_json_file(config_file, "--adapter")
+        raise DpoEvalError(f"{option} {adapter}: no adapter_config.json; is this a peft adapter folder?")
+    config = read_json_file(config_file, option)
     if not isinstance(config, dict) or "peft_type" not in config:
-        raise DpoEvalError(f"--adapter {config_file}: not a peft adapter config (a JSON object with peft_type)")
+        raise DpoEvalError(f"{option} {config_file}: not a peft adapter config (a JSON object with peft_type)")
     if base.is_dir() and (base / "config.json").is_file():
-        problems = fit_problems(safetensors_shapes(folder / "adapter_model.safetensors"),
+        problems = fit_problems(safetensors_shapes(folder / "adapter_model.safetensors", option),
                                 read_json_file(base / "config.json", "--base"))
         if problems:
             trained_on = config.get("base_model_name_or_path") or "another base"
-            raise DpoEvalError(f"--adapter {spec.adapter} (trained on {trained_on}) does not fit --base "
+            raise DpoEvalError(f"{option} {adapter} (trained on {trained_on}) does not fit --base "
                                f"{spec.base}: " + "; ".join(problems[:3]))
 
 
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def safetensors_shapes(path: Path, option: str = "--adapter") -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header (8-byte little-endian length, then JSON); {} if absent."""
     if not path.is_file():
         return {}
@@ -97,7 +107,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))
     except (OSError, struct.error, ValueError) as exc:
-        raise DpoEvalError(f"--adapter {path}: not a readable safetensors file ({exc})") from exc
+        raise DpoEvalError(f"{option} {path}: not a readable safetensors file ({exc})") from exc
     return {name: tuple(meta["shape"]) for name, meta in header.items() if name != "__metadata__"}
 
 

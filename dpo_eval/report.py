@@ -129,6 +129,7 @@ def render_page(sections: list[Section], stats: pl.DataFrame | None = None, summ
         said = sentences(summary, stats)
         source = summary.get("scale_source")
         context |= {"sentences": said, "sign_test": summary.get("sign_agreement_test"),
+                    "reference": (summary.get("reference") or {}).get("label") or "base",
                     "cards": report_view.verdict_cards(summary, stats),
                     "verdict": report_view.verdict_lines(summary, said),
                     "alpha": alpha, "q_family": Q_FAMILY, "q_note": q_note, "moved": _moved_table(stats, alpha),
@@ -256,6 +257,8 @@ def _power_sentence(summary: dict, stats: pl.DataFrame | None, alpha: float) -> 
 def summary_markdown(summary: dict) -> str:
     """The summary as markdown (a Prefect markdown artifact)."""
     lines = ["# dpo-eval summary", ""] + [f"- {s}" for s in summary.get("sentences") or sentences(summary)]
+    if (summary.get("reference") or {}).get("adapter"):
+        lines += ["", f"The 'base' side of every comparison is {summary['reference']['label']}."]
     lines += ["", "| split | pairs | sign agreement | p | significant tuned-vs-base | significant chosen-vs-rejected |",
               "|---|---|---|---|---|---|"]
     for split, n in summary.get("n_pairs", {}).items():

@@ -2,7 +2,15 @@
 
 Each checkpoint folder holds the adapter and `dpo_eval_training.json`: beta, loss type, step, learning
 rate, base and data fingerprints, and the train/valid pair ids (so evaluation never tests on training
-pairs); with several data sets (a mix, dpo_eval.mixing) also each source's share and its pair ids. `on_checkpoint(folder)` is called after each save (the Prefect flow emits an event there).
+pairs); with several data sets (a mix, dpo_eval.mixing) also each source's share and its pair ids.
+`on_checkpoint(folder)` is called after each save (the Prefect flow emits an event there).
+
+With `sft_adapter`, DPO starts from an SFT adapter the way trl 1.x does it: the adapter is loaded
+trainable on the base, and trl's DPOTrainer copies it into a frozen second adapter named `ref` that
+serves as the reference (one base, two adapters). trl 0.x's DPOConfig `model_adapter_name` /
+`ref_adapter_name` are gone in 1.x (DPOConfig rejects them); the `ref` copy is what replaced them.
+The metadata records that reference, so evaluation measures the checkpoint against base + SFT adapter
+by default (dpo_eval.reference).
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -18,6 +27,7 @@ from pydantic import Field
 
 from dpo_eval.config import DatasetSpec, ModelSpec, Spec
 from dpo_eval.data import prompt_turns
+from dpo_eval.errors import DpoEvalError
 from dpo_eval.mixing import mix_train, read_sources, source_pair_ids
 from dpo_eval.progress import quiet_trainer, terminal
 from dpo_eval.prompts import PromptFormatter, training_prompt
@@ -52,6 +62,10 @@ class TrainSpec(Spec):
     max_length: int = Field(512, ge=8, description="Tokens of prompt + answer kept (the answer's start).")
     prompt_template: str | None = Field(None, description="Jinja prompt template (as for evaluation).")
     seed: int = Field(0, description="Training seed.")
+    sft_adapter: str | None = Field(None, title="SFT adapter", description="A LoRA adapter folder (e.g. from "
+                                    "SFT) to start DPO from and to use, frozen, as the reference (trl's two-adapter "
+                                    "DPO); its LoRA settings replace lora_r and lora_alpha. None: a new LoRA "
+                                    "adapter against the bare base.")
 
 
 def data_fingerprint(pairs: pl.DataFrame) -> str:
@@ -78,8 +92,9 @@ def train_dpo(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None = No
 
 
 def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None = None):
-    """trl's DPOTrainer for `spec` (LoRA via peft_config: the reference is the adapter-disabled base),
-    and the list that fills with checkpoint folders as it saves."""
+    """trl's DPOTrainer for `spec`, and the list that fills with checkpoint folders as it saves. A new LoRA
+    via peft_config: the reference is the adapter-disabled base; with spec.sft_adapter: the SFT adapter
+    trainable (peft's `default`) and trl's frozen copy of it (`ref`) as the reference."""
     import torch
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -87,6 +102,7 @@ def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None 
 
     from dpo_eval.models import fingerprints, load_base, load_tokenizer
 
+    check_sft_adapter(spec)
     pairs, _ = read_sources((spec.dataset, *spec.extra_datasets))
     train, mix = mix_train(pairs, spec.weights, spec.seed)
     model_spec = ModelSpec(base=spec.base, quantization=spec.quantization,
@@ -104,7 +120,7 @@ def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None 
                 "mix": mix, "source_pair_ids": source_pair_ids(pairs, train),
                 "train_pair_ids": train["pair_id"].to_list(),
                 "valid_pair_ids": pairs.filter(pl.col("split") == "valid")["pair_id"].to_list(),
-                "repairs": repairs}
+                "reference_adapter": sft_reference(spec), "repairs": repairs}
     gpu = torch.cuda.is_available()
     args = DPOConfig(
         output_dir=str(spec.out), max_steps=spec.steps, save_strategy="steps", save_steps=spec.save_every,
@@ -119,6 +135,9 @@ def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None 
     class SaveMetadata(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            # peft saves every adapter but the active one in a subfolder: drop trl's frozen copy of the SFT
+            # adapter, so the checkpoint is a plain one-adapter folder (the metadata names the reference)
+            shutil.rmtree(folder / TRL_REFERENCE, ignore_errors=True)
             # atomically: a watcher takes a checkpoint as complete once this file exists
             tmp = folder / (METADATA + ".tmp")
             tmp.write_text(json.dumps(metadata | {"step": state.global_step, "log": state.log_history[-3:]}, indent=2))
@@ -127,12 +146,43 @@ def build_trainer(spec: TrainSpec, on_checkpoint: Callable[[Path], None] | None 
             if on_checkpoint is not None:
                 on_checkpoint(folder)
 
-    peft_config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules="all-linear",
-                             task_type="CAUSAL_LM", lora_dropout=0.0)
+    peft_config = None
+    if spec.sft_adapter is None:
+        peft_config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules="all-linear",
+                                 task_type="CAUSAL_LM", lora_dropout=0.0)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, spec.sft_adapter, is_trainable=True)
     trainer = DPOTrainer(model=model, args=args, train_dataset=trl_dataset(train, tokenizer, spec.prompt_template,
                                                                           repairs),
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[SaveMetadata()])
+    if spec.sft_adapter is not None and TRL_REFERENCE not in trainer.model.peft_config:
+        raise DpoEvalError(f"--sft-adapter {spec.sft_adapter}: trl did not attach a frozen reference copy of it "
+                           "(its adapter would be compared with the bare base); this adapter type is not supported "
+                           "for DPO on an SFT adapter")
     return quiet_trainer(trainer), saved
+
+
+TRL_REFERENCE = "ref"  # the name trl's DPOTrainer gives the frozen copy of a pretrained adapter
+
+
+def sft_reference(spec: TrainSpec) -> str | None:
+    """The SFT adapter as the metadata records it: an absolute path for a local folder (evaluation may run
+    from another folder), the hub id otherwise."""
+    if spec.sft_adapter is None:
+        return None
+    from dpo_eval.locations import is_local_path
+
+    local = is_local_path(spec.sft_adapter)
+    return str(Path(spec.sft_adapter).expanduser().resolve()) if local else spec.sft_adapter
+
+
+def check_sft_adapter(spec: TrainSpec) -> None:
+    """--sft-adapter exists, is a peft adapter and fits --base (before any model is loaded)."""
+    from dpo_eval.preflight import check_adapter_folder
+
+    check_adapter_folder(spec.sft_adapter, "--sft-adapter", ModelSpec(base=spec.base))
 
 
 def read_metadata(adapter: str | Path) -> dict:

@@ -11,8 +11,8 @@ import typer
 from dpo_eval.config import AnalysisSpec, GenerationSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval_cli.options import (AdapterOpt, BaseOpt, ColumnsOpt, DatasetOpt, DtypeOpt, FormatOpt, LimitOpt,
-                                  QuantOpt, SeedOpt, TemplateOpt, ValidOpt, build, dataset_spec, model_spec,
-                                  spec_option)
+                                  QuantOpt, ReferenceAdapterOpt, SeedOpt, TemplateOpt, ValidOpt, build, dataset_spec,
+                                  model_spec, spec_option)
 
 
 def pairs(
@@ -37,6 +37,7 @@ def pairs(
 def generate(
     base: str = BaseOpt,
     adapter: Optional[str] = AdapterOpt,
+    reference_adapter: Optional[str] = ReferenceAdapterOpt,
     dataset: str = DatasetOpt,
     fmt: str = FormatOpt,
     columns: Optional[str] = ColumnsOpt,
@@ -48,9 +49,10 @@ def generate(
     prompt_template: Optional[str] = TemplateOpt,
     out: Path = typer.Option(..., "--out", help="Where to write answers.parquet."),
 ) -> None:
-    """Generate base (and, with an adapter, tuned) answers to every prompt."""
-    spec = model_spec(base=base, adapter=adapter, quantization=quantization, compute_dtype=compute_dtype,
-                      prompt_template=prompt_template)
+    """Generate base (and, with an adapter, tuned) answers to every prompt; 'base' is base + the reference
+    adapter where there is one."""
+    spec = model_spec(base=base, adapter=adapter, reference_adapter=reference_adapter, quantization=quantization,
+                      compute_dtype=compute_dtype, prompt_template=prompt_template)
     gen = build(GenerationSpec, {"max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size"},
                 max_new_tokens=max_new_tokens, batch_size=batch_size)
     data = dataset_spec(dataset, fmt, columns, limit=limit)
@@ -62,6 +64,7 @@ def generate(
     from dpo_eval.data import load_pairs
     from dpo_eval.generation import generate_both
     from dpo_eval.models import load_model
+    from dpo_eval.reference import reference_label
 
     pairs_table = load_pairs(data)
     loaded = load_model(spec)
@@ -70,6 +73,7 @@ def generate(
     answers.write_parquet(out)
     print(json.dumps({"answers": answers.height, "models": sorted(set(answers["model"])),
                       "fingerprint": loaded.fingerprint, "base_fingerprint": loaded.base_fingerprint,
+                      "base_side": reference_label(spec),
                       "truncated_prompts": int(answers.filter(pl.col("model") == "base")["truncated"].sum()),
                       "repairs": loaded.repairs}, indent=2))
 

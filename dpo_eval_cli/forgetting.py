@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from dpo_eval.forgetting import ForgettingSpec
-from dpo_eval_cli.options import BaseOpt, DtypeOpt, QuantOpt, build, field_help, model_spec, spec_option
+from dpo_eval_cli.options import (BaseOpt, DtypeOpt, QuantOpt, ReferenceAdapterOpt, build, field_help, model_spec,
+                                  spec_option)
 
 FLAGS = {"tasks": "--tasks", "include_path": "--include-path", "limit": "--limit", "num_fewshot": "--num-fewshot",
          "batch_size": "--batch-size"}
@@ -23,6 +24,7 @@ def _option(name: str):
 def forgetting(
     base: str = BaseOpt,
     adapter: str = typer.Option(..., "--adapter", help="The DPO (LoRA/QLoRA) adapter: folder or hub id."),
+    reference_adapter: Optional[str] = ReferenceAdapterOpt,
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated. " + field_help(ForgettingSpec, "tasks")),
     include_path: Optional[Path] = _option("include_path"),
     limit: Optional[int] = _option("limit"),
@@ -33,10 +35,11 @@ def forgetting(
     out: Path = typer.Option(..., "--out", help="Where to write forgetting.parquet, forgetting.json and the "
                              "report's section (a run directory of `dpo-eval evaluate` gets it in its report)."),
 ) -> None:
-    """Run lm-evaluation-harness tasks on the base (adapter disabled) and the tuned model from one load and
-    compare them per question: accuracies, the paired difference with its CI, the exact McNemar p and BH q
-    across tasks. Writes forgetting.parquet and forgetting.json; prints the per-task block. A task that
-    cannot run is one line on stderr (exit 2) after the others' results are written."""
+    """Run lm-evaluation-harness tasks on the base (adapter disabled, or base + the reference adapter) and the
+    tuned model from one load and compare them per question: accuracies, the paired difference with its CI,
+    the exact McNemar p and BH q across tasks. Writes forgetting.parquet and forgetting.json; prints the
+    per-task block. A task that cannot run is one line on stderr (exit 2) after the others' results are
+    written."""
     from dpo_eval.forgetting import jsonable, raise_failures, run_forgetting, write_forgetting
     from dpo_eval.forgetting_report import write_forgetting_report
     from dpo_eval.models import check_paths
@@ -44,7 +47,8 @@ def forgetting(
     names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     spec = build(ForgettingSpec, FLAGS, tasks=names, include_path=str(include_path) if include_path else None,
                  limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
-    model = model_spec(base=base, adapter=adapter, quantization=quantization, compute_dtype=compute_dtype)
+    model = model_spec(base=base, adapter=adapter, reference_adapter=reference_adapter, quantization=quantization,
+                       compute_dtype=compute_dtype)
     check_paths(model)
     pairs, result = run_forgetting(model, spec)
     write_forgetting(out, pairs, result)

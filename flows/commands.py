@@ -25,6 +25,7 @@ EVALUATE_FLAGS = {
     "dataset": "--dataset", "dataset.source": "--dataset", "dataset.format": "--format", "dataset.seed": "--seed",
     "dataset.columns": "--columns", "dataset.valid_fraction": "--valid-fraction", "dataset.limit": "--limit",
     "model": "--base", "model.base": "--base", "model.adapter": "--adapter", "model.quantization": "--quantization",
+    "model.reference_adapter": "--reference-adapter",
     "model.compute_dtype": "--compute-dtype", "model.prompt_template": "--prompt-template",
     "generation.max_new_tokens": "--max-new-tokens", "generation.batch_size": "--batch-size",
     "scoring.cache_dir": "--cache-dir", "analysis.alpha": "--alpha", "analysis.bootstrap": "--bootstrap",
@@ -80,6 +81,7 @@ def evaluate(
     base: Optional[str] = override_option(ModelSpec, "base", "--base"),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="The DPO adapter (checkpoint) to evaluate: "
                                           "a folder or hub id (required, here or in --config)."),
+    reference_adapter: Optional[str] = override_option(ModelSpec, "reference_adapter", "--reference-adapter"),
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", metavar="DATA", help=DatasetSpec.model_fields["source"].description
                                                 + REPEAT_HELP, show_default=False),
     reference_dataset: Optional[str] = typer.Option(
@@ -119,8 +121,8 @@ def evaluate(
     eval_config = evaluate_config(config, {
         "dataset.source": dataset[0] if dataset else None, "dataset.format": fmt, "dataset.seed": seed,
         "dataset.valid_fraction": valid_fraction, "dataset.limit": limit, "dataset.columns": mapping,
-        "model.base": base, "model.adapter": adapter, "model.quantization": main_quantization,
-        "quantization_study": study,
+        "model.base": base, "model.adapter": adapter, "model.reference_adapter": reference_adapter,
+        "model.quantization": main_quantization, "quantization_study": study,
         "model.compute_dtype": compute_dtype, "model.prompt_template": prompt_template,
         "generation.max_new_tokens": max_new_tokens, "generation.batch_size": batch_size,
         "scoring.cache_dir": str(cache_dir) if cache_dir else None, "analysis.alpha": alpha,
@@ -175,7 +177,7 @@ def demo(
 TRAIN_FLAGS = {"base": "--base", "dataset.source": "--dataset", "dataset.limit": "--limit", "out": "--out",
                "weights": "--weights", **{f"weights.{i}": "--weights" for i in range(16)},
                "steps": "--steps", "save_every": "--save-every", "beta": "--beta", "learning_rate": "--lr",
-               "batch_size": "--batch-size", "quantization": "--quantization"}
+               "batch_size": "--batch-size", "quantization": "--quantization", "sft_adapter": "--sft-adapter"}
 
 
 def train(
@@ -194,16 +196,19 @@ def train(
                                           "training mix, in order (e.g. 0.5,0.5; normalised to sum 1): drawn "
                                           "without replacement with the training seed, as many pairs as the "
                                           "scarcest data set allows. Default: every train pair of every data set."),
+    sft_adapter: Optional[str] = spec_option(TrainSpec, "sft_adapter", "--sft-adapter"),
 ) -> None:
     """DPO training of a (Q)LoRA adapter with trl, as the Prefect flow train-dpo."""
     from dpo_eval.mixing import mix_train, read_sources
     from dpo_eval.preflight import check_dataset, check_model
+    from dpo_eval.training import check_sft_adapter
 
     data = [build(DatasetSpec, {"source": "--dataset", "limit": "--limit"}, source=d, limit=limit) for d in dataset]
     spec = build(TrainSpec, TRAIN_FLAGS, base=base, dataset=data[0], extra_datasets=tuple(data[1:]), out=out,
                  steps=steps, save_every=save_every, beta=beta, learning_rate=lr, batch_size=batch_size,
-                 quantization=quantization, weights=parse_weights(weights))
+                 quantization=quantization, weights=parse_weights(weights), sft_adapter=sft_adapter)
     check_model(ModelSpec(base=base))
+    check_sft_adapter(spec)
     for one in data:
         check_dataset(one)
     mix_train(read_sources(data)[0], spec.weights, spec.seed)  # a bad mix fails here, before any flow starts

@@ -21,6 +21,7 @@ from dpo_eval.judge_report import judge_markdown
 from dpo_eval.logprobs import reward_summary
 from dpo_eval.per_source import has_sources, source_section
 from dpo_eval.quant_study import STUDY_FILE, setting_config
+from dpo_eval.reference import reference_adapter, reference_label
 from dpo_eval.report import rewards_section, stats_table_rows, summary_markdown, write_outputs
 from flows.judge import raise_failures, run_judges
 from flows.progress import stage_progress
@@ -171,7 +172,7 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
     if config.rewards and labeled:
         with _timed(timings, "rewards"):
             beta, max_length = pipeline.reward_beta(config), pipeline.reward_max_length(config)
-            rewards = implicit_rewards_task(config.model, pairs, beta, max_length, identity.tuned_key)
+            rewards = implicit_rewards_task(config.model, pairs, beta, max_length, identity.pair_key)
             release_models_task()
             rewards.write_parquet(out / "rewards.parquet")
             rewards_summary = reward_summary(rewards)
@@ -193,7 +194,9 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
     with _timed(timings, "report"):
         summary = analysis.summary | {"left_out": load_report["left_out"], "duplicates": load_report["duplicates"],
                                       "timings": timings, "cache": cache,
-                                      "workers": pipeline.worker_account(answers, config.generation_runner, workers)}
+                                      "workers": pipeline.worker_account(answers, config.generation_runner, workers),
+                                      "reference": {"adapter": reference_adapter(config.model),
+                                                    "label": reference_label(config.model)}}
         if rewards_summary is not None:
             summary["implicit_reward"] = rewards_summary  # one object per split, nothing else
             summary["implicit_reward_beta"] = beta

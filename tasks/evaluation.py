@@ -91,7 +91,8 @@ def compare_features_task(features: pl.DataFrame, spec: AnalysisSpec, reference:
 
 
 def _rewards_key(context, parameters) -> str:
-    """Tuned identity (prompt template included) x beta x max_length x pairs content."""
+    """Identity of both sides (pair_key: tuned and the reference; prompt template included) x beta x max_length
+    x pairs content."""
     return "rewards-" + "-".join([parameters["key"], str(parameters["beta"]), str(parameters["max_length"]),
                                   pipeline.content_hash(parameters["pairs"], ("pair_id", "split"))])
 

@@ -83,6 +83,9 @@ def _params(command: str) -> dict:
     ("train", "steps", TrainSpec, "steps"),
     ("train", "lr", TrainSpec, "learning_rate"),
     ("train", "quantization", TrainSpec, "quantization"),
+    ("train", "sft_adapter", TrainSpec, "sft_adapter"),
+    ("generate", "reference_adapter", ModelSpec, "reference_adapter"),
+    ("forgetting", "reference_adapter", ModelSpec, "reference_adapter"),
 ])
 def test_option_defaults_and_help_come_from_the_spec(command, option, spec, field):
     param = _params(command)[option]
