@@ -143,6 +143,9 @@ def check_evaluation(config: EvalConfig) -> None:
     from dpo_eval.pipeline import check_labels
 
     check_model(config.model, require_adapter=True)
+    from dpo_eval.engines import check_engine
+
+    check_engine(config.model, config.generation.engine, config.generation.merge)
     pairs = read_pairs(config.dataset)[0]
     reference = read_pairs(config.reference_dataset)[0] if config.reference_dataset is not None else None
     check_labels(pairs, reference, config)

@@ -11,8 +11,8 @@ import typer
 from dpo_eval.config import AnalysisSpec, GenerationSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval_cli.options import (AdapterOpt, BaseOpt, ColumnsOpt, DatasetOpt, DtypeOpt, FormatOpt, LimitOpt,
-                                  QuantOpt, SeedOpt, TemplateOpt, ValidOpt, build, dataset_spec, model_spec,
-                                  spec_option)
+                                  QuantOpt, SeedOpt, TemplateOpt, ValidOpt, build, dataset_spec, field_help,
+                                  model_spec, spec_option)
 
 
 def pairs(
@@ -44,15 +44,18 @@ def generate(
     quantization: str = QuantOpt,
     compute_dtype: str = DtypeOpt,
     max_new_tokens: int = spec_option(GenerationSpec, "max_new_tokens", "--max-new-tokens"),
-    batch_size: int = spec_option(GenerationSpec, "batch_size", "--batch-size"),
+    batch_size: Optional[int] = spec_option(GenerationSpec, "batch_size", "--batch-size"),
+    engine: str = spec_option(GenerationSpec, "engine", "--engine"),
+    merge: bool = typer.Option(False, "--merge/--no-merge", help=field_help(GenerationSpec, "merge")),
     prompt_template: Optional[str] = TemplateOpt,
     out: Path = typer.Option(..., "--out", help="Where to write answers.parquet."),
 ) -> None:
     """Generate base (and, with an adapter, tuned) answers to every prompt."""
     spec = model_spec(base=base, adapter=adapter, quantization=quantization, compute_dtype=compute_dtype,
                       prompt_template=prompt_template)
-    gen = build(GenerationSpec, {"max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size"},
-                max_new_tokens=max_new_tokens, batch_size=batch_size)
+    gen = build(GenerationSpec, {"max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size",
+                                 "engine": "--engine", "merge": "--merge"},
+                max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine, merge=merge)
     data = dataset_spec(dataset, fmt, columns, limit=limit)
     from dpo_eval.preflight import check_model
 
@@ -64,12 +67,13 @@ def generate(
     from dpo_eval.models import load_model
 
     pairs_table = load_pairs(data)
-    loaded = load_model(spec)
+    loaded = load_model(spec, engine=gen.engine, merge=gen.merge)
     answers = _generate_with_progress(loaded, pairs_table, gen)
     out.parent.mkdir(parents=True, exist_ok=True)
     answers.write_parquet(out)
     print(json.dumps({"answers": answers.height, "models": sorted(set(answers["model"])),
                       "fingerprint": loaded.fingerprint, "base_fingerprint": loaded.base_fingerprint,
+                      "engine": gen.engine, "merge": gen.merge,
                       "truncated_prompts": int(answers.filter(pl.col("model") == "base")["truncated"].sum()),
                       "repairs": loaded.repairs}, indent=2))
 

@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.training import TrainSpec
-from dpo_eval_cli.options import BaseOpt, ColumnsOpt, DatasetOpt, LimitOpt, build, override_option, spec_option, \
-    validation_message
+from dpo_eval_cli.options import BaseOpt, ColumnsOpt, DatasetOpt, LimitOpt, build, field_help, override_option, \
+    spec_option, validation_message
 
 # evaluate's options: the EvalConfig field each one sets, and its flag.
 EVALUATE_FLAGS = {
@@ -27,6 +27,7 @@ EVALUATE_FLAGS = {
     "model": "--base", "model.base": "--base", "model.adapter": "--adapter", "model.quantization": "--quantization",
     "model.compute_dtype": "--compute-dtype", "model.prompt_template": "--prompt-template",
     "generation.max_new_tokens": "--max-new-tokens", "generation.batch_size": "--batch-size",
+    "generation.engine": "--engine", "generation.merge": "--merge",
     "scoring.cache_dir": "--cache-dir", "analysis.alpha": "--alpha", "analysis.bootstrap": "--bootstrap",
     "shard_size": "--shard-size", "out": "--out", "reference_dataset": "--reference-dataset",
     "reference_dataset.source": "--reference-dataset",
@@ -79,6 +80,9 @@ def evaluate(
     prompt_template: Optional[str] = override_option(ModelSpec, "prompt_template", "--prompt-template"),
     max_new_tokens: Optional[int] = override_option(GenerationSpec, "max_new_tokens", "--max-new-tokens"),
     batch_size: Optional[int] = override_option(GenerationSpec, "batch_size", "--batch-size"),
+    engine: Optional[str] = override_option(GenerationSpec, "engine", "--engine"),
+    merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help=field_help(GenerationSpec, "merge")
+                                         + " Default: False.", show_default=False),
     shard_size: Optional[int] = override_option(EvalConfig, "shard_size", "--shard-size"),
     cache_dir: Optional[Path] = override_option(ScoringSpec, "cache_dir", "--cache-dir"),
     alpha: Optional[float] = override_option(AnalysisSpec, "alpha", "--alpha"),
@@ -98,6 +102,7 @@ def evaluate(
         "model.base": base, "model.adapter": adapter, "model.quantization": quantization,
         "model.compute_dtype": compute_dtype, "model.prompt_template": prompt_template,
         "generation.max_new_tokens": max_new_tokens, "generation.batch_size": batch_size,
+        "generation.engine": engine, "generation.merge": merge,
         "scoring.cache_dir": str(cache_dir) if cache_dir else None, "analysis.alpha": alpha,
         "analysis.bootstrap": bootstrap, "shard_size": shard_size, "out": str(out) if out else None,
         "reference_dataset.source": reference_dataset})
