@@ -38,16 +38,31 @@ def check_engine(spec: ModelSpec, engine: str, merge: bool = False) -> None:
 
 def dequantize_in_place(model, compute_dtype: str) -> int:
     """Replace every bitsandbytes 4-bit layer of a freshly loaded `model` by a torch Linear holding its
-    dequantized weight in `compute_dtype`; returns how many were replaced. Call before any forward pass."""
+    dequantized weight in `compute_dtype`; returns how many were replaced. Call before any forward pass.
+
+    The weight is `bitsandbytes.functional.dequantize_4bit(...)` cast to the compute dtype: what bitsandbytes'
+    own 4-bit matmul multiplies with on a GPU. A model loaded by transformers goes through its
+    `dequantize()` (which also drops the quantization config); one quantized in memory (a benchmark's)
+    is converted here the same way."""
     import bitsandbytes as bnb
     import torch
 
-    count = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    if count:
+    dtype = getattr(torch, compute_dtype)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if layers and getattr(model, "hf_quantizer", None) is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.dequantize(dtype=getattr(torch, compute_dtype))
-    return count
+            model.dequantize(dtype=dtype)
+        return len(layers)
+    for name, layer in layers:
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+        with torch.device("meta"):
+            linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = torch.nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+        model.set_submodule(name, linear)
+    return len(layers)
 
 
 def _lora_layers(model):

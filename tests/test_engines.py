@@ -144,6 +144,10 @@ def test_engine_is_part_of_the_generation_key_and_of_the_model_cache(stories260k
         assert dequantized is not four and dequantized.engine == "dequantized"
         assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dequantized.model.modules())
         assert pipeline.cached_model(spec, engine="dequantized") is dequantized
+        identity = pipeline.model_identity(spec)
+        gen = GenerationSpec(max_new_tokens=4, engine="dequantized", batch_size=4)
+        answers, _ = pipeline.generate_shard(spec, gen, pairs.head(2), "tuned", identity.tuned_key, halvings=3)
+        assert answers.height == 2 and pipeline.cached_model(spec, engine="dequantized") is dequantized
     finally:
         pipeline.release_models()
 
@@ -196,3 +200,24 @@ def test_batch_size_is_the_users_or_16_on_the_cpu(stories260k):
     model = AutoModelForCausalLM.from_pretrained(stories260k)
     assert resolve_batch_size(model, [[1, 2, 3]], None, 8) == 16
     assert resolve_batch_size(model, [[1, 2, 3]], 5, 8) == 5
+
+
+def test_cli_generate_with_the_dequantized_engine_merged(stories260k, adapter, orca_jsonl, tmp_path):
+    import json
+
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    out = tmp_path / "answers.parquet"
+    result = CliRunner().invoke(app, ["generate", "--base", str(stories260k), "--adapter", str(adapter), "--dataset",
+                                      str(orca_jsonl), "--limit", "2", "--max-new-tokens", "4", "--compute-dtype",
+                                      "float32", "--engine", "dequantized", "--merge", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["engine"] == "dequantized" and summary["merge"] is True
+    assert pl.read_parquet(out).height == 4
+    wrong = CliRunner().invoke(app, ["generate", "--base", str(stories260k), "--dataset", str(orca_jsonl),
+                                     "--quantization", "none", "--engine", "dequantized", "--out", str(out)])
+    assert wrong.exit_code != 0 and "--engine dequantized needs --quantization 4bit" in str(wrong.exception)
