@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import time
+from functools import partial
 
 import torch
 
@@ -193,7 +194,7 @@ def main() -> None:
         print(json.dumps({label: row}), flush=True)  # partial results survive a time limit
 
     nf4_weights = weight_bytes(model)
-    reference, seconds, peak = timed(lambda: run_generate(model, prompts, args.batch, args.new_tokens, device), device)
+    reference, seconds, peak = timed(partial(run_generate, model, prompts, args.batch, args.new_tokens, device), device)
     record("hf", reference, seconds, peak, args.batch, nf4_weights)
     del model
     start = time.perf_counter()
@@ -203,21 +204,25 @@ def main() -> None:
     bf16_weights = weight_bytes(fresh)
     if device == "cuda":
         torch.cuda.empty_cache()
+    def attempt(label, run, batch):
+        try:
+            tokens, seconds, peak = timed(run, device)
+            record(label, tokens, seconds, peak, batch, bf16_weights)
+        except Exception as exc:  # noqa: BLE001 - an engine that fails (out of memory, say) is a result too
+            engines[label] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            print(json.dumps({label: engines[label]}), flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
     if "dequantized" not in skip:
-        tokens, seconds, peak = timed(lambda: run_generate(fresh, prompts, args.batch, args.new_tokens, device), device)
-        record("dequantized", tokens, seconds, peak, args.batch, bf16_weights)
+        attempt("dequantized", lambda: run_generate(fresh, prompts, args.batch, args.new_tokens, device), args.batch)
     if "planned" not in skip and device == "cuda":
         free, _ = torch.cuda.mem_get_info()
-        planned = plan_batch_size(free, sequence_bytes(shape, args.max_prompt, args.new_tokens))
-        result["planned_batch"] = planned
-        tokens, seconds, peak = timed(lambda: run_generate(fresh, prompts, planned, args.new_tokens, device), device)
-        record("dequantized_planned", tokens, seconds, peak, planned, bf16_weights)
+        planned = result["planned_batch"] = plan_batch_size(free, sequence_bytes(shape, args.max_prompt,
+                                                                                 args.new_tokens))
+        attempt("dequantized_planned", lambda: run_generate(fresh, prompts, planned, args.new_tokens, device), planned)
     if "continuous" not in skip:
-        try:
-            tokens, seconds, peak = timed(lambda: run_continuous(fresh, prompts, args.new_tokens, device), device)
-            record("continuous", tokens, seconds, peak, args.batch, bf16_weights)
-        except Exception as exc:  # noqa: BLE001 - an engine that fails is a result too
-            engines["continuous"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        attempt("continuous", lambda: run_continuous(fresh, prompts, args.new_tokens, device), args.batch)
     result["engines"] = engines
     print(json.dumps(result, indent=2), flush=True)
 
