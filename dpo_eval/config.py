@@ -126,11 +126,38 @@ class GenerationSpec(Spec):
                          "likely tokens holding this much probability (only when sampling; 1: all).")
     seed: int = Field(0, title="Sampling seed", description="Seed that makes sampled runs repeatable (each prompt is seeded from it "
                       "and its pair, so another batch size or shard layout draws the same random numbers).")
-    batch_size: int = Field(16, ge=1, title="Batch size", description="Prompts per generate() call (sorted by length); halved on "
-                            "each retry after an out-of-memory error.")
+    batch_size: int | None = Field(
+        None, ge=1, title="Batch size", description="Prompts per generate() call (sorted by length); halved on each "
+        "retry after an out-of-memory error. None: planned from free GPU memory on a GPU (dpo_eval.batch_plan), "
+        "16 on the CPU.")
+    engine: Literal["hf", "dequantized", "continuous"] = Field(
+        "hf", title="Engine", description="How answers are computed: hf, generate() on the model as loaded (4-bit "
+        "layers when quantized); dequantized, the 4-bit nf4 weights dequantized once to the compute dtype right "
+        "after loading (the weights a QLoRA adapter was trained against, at 16-bit speed and memory), then "
+        "generate(); continuous, the same dequantized weights through transformers' continuous batching "
+        "(generate_batch, paged attention; greedy only). Part of the generation cache key.")
+    merge: bool = Field(False, title="Merge adapter", description="dequantized and continuous engines: merge the "
+                        "adapter into the dequantized weights for tuned answers (no LoRA matmuls); base answers "
+                        "use the exact unmerged weights. Off: the adapter stays unmerged.")
     max_batch_tokens: int | None = Field(
         None, ge=1, title="Max batch tokens", description="Memory budget of one batch in tokens (prompts x (padded prompt + new tokens)); "
         "a larger batch fails as out of memory before it runs, and the retry halves it. None: no budget.")
+
+    @field_validator("merge")
+    @classmethod
+    def _merge_needs_dequantized(cls, value, info):
+        if value and info.data.get("engine") == "hf":
+            raise ValueError("merge needs the dequantized or continuous engine: merging into 4-bit weights "
+                             "re-quantizes them and changes the answers")
+        return value
+
+    @field_validator("engine")
+    @classmethod
+    def _continuous_is_greedy(cls, value, info):
+        if value == "continuous" and info.data.get("do_sample"):
+            raise ValueError("the continuous engine decodes greedily only (its batches cannot seed each prompt's "
+                             "sampling); use engine dequantized to sample")
+        return value
 
 
 class AnalysisSpec(Spec):

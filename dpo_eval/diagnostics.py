@@ -153,6 +153,48 @@ def merge_checks(spec: ModelSpec, pairs: pl.DataFrame, greedy_tokens: int = 16) 
     return checks
 
 
+def engine_checks(spec: ModelSpec, pairs: pl.DataFrame, greedy_tokens: int = 16) -> list[Check]:
+    """The dequantized engine against the nf4 (hf) path on this checkpoint, base and tuned: max |logit
+    diff|, top-1 agreement on the chosen answers, and greedy answers identical out of N."""
+    from dpo_eval.config import GenerationSpec
+    from dpo_eval.generation import generate_both
+
+    sides = ("tuned", "base") if spec.adapter is not None else ("base",)
+    logits, answers = {}, {}
+    for engine in ("hf", "dequantized"):  # fresh loads: dequantizing happens before any forward pass
+        loaded = _load_engine(spec, engine)
+        batch = _batch(loaded.tokenizer, pairs, loaded.context_length)
+        for side in sides:
+            with loaded.base_context() if side == "base" else loaded.tuned_context():
+                logits[engine, side] = _logits(loaded.model, batch)
+        gen = GenerationSpec(max_new_tokens=greedy_tokens, batch_size=8, engine=engine)
+        frame = generate_both(loaded, pairs, gen, models=sides)
+        answers.update({(engine, side): frame.filter(pl.col("model") == side)["answer"].to_list() for side in sides})
+        del loaded
+        release_models()
+    checks = []
+    for side in sides:
+        n = compare_logits(logits["hf", side], logits["dequantized", side], batch)
+        same = sum(a == b for a, b in zip(answers["hf", side], answers["dequantized", side]))
+        n |= {"greedy_identical": same, "prompts": pairs.height, "greedy_tokens": greedy_tokens}
+        status = "pass" if same == pairs.height and n["top1_agreement"] >= 0.99 else \
+            "warn" if n["top1_agreement"] >= 0.9 else "fail"
+        checks.append(Check(f"engine: dequantized vs nf4 ({side})", status, n,
+                            f"The dequantized engine's {side} model gives logits within {n['max_abs_logit_diff']:.3g} "
+                            f"of the nf4 path (top-1 agreement {n['top1_agreement']:.1%}); {same} of {pairs.height} "
+                            f"greedy answers ({greedy_tokens} tokens) are identical."
+                            + ("" if status == "pass" else " Kernels that compute 4-bit layers in another precision "
+                               "(the CPU's) differ in rounding; a large gap means the weights were dequantized "
+                               "after a forward pass (bitsandbytes repacks them).")))
+    return checks
+
+
+def _load_engine(spec: ModelSpec, engine: str):
+    from dpo_eval.models import load_model
+
+    return load_model(spec.model_copy(update={"quantization": "4bit"}), engine=engine)
+
+
 def tokenizer_checks(loaded, pairs: pl.DataFrame) -> list[Check]:
     tokenizer = loaded.tokenizer
     formatter = PromptFormatter(tokenizer, loaded.spec.prompt_template, [])
@@ -195,6 +237,7 @@ def diagnose(spec: ModelSpec, pairs: pl.DataFrame, out: Path | None = None) -> l
     del loaded
     release_models()
     checks += quantization_checks(spec, pairs)
+    checks += engine_checks(spec, pairs)
     if spec.adapter is not None:
         checks += merge_checks(spec, pairs)
     if out is not None:

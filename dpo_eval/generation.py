@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
 
 import polars as pl
 
+from dpo_eval.batch_plan import halved, resolve_batch_size
 from dpo_eval.config import GenerationSpec
 from dpo_eval.data import prompt_turns
+from dpo_eval.engines import generate_continuous
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.prompts import EncodedPrompt, PromptFormatter
 
@@ -30,15 +31,15 @@ def encode_prompts(formatter: PromptFormatter, pairs: pl.DataFrame, max_prompt_t
 def generate_answers(model, tokenizer, pairs: pl.DataFrame, spec: GenerationSpec | None = None, *,
                      label: str = "tuned", prompts: list[EncodedPrompt] | None = None,
                      context_length: int | None = None, repairs: list[str] | None = None,
-                     on_batch=None) -> pl.DataFrame:
+                     on_batch=None, halvings: int = 0) -> pl.DataFrame:
     """Answers of `model` to every prompt of `pairs`, as rows of answers.parquet labelled `label`;
-    `on_batch(n)` after each batch of n prompts."""
+    `on_batch(n)` after each batch of n prompts; the batch size halved `halvings` times (OOM retries)."""
     spec = spec or GenerationSpec()
     if prompts is None:
         context = context_length or int(getattr(model.config, "max_position_embeddings", 2048))
         prompts = encode_prompts(PromptFormatter(tokenizer, repairs=repairs), pairs, context - spec.max_new_tokens)
     outputs = _generate(model, tokenizer, [p.ids for p in prompts], spec,
-                        [prompt_seed(spec.seed, pid) for pid in pairs["pair_id"].to_list()], on_batch)
+                        [prompt_seed(spec.seed, pid) for pid in pairs["pair_id"].to_list()], on_batch, halvings)
     return pl.DataFrame({
         "pair_id": pairs["pair_id"].to_list(), "model": [label] * len(prompts),
         "answer": [o[0] for o in outputs], "n_prompt_tokens": [len(p.ids) for p in prompts],
@@ -48,19 +49,22 @@ def generate_answers(model, tokenizer, pairs: pl.DataFrame, spec: GenerationSpec
 
 
 def generate_both(loaded, pairs: pl.DataFrame, spec: GenerationSpec | None = None,
-                  models: tuple[str, ...] = ("tuned", "base"), on_batch=None) -> pl.DataFrame:
+                  models: tuple[str, ...] = ("tuned", "base"), on_batch=None, halvings: int = 0) -> pl.DataFrame:
     """Tuned (adapter on) and base (adapter disabled) answers from one load; base only without adapter;
     `on_batch(n)` after each batch of n prompts (a progress bar's step)."""
     spec = spec or GenerationSpec()
+    if spec.engine != loaded.engine or spec.merge != loaded.merge:
+        raise ValueError(f"generation asks for engine {spec.engine} (merge {spec.merge}) but the model was "
+                         f"loaded for {loaded.engine} (merge {loaded.merge}): load_model(..., engine, merge)")
     formatter = PromptFormatter(loaded.tokenizer, loaded.spec.prompt_template, loaded.repairs)
     prompts = encode_prompts(formatter, pairs, loaded.context_length - spec.max_new_tokens)
     frames = []
     for label in models:
         if label == "tuned" and not loaded.has_adapter:
             continue
-        with loaded.base_context() if label == "base" else nullcontext():
+        with loaded.base_context() if label == "base" else loaded.tuned_context():
             frames.append(generate_answers(loaded.model, loaded.tokenizer, pairs, spec, label=label,
-                                           prompts=prompts, on_batch=on_batch))
+                                           prompts=prompts, on_batch=on_batch, halvings=halvings))
     return pl.concat(frames) if frames else pl.DataFrame(schema=ANSWER_SCHEMA)
 
 
@@ -121,18 +125,32 @@ def left_padded(prompts: list[list[int]], pad: int):
     return ids, mask
 
 
+def _finished(tokenizer, new: list[int], eos: set[int]) -> tuple[str, int, str]:
+    """(answer, n_new_tokens, finish_reason) of one prompt's new tokens, cut at the first EOS."""
+    stop = next((k for k, t in enumerate(new) if t in eos), None)
+    tokens = new if stop is None else new[:stop]
+    return (tokenizer.decode(tokens, skip_special_tokens=True), len(tokens) + (0 if stop is None else 1),
+            "length" if stop is None else "eos")
+
+
 def _generate(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec,
-              seeds: list[int], on_batch=None) -> list[tuple[str, int, str]]:
+              seeds: list[int], on_batch=None, halvings: int = 0) -> list[tuple[str, int, str]]:
     """(answer, n_new_tokens, finish_reason) per prompt, in input order; `seeds[i]` seeds prompt i's sampling;
-    `on_batch(n)` after each batch of n prompts (progress)."""
+    `on_batch(n)` after each batch of n prompts (progress); the batch size halved `halvings` times."""
     import torch
 
     eos = _eos_ids(model, tokenizer)
+    if spec.engine == "continuous":
+        outputs = generate_continuous(model, tokenizer, prompts, spec.max_new_tokens, eos)
+        if on_batch is not None:
+            on_batch(len(prompts))
+        return [_finished(tokenizer, new, eos) for new in outputs]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     device = next(model.parameters()).device
+    batch_size = halved(resolve_batch_size(model, prompts, spec.batch_size, spec.max_new_tokens), halvings)
     results: dict[int, tuple[str, int, str]] = {}
-    for start in range(0, len(order), spec.batch_size):
-        batch = order[start:start + spec.batch_size]
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
         ids, mask = left_padded([prompts[i] for i in batch], tokenizer.pad_token_id)
         width = ids.shape[1]
         check_batch_budget(len(batch), width, spec)
@@ -144,11 +162,7 @@ def _generate(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec,
                                  max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=sorted(eos) or None, **sampling)
         for row, i in enumerate(batch):
-            new = out[row, width:].tolist()
-            stop = next((k for k, t in enumerate(new) if t in eos), None)
-            tokens = new if stop is None else new[:stop]
-            results[i] = (tokenizer.decode(tokens, skip_special_tokens=True),
-                          len(tokens) + (0 if stop is None else 1), "length" if stop is None else "eos")
+            results[i] = _finished(tokenizer, out[row, width:].tolist(), eos)
         if on_batch is not None:
             on_batch(len(batch))
     return [results[i] for i in range(len(prompts))]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_eval.config import ModelSpec
+from dpo_eval.engines import DEQUANTIZING, MergeSwitch, check_engine, dequantize_in_place
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import ModelIdentity, model_identity
 from dpo_eval.locations import is_local_path
@@ -34,6 +35,9 @@ class LoadedModel:
     context_length: int
     repairs: list[str] = field(default_factory=list)
     reference: str | None = None  # the reference adapter attached as REFERENCE_NAME; None: the bare base
+    engine: str = "hf"
+    merge: bool = False
+    merge_switch: object | None = None
 
     @property
     def base_fingerprint(self) -> str:
@@ -49,10 +53,19 @@ class LoadedModel:
 
     def base_context(self):
         """Context in which the model is the 'base' side: the reference adapter active where there is one,
-        else the adapter disabled (no-op without an adapter)."""
+        else the adapter disabled (no-op without an adapter); a merged adapter is unmerged first by
+        restoring the original weights."""
+        if self.merge_switch is not None:
+            self.merge_switch.unmerge()
         if self.reference is not None:
             return use_adapter(self.model, REFERENCE_NAME)
         return self.model.disable_adapter() if self.has_adapter else nullcontext()
+
+    def tuned_context(self):
+        """Context in which the model is the tuned one: the adapter on (merged into the weights with merge)."""
+        if self.merge_switch is not None:
+            self.merge_switch.merge()
+        return nullcontext()
 
 
 def check_paths(spec: ModelSpec) -> None:
@@ -90,8 +103,9 @@ def quantization_config(spec: ModelSpec):
     return None
 
 
-def load_base(spec: ModelSpec, repairs: list[str]):
-    """The base model, quantized as asked, in eval mode."""
+def load_base(spec: ModelSpec, repairs: list[str], engine: str = "hf"):
+    """The base model, quantized as asked, in eval mode; nf4 weights dequantized to the compute dtype
+    right after loading (before any forward pass) for the dequantized and continuous engines."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -108,6 +122,9 @@ def load_base(spec: ModelSpec, repairs: list[str]):
         raise DpoEvalError(f"--base {spec.base}: cannot load ({str(exc)[:300]}); a hub id needs network "
                            "access, or download the model and pass its folder") from None
     model.eval()
+    if engine in DEQUANTIZING and spec.quantization == "4bit":
+        dequantize_in_place(model, spec.compute_dtype)
+        return model
     fixed = fix_cpu_4bit_layers(model)
     if fixed:
         repairs.append(f"bitsandbytes CPU packed 4-bit kernel needs out_features % 32 == 0 and in_features % "
@@ -226,18 +243,21 @@ def load_tokenizer(spec: ModelSpec, repairs: list[str]):
     return tokenizer
 
 
-def load_model(spec: ModelSpec, identity: ModelIdentity | None = None) -> LoadedModel:
+def load_model(spec: ModelSpec, identity: ModelIdentity | None = None, engine: str = "hf",
+               merge: bool = False) -> LoadedModel:
     """Check, identify, load the base once, attach the adapter and any reference adapter (unmerged, by name:
-    the adapter as peft's `default`, the reference as REFERENCE_NAME). See the module docstring.
+    the adapter as peft's `default`, the reference as REFERENCE_NAME). See the module docstring;
+    `engine` and `merge`: dpo_eval.engines.
 
     The identity is taken again after loading: files rewritten during the load (a trainer saving over
     `checkpoint/latest`) would otherwise put new weights under the old key, so that is an error.
     """
     check_paths(spec)
+    check_engine(spec, engine, merge)
     identity = identity or model_identity(spec)
     repairs: list[str] = []
     tokenizer = load_tokenizer(spec, repairs)
-    model = load_base(spec, repairs)
+    model = load_base(spec, repairs, engine)
     reference = reference_adapter(spec)
     if spec.adapter is not None:
         check_adapter(model, spec, repairs)
@@ -249,7 +269,8 @@ def load_model(spec: ModelSpec, identity: ModelIdentity | None = None) -> Loaded
                            f"{reference} changed while the run was using them (a checkpoint being rewritten?); "
                            "run again once they are complete")
     context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-    return LoadedModel(model, tokenizer, spec, identity, context, repairs, reference)
+    switch = MergeSwitch(model) if merge and spec.adapter is not None else None
+    return LoadedModel(model, tokenizer, spec, identity, context, repairs, reference, engine, merge, switch)
 
 
 def attach_adapters(model, adapter: str | None, reference: str | None):

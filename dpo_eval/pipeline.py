@@ -62,18 +62,20 @@ _MODEL: dict[str, object] = {}
 _MODEL_LOCK = threading.Lock()
 
 
-def cached_model(spec: ModelSpec, identity: ModelIdentity | None = None):
+def cached_model(spec: ModelSpec, identity: ModelIdentity | None = None, engine: str = "hf", merge: bool = False):
     """One load per worker process for all the shards it generates, keyed on the complete model identity
-    (never on the path: a checkpoint rewritten at the same path is a new model). A load for another
-    identity releases the one held first, so a worker never holds two models."""
+    (never on the path: a checkpoint rewritten at the same path is a new model) and on the engine (whose
+    weights differ: 4-bit layers or dequantized ones). A load for another key releases the one held
+    first, so a worker never holds two models."""
     from dpo_eval.models import load_model
 
     identity = identity or model_identity(spec)
+    key = f"{identity.pair_key}:{engine}:{'merged' if merge else 'unmerged'}"
     with _MODEL_LOCK:
-        loaded = _MODEL.get(identity.pair_key)
+        loaded = _MODEL.get(key)
         if loaded is None or loaded.spec != spec:
             release_models()
-            loaded = _MODEL[identity.pair_key] = load_model(spec, identity)
+            loaded = _MODEL[key] = load_model(spec, identity, engine=engine, merge=merge)
         return loaded
 
 
@@ -105,13 +107,14 @@ def check_identity(spec: ModelSpec, expected: str, model: str) -> ModelIdentity:
 
 
 def generate_shard(spec: ModelSpec, generation: GenerationSpec, shard: pl.DataFrame,
-                   model: str, key: str) -> tuple[pl.DataFrame, list[str]]:
+                   model: str, key: str, halvings: int = 0) -> tuple[pl.DataFrame, list[str]]:
     """Answers of one model ('base' or 'tuned') to one shard, and the loader's repairs; `key` is the
-    identity key the cache stores them under, checked against the files before and after."""
+    identity key the cache stores them under, checked against the files before and after; the batch
+    size (set or planned) halved `halvings` times, once per retry after an out-of-memory error."""
     from dpo_eval.generation import generate_both
 
-    loaded = cached_model(spec, check_identity(spec, key, model))
-    answers = generate_both(loaded, shard, generation, models=(model,))
+    loaded = cached_model(spec, check_identity(spec, key, model), generation.engine, generation.merge)
+    answers = generate_both(loaded, shard, generation, models=(model,), halvings=halvings)
     check_identity(spec, key, model)
     return answers.with_columns(pl.lit(worker_label()).alias("worker")), list(loaded.repairs)
 

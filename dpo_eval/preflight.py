@@ -153,6 +153,9 @@ def check_evaluation(config: EvalConfig) -> None:
     from dpo_eval.pipeline import check_labels
 
     check_model(config.model, require_adapter=True)
+    from dpo_eval.engines import check_engine
+
+    check_engine(config.model, config.generation.engine, config.generation.merge)
     if config.extra_datasets:
         from dpo_eval.mixing import read_sources
 

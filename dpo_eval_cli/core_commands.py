@@ -12,6 +12,7 @@ from dpo_eval.config import AnalysisSpec, GenerationSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval_cli.options import (AdapterOpt, BaseOpt, ColumnsOpt, DatasetOpt, DtypeOpt, FormatOpt, LimitOpt,
                                   QuantOpt, ReferenceAdapterOpt, SeedOpt, TemplateOpt, ValidOpt, build, dataset_spec,
+                                  field_help,
                                   model_spec, spec_option)
 
 
@@ -45,7 +46,9 @@ def generate(
     quantization: str = QuantOpt,
     compute_dtype: str = DtypeOpt,
     max_new_tokens: int = spec_option(GenerationSpec, "max_new_tokens", "--max-new-tokens"),
-    batch_size: int = spec_option(GenerationSpec, "batch_size", "--batch-size"),
+    batch_size: Optional[int] = spec_option(GenerationSpec, "batch_size", "--batch-size"),
+    engine: str = spec_option(GenerationSpec, "engine", "--engine"),
+    merge: bool = typer.Option(False, "--merge/--no-merge", help=field_help(GenerationSpec, "merge")),
     prompt_template: Optional[str] = TemplateOpt,
     out: Path = typer.Option(..., "--out", help="Where to write answers.parquet."),
 ) -> None:
@@ -53,8 +56,9 @@ def generate(
     adapter where there is one."""
     spec = model_spec(base=base, adapter=adapter, reference_adapter=reference_adapter, quantization=quantization,
                       compute_dtype=compute_dtype, prompt_template=prompt_template)
-    gen = build(GenerationSpec, {"max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size"},
-                max_new_tokens=max_new_tokens, batch_size=batch_size)
+    gen = build(GenerationSpec, {"max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size",
+                                 "engine": "--engine", "merge": "--merge"},
+                max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine, merge=merge)
     data = dataset_spec(dataset, fmt, columns, limit=limit)
     from dpo_eval.preflight import check_model
 
@@ -62,18 +66,17 @@ def generate(
     import polars as pl
 
     from dpo_eval.data import load_pairs
-    from dpo_eval.generation import generate_both
     from dpo_eval.models import load_model
     from dpo_eval.reference import reference_label
 
     pairs_table = load_pairs(data)
-    loaded = load_model(spec)
+    loaded = load_model(spec, engine=gen.engine, merge=gen.merge)
     answers = _generate_with_progress(loaded, pairs_table, gen)
     out.parent.mkdir(parents=True, exist_ok=True)
     answers.write_parquet(out)
     print(json.dumps({"answers": answers.height, "models": sorted(set(answers["model"])),
                       "fingerprint": loaded.fingerprint, "base_fingerprint": loaded.base_fingerprint,
-                      "base_side": reference_label(spec),
+                      "base_side": reference_label(spec), "engine": gen.engine, "merge": gen.merge,
                       "truncated_prompts": int(answers.filter(pl.col("model") == "base")["truncated"].sum()),
                       "repairs": loaded.repairs}, indent=2))
 

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.training import TrainSpec
-from dpo_eval_cli.options import BaseOpt, ColumnsOpt, LimitOpt, build, override_option, spec_option, \
+from dpo_eval_cli.options import BaseOpt, ColumnsOpt, LimitOpt, build, field_help, override_option, spec_option, \
     validation_message
 
 # evaluate's options: the EvalConfig field each one sets, and its flag.
@@ -28,6 +28,7 @@ EVALUATE_FLAGS = {
     "model.reference_adapter": "--reference-adapter",
     "model.compute_dtype": "--compute-dtype", "model.prompt_template": "--prompt-template",
     "generation.max_new_tokens": "--max-new-tokens", "generation.batch_size": "--batch-size",
+    "generation.engine": "--engine", "generation.merge": "--merge",
     "scoring.cache_dir": "--cache-dir", "analysis.alpha": "--alpha", "analysis.bootstrap": "--bootstrap",
     "shard_size": "--shard-size", "out": "--out", "reference_dataset": "--reference-dataset",
     "reference_dataset.source": "--reference-dataset", "quantization_study": "--quantization",
@@ -101,6 +102,9 @@ def evaluate(
     prompt_template: Optional[str] = override_option(ModelSpec, "prompt_template", "--prompt-template"),
     max_new_tokens: Optional[int] = override_option(GenerationSpec, "max_new_tokens", "--max-new-tokens"),
     batch_size: Optional[int] = override_option(GenerationSpec, "batch_size", "--batch-size"),
+    engine: Optional[str] = override_option(GenerationSpec, "engine", "--engine"),
+    merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help=field_help(GenerationSpec, "merge")
+                                         + " Default: False.", show_default=False),
     shard_size: Optional[int] = override_option(EvalConfig, "shard_size", "--shard-size"),
     cache_dir: Optional[Path] = override_option(ScoringSpec, "cache_dir", "--cache-dir"),
     alpha: Optional[float] = override_option(AnalysisSpec, "alpha", "--alpha"),
@@ -125,6 +129,7 @@ def evaluate(
         "model.quantization": main_quantization, "quantization_study": study,
         "model.compute_dtype": compute_dtype, "model.prompt_template": prompt_template,
         "generation.max_new_tokens": max_new_tokens, "generation.batch_size": batch_size,
+        "generation.engine": engine, "generation.merge": merge,
         "scoring.cache_dir": str(cache_dir) if cache_dir else None, "analysis.alpha": alpha,
         "analysis.bootstrap": bootstrap, "shard_size": shard_size, "out": str(out) if out else None,
         "reference_dataset.source": reference_dataset, "generation_runner": generation_runner,

@@ -7,6 +7,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dpo_eval import pipeline
+from dpo_eval.batch_plan import halved
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from tasks.leases import held_lease
 
@@ -20,7 +21,7 @@ def _generation_key(context, parameters) -> str:
 
 def batch_for_attempt(batch_size: int, run_count: int) -> int:
     """The batch size of attempt `run_count` (1 = first): halved on every retry, at least 1."""
-    return max(1, batch_size >> max(0, run_count - 1))
+    return halved(batch_size, run_count - 1)
 
 
 def _is_oom(task, task_run, state) -> bool:
@@ -66,12 +67,11 @@ def generate_answers_task(spec: ModelSpec, generation: GenerationSpec, shard: pl
     """One model's answers to one shard; on a task worker (lease_s set) under a renewed lease."""
     from prefect.runtime import task_run
 
-    batch = batch_for_attempt(generation.batch_size, task_run.run_count or 1)
-    if batch != generation.batch_size:  # a retry after an out-of-memory error: half the batch each time
+    halvings = (task_run.run_count or 1) - 1  # a retry after an out-of-memory error: half the batch each time
+    if halvings:
         pipeline.release_models()  # and a clean slate: what the failed attempt held is given back
-        generation = generation.model_copy(update={"batch_size": batch})
     with held_lease(lease_s):
-        return pipeline.generate_shard(spec, generation, shard, model, key)
+        return pipeline.generate_shard(spec, generation, shard, model, key, halvings)
 
 
 @task(name="score-texts", cache_policy=NO_CACHE, retries=1)

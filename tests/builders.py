@@ -35,8 +35,8 @@ def tiny_mistral(folder: Path, stories: Path, hidden: int = 96, seed: int = 0) -
 
 
 def make_adapter(base: Path, folder: Path, zero: bool = True, seed: int = 0, r: int = 4,
-                 targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
-    """A LoRA adapter for `base`: peft's default init (B = 0) or random non-zero A and B."""
+                 targets: tuple[str, ...] = ("q_proj", "v_proj"), b_std: float = 0.5) -> Path:
+    """A LoRA adapter for `base`: peft's default init (B = 0) or random non-zero A and B (B ~ N(0, b_std))."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -50,7 +50,7 @@ def make_adapter(base: Path, folder: Path, zero: bool = True, seed: int = 0, r: 
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
-                    param.normal_(0, 0.5)
+                    param.normal_(0, b_std)
     peft_model.save_pretrained(folder)
     return folder
 

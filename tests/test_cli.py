@@ -77,6 +77,8 @@ def _params(command: str) -> dict:
     ("generate", "compute_dtype", ModelSpec, "compute_dtype"),
     ("generate", "max_new_tokens", GenerationSpec, "max_new_tokens"),
     ("generate", "batch_size", GenerationSpec, "batch_size"),
+    ("generate", "engine", GenerationSpec, "engine"),
+    ("generate", "merge", GenerationSpec, "merge"),
     ("analyze", "alpha", AnalysisSpec, "alpha"),
     ("analyze", "bootstrap", AnalysisSpec, "bootstrap"),
     ("analyze", "seed", AnalysisSpec, "seed"),
@@ -96,6 +98,7 @@ def test_option_defaults_and_help_come_from_the_spec(command, option, spec, fiel
 @pytest.mark.parametrize("option, spec, field", [
     ("quantization", ModelSpec, "quantization"),
     ("max_new_tokens", GenerationSpec, "max_new_tokens"),
+    ("engine", GenerationSpec, "engine"),
     ("shard_size", EvalConfig, "shard_size"),
     ("alpha", AnalysisSpec, "alpha"),
 ])

@@ -40,6 +40,10 @@ def test_quantization_and_merge_checks(stories260k, adapter, pairs, tmp_path):
     assert four.status == "fail" and four.numbers["max_abs_logit_diff"] > 1e-4
     assert "evaluate the adapter unmerged" in four.explanation
     assert checks["tokenizer: exactly one BOS per prompt"].status == "pass"
+    for side in ("tuned", "base"):  # bfloat16 compute: the dequantized engine against the nf4 path
+        engine = checks[f"engine: dequantized vs nf4 ({side})"].numbers
+        assert engine["finite"] and engine["top1_agreement"] > quant["top1_agreement"]
+        assert 0 <= engine["greedy_identical"] <= engine["prompts"] == pairs.height
     assert checks["tokenizer: EOS ends training-style answers"].status == "pass"
     saved = json.loads((tmp_path / "diagnostics.json").read_text())
     assert {c["status"] for c in saved} <= {"pass", "warn", "fail"} and len(saved) == len(checks)
@@ -77,6 +81,7 @@ def test_cli_diagnose(stories260k, adapter, orca_jsonl, tmp_path):
                              "--out", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "[fail] merging: merge_and_unload onto the 4-bit base" in result.stdout
+    assert "engine: dequantized vs nf4 (tuned)" in result.stdout
     assert (tmp_path / "diagnostics.json").is_file()
 
 
