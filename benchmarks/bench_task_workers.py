@@ -1,6 +1,6 @@
 """Generation shards on 1 vs 2 `dpo-eval worker` processes (Prefect task workers) of a real `prefect server`:
 wall time of the generation stage of the same evaluation (fresh result storage each time, so every shard is
-generated). Prints JSON.
+generated; each worker gets cores / workers torch threads, as if on its own share of the machine). Prints JSON.
 
     .venv/bin/python benchmarks/bench_task_workers.py [--pairs 24] [--shard-size 4] [--new-tokens 48]
 """
@@ -52,7 +52,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 def run(n_workers: int, api: str, env: dict, config: dict, root: Path) -> dict:
     results = root / f"results-{n_workers}"
-    worker_env = dict(env, PREFECT_API_URL=api, PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(results), PYTHONPATH=str(ROOT))
+    threads = str(max(1, (os.cpu_count() or 1) // n_workers))  # the machine's cores shared out, no oversubscription
+    worker_env = dict(env, PREFECT_API_URL=api, PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(results), PYTHONPATH=str(ROOT),
+                      OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     workers = [subprocess.Popen([sys.executable, "-m", "dpo_eval", "worker"], env=worker_env, cwd=ROOT,
                                 stdout=open(root / f"worker-{n_workers}-{i}.log", "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True) for i in range(n_workers)]
@@ -60,16 +62,15 @@ def run(n_workers: int, api: str, env: dict, config: dict, root: Path) -> dict:
         wait(lambda: len(httpx.post(f"{api}/task_workers/filter", json={}, timeout=5).json()) >= n_workers, 180,
              "the workers")
         out = root / f"run-{n_workers}"
-        (root / f"config-{n_workers}.json").write_text(json.dumps(config | {"out": str(out)}))
+        (root / f"config-{n_workers}.yaml").write_text(json.dumps(config | {"out": str(out)}))  # JSON is YAML
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import sys; from dpo_eval.config import EvalConfig; "
-                        "from flows.evaluate import evaluate_checkpoint; "
-                        "evaluate_checkpoint(EvalConfig.model_validate_json(open(sys.argv[1]).read()))",
-                        str(root / f"config-{n_workers}.json")], env=worker_env, cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(root / f"evaluate-{n_workers}.log", "w") as log:
+            subprocess.run([sys.executable, "-m", "dpo_eval", "evaluate", "--config", str(root / f"config-{n_workers}.yaml")],
+                           env=worker_env, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - start
         summary = json.loads((out / "summary.json").read_text())
-        return {"workers": n_workers, "generate_s": summary["timings"]["generate"], "run_s": round(wall, 1),
+        return {"workers": n_workers, "torch_threads_each": int(threads), "generate_s": summary["timings"]["generate"],
+                "run_s": round(wall, 1), "shards": summary["cache"]["generate"]["misses"] // 2,
                 "answers_per_worker": summary["workers"]["answers"], "cache": summary["cache"]["generate"]}
     finally:
         for proc in workers:
@@ -79,7 +80,7 @@ def run(n_workers: int, api: str, env: dict, config: dict, root: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=str(SHARED / "models" / "stories260k"))
-    parser.add_argument("--data", default=str(SHARED / "data" / "orca_dpo_pairs_validation.jsonl"))
+    parser.add_argument("--data", default=str(SHARED / "data" / "orca_dpo_pairs" / "validation.jsonl"))
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--shard-size", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -108,8 +109,8 @@ def main() -> None:
         one, two = run(1, api, env, config, root), run(2, api, env, config, root)
     finally:
         stop(server)
-    print(json.dumps({"pairs": args.pairs, "shards": -(-args.pairs // args.shard_size), "task_runs":
-                      2 * -(-args.pairs // args.shard_size), "new_tokens": args.new_tokens, "cores": os.cpu_count(),
+    print(json.dumps({"pairs": args.pairs, "shard_size": args.shard_size, "new_tokens": args.new_tokens,
+                      "cores": os.cpu_count(),
                       "one_worker": one, "two_workers": two,
                       "generate_speedup": round(one["generate_s"] / two["generate_s"], 2)}, indent=1))
 

@@ -41,9 +41,11 @@ def worker(limit: int = typer.Option(1, "--limit", min=1, help="Shards this work
     async def run() -> None:  # a TaskWorker is made inside its event loop
         await shard_worker_class()(generate_answers_task, score_texts_task, limit=limit).astart()
 
+    from prefect.task_worker import StopTaskWorker
+
     try:
         asyncio.run(run())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopTaskWorker):  # Ctrl-C, or SIGTERM (Prefect's handler stops the worker)
         pass
 
 

@@ -17,8 +17,9 @@ from tests.builders import make_adapter
 SPEC = AnalysisSpec(bootstrap=100, permutations=100)
 
 
-def build_run(out, stories, adapter, orca, limit, cache):
-    """A run directory through the core stages (no Prefect): pairs, answers, features, stats, summary."""
+def build_run(out, stories, adapter, orca, limit, cache, reference=None):
+    """A run directory through the core stages (no Prefect): pairs, answers, features, stats, summary;
+    `reference`: the reference adapter that makes the run's 'base' side."""
     from dpo_eval import pipeline
     from dpo_eval.analysis import run_analysis
     from dpo_eval.data import read_pairs
@@ -27,7 +28,8 @@ def build_run(out, stories, adapter, orca, limit, cache):
     from dpo_eval.report import write_outputs
 
     pairs = read_pairs(DatasetSpec(source=str(orca), limit=limit))[0]
-    loaded = load_model(ModelSpec(base=str(stories), adapter=str(adapter), quantization="4bit"))
+    loaded = load_model(ModelSpec(base=str(stories), adapter=str(adapter), quantization="4bit",
+                                  reference_adapter=str(reference) if reference else None))
     answers = generate_both(loaded, pairs, GenerationSpec(max_new_tokens=10, batch_size=8))
     pipeline.release_models()
     texts = pipeline.texts_of(pairs, answers)
@@ -87,6 +89,21 @@ def test_two_adapters_on_the_pairs_both_answered(runs, tmp_path):
         assert row["n"] == d.size
         assert np.isnan(row["mean_delta"]) if d.size == 0 else row["mean_delta"] == pytest.approx(d.mean(), abs=1e-12)
     assert rows.filter(pl.col("split") == "train")["n"].max() > 0
+
+
+def test_b_against_a_equals_b_evaluated_with_a_as_its_reference(runs, stories260k, orca_jsonl, tmp_path):
+    """compare(A, B) on the same pairs is the evaluation of adapter B whose 'base' side is base + adapter A."""
+    root = runs["a"].parent
+    a12 = build_run(tmp_path / "run-a12", stories260k, root / "adapter-a", orca_jsonl, 12, root / "scores")
+    b_ref_a = build_run(tmp_path / "run-b-ref-a", stories260k, root / "adapter-b", orca_jsonl, 12, root / "scores",
+                        reference=root / "adapter-a")
+    compare_runs(a12, runs["b"], tmp_path / "ab")
+    compared, evaluated = (tb(pl.read_parquet(folder / "stats.parquet")) for folder in (tmp_path / "ab", b_ref_a))
+    assert compared.height == evaluated.height > 0
+    numbers = ["n", "mean_delta", "norm_mean_delta", "scale", "ci_low", "ci_high", "p_value", "q_value",
+               "effect_size", "sign_agreement"]
+    polars.testing.assert_frame_equal(compared.select("split", "feature", *numbers),
+                                      evaluated.select("split", "feature", *numbers))
 
 
 def test_a_folder_that_is_not_a_run_is_named(runs, tmp_path):
