@@ -16,7 +16,6 @@ from dpo_eval.errors import DpoEvalError
 from dpo_eval_cli import core_commands, forgetting, judge, reward
 from dpo_eval_cli.quiet import quiet
 from flows import commands as flow_commands
-from flows import task_workers
 
 app = typer.Typer(
     name="dpo-eval",
@@ -45,7 +44,7 @@ app.command("train-reward")(reward.train_reward)
 app.command()(core_commands.trend)
 app.command()(core_commands.compare)
 app.command()(flow_commands.serve)
-app.command()(task_workers.worker)
+app.command()(flow_commands.worker)
 app.command()(flow_commands.demo)
 app.command()(judge.judge)
 app.command()(forgetting.forgetting)

@@ -260,3 +260,13 @@ def serve(
             # one watcher tick at a time (its lock file makes overlapping ticks safe; this skips them)
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)))
     prefect_serve(*deployments)
+
+
+def worker(limit: int = typer.Option(1, "--limit", min=1, help="Shards this worker runs at once (one GPU: 1)."),
+           ) -> None:
+    """Run a dpo-eval task worker: generation and scoring shards of evaluations with generation_runner (or
+    scoring_runner) task-workers, from the Prefect API in PREFECT_API_URL; results in the shared result storage
+    (PREFECT_RESULTS_LOCAL_STORAGE_PATH on a shared volume, or PREFECT_DEFAULT_RESULT_STORAGE_BLOCK)."""
+    from flows.task_workers import serve_shards
+
+    serve_shards(limit)

@@ -16,19 +16,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import typer
-
 from dpo_eval.errors import DpoEvalError
 from tasks.leases import lease_name
 
 POLL_S = 1.0
+READ_PAGE = 200
 
 
-def worker(limit: int = typer.Option(1, "--limit", min=1, help="Shards this worker runs at once (one GPU: 1)."),
-           ) -> None:
-    """Run a dpo-eval task worker: generation and scoring shards of evaluations with generation_runner (or
-    scoring_runner) task-workers, from the Prefect API in PREFECT_API_URL; results in the shared result storage
-    (PREFECT_RESULTS_LOCAL_STORAGE_PATH on a shared volume, or PREFECT_DEFAULT_RESULT_STORAGE_BLOCK)."""
+def serve_shards(limit: int = 1) -> None:
+    """Run a task worker for generation and scoring shards until stopped (the `dpo-eval worker` command)."""
     from prefect.settings import get_current_settings
 
     if not get_current_settings().api.url:
@@ -36,12 +32,12 @@ def worker(limit: int = typer.Option(1, "--limit", min=1, help="Shards this work
                            "also uses (e.g. http://HOST:4200/api); a worker on a private ephemeral server gets no work")
     import asyncio
 
+    from prefect.task_worker import StopTaskWorker
+
     from tasks.evaluation import generate_answers_task, score_texts_task
 
     async def run() -> None:  # a TaskWorker is made inside its event loop
         await shard_worker_class()(generate_answers_task, score_texts_task, limit=limit).astart()
-
-    from prefect.task_worker import StopTaskWorker
 
     try:
         asyncio.run(run())
@@ -106,9 +102,12 @@ class _Watch:
 def _running_states(client, futures: dict) -> dict:
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 
-    ids = [f.task_run_id for f in futures.values()]
-    runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=ids)), limit=len(ids))
-    return {run.id: run.state for run in runs}
+    ids, states = [f.task_run_id for f in futures.values()], {}
+    for start in range(0, len(ids), READ_PAGE):  # the API's page limit (PREFECT_API_DEFAULT_LIMIT, 200)
+        page = ids[start:start + READ_PAGE]
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=page)), limit=len(page))
+        states.update({run.id: run.state for run in runs})
+    return states
 
 
 def _lost(client, task_run_id, watch: _Watch, lease_s: float) -> bool:

@@ -180,3 +180,19 @@ def test_a_worker_killed_mid_shard_loses_only_that_shard(on_server, server, sett
     assert answers.drop("worker").equals(local.drop("worker"))
     assert set(answers["worker"]) == {label(second)}  # A finished none; B made every shard, the lost one too
     assert summary["cache"]["generate"]["misses"] == 2 * SHARDS
+
+
+def test_the_flow_reads_the_states_of_more_task_runs_than_one_api_page(on_server):
+    """An evaluation of 160k pairs has thousands of shards: their states are read page by page (200 a page)."""
+    from types import SimpleNamespace
+
+    from prefect import get_client
+
+    from flows.task_workers import READ_PAGE, _running_states
+
+    ids = [httpx.post(f"{on_server}/task_runs/", json={"name": f"page-{i}", "task_key": "page-probe",
+                                                       "dynamic_key": str(i)}, timeout=10).json()["id"]
+           for i in range(READ_PAGE + 5)]
+    with get_client(sync_client=True) as client:
+        states = _running_states(client, {i: SimpleNamespace(task_run_id=run) for i, run in enumerate(ids)})
+    assert sorted(str(k) for k in states) == sorted(ids)
