@@ -151,8 +151,10 @@ def test_sigkill_mid_run_resumes_from_finished_shards(tmp_path, adapters, orca_j
                                            str(tmp_path / "clean")], env=fresh_env, capture_output=True, text=True,
                            timeout=600)
     assert clean.returncode == 0, clean.stderr[-3000:]
-    for name in ("answers.parquet", "stats.parquet"):
-        assert pl.read_parquet(tmp_path / "killed" / name).equals(pl.read_parquet(tmp_path / "clean" / name))
+    killed_answers = pl.read_parquet(tmp_path / "killed" / "answers.parquet")
+    assert killed_answers["worker"].n_unique() == 2  # shards of the killed process and of the one that resumed
+    assert killed_answers.drop("worker").equals(pl.read_parquet(tmp_path / "clean" / "answers.parquet").drop("worker"))
+    assert pl.read_parquet(tmp_path / "killed" / "stats.parquet").equals(pl.read_parquet(tmp_path / "clean" / "stats.parquet"))
 
 
 def test_dask_runner_gives_the_same_features(harness, storage, adapters, orca_jsonl, stories260k):
