@@ -34,6 +34,18 @@ def wait_for(check, timeout: float, what: str, interval: float = 1):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True, with its whole group: SIGTERM, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """One `prefect server start` on 127.0.0.1 and a free port for the test session."""
@@ -58,12 +70,7 @@ def server(tmp_path_factory):
         wait_for(healthy, 120, "prefect server")
         yield api, env
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop(proc)
         log.close()
 
 

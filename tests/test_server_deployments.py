@@ -20,7 +20,7 @@ from prefect import flow
 
 from dpo_eval.config import EvalConfig
 from tests.builders import make_adapter
-from tests.prefect_server import free_port, wait_for  # noqa: F401 - the session server is in conftest
+from tests.prefect_server import stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -73,12 +73,7 @@ def served_flows(server, tmp_path_factory):
         yield {name: wait_for(lambda: deployment_named(api, flow_name, name), 120, f"deployment {name}")
                for flow_name, name in (("crash-probe", "probe"), ("evaluate-stub", "stub"))}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop(proc)
         log.close()
 
 

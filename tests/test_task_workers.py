@@ -20,7 +20,7 @@ import pytest
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from tests.builders import make_adapter
-from tests.prefect_server import wait_for
+from tests.prefect_server import stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS = 6  # 12 pairs, 2 per shard: 12 generation task runs (base and tuned)
@@ -31,16 +31,6 @@ def start_worker(api: str, env: dict, results: Path, log: Path) -> subprocess.Po
                       PYTHONPATH=str(ROOT), PREFECT_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "dpo_eval", "worker"], env=worker_env, cwd=ROOT,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def label(proc: subprocess.Popen) -> str:

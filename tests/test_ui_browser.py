@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,19 +16,10 @@ import yaml
 
 from tests.builders import make_adapter
 from tests.test_report_browser import chromium
-from tests.prefect_server import free_port, wait_for
+from tests.prefect_server import free_port, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
