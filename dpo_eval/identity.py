@@ -22,13 +22,14 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from dpo_eval.config import ModelSpec, default_cache_dir
+from dpo_eval.checkpoint_meta import METADATA
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.reference import reference_adapter
 from dpo_eval.sqlite_table import open_table
 
 # Files a trainer writes beside the adapter that never change what the adapter computes.
 TRAINER_STATE = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json",
-                           "rng_state.pth", "dpo_eval_training.json"})
+                           "rng_state.pth", METADATA})
 # Documentation files of a model folder.
 DOCUMENTATION = frozenset({"README.md", ".gitattributes", "LICENSE", "LICENSE.txt", "USE_POLICY.md"})
 # Libraries whose versions change the numbers a model computes.

@@ -217,7 +217,7 @@ def write_config(config: EvalConfig, out: Path, extra: dict) -> None:
 
 def apply_training_split(pairs: pl.DataFrame, adapter: str | None) -> tuple[pl.DataFrame, str]:
     """Use the train/valid split the checkpoint was trained with, so evaluation never tests on training pairs."""
-    from dpo_eval.training import read_metadata
+    from dpo_eval.checkpoint_meta import read_metadata
 
     meta = read_metadata(adapter) if adapter else {}
     if not meta.get("train_pair_ids"):
@@ -232,7 +232,7 @@ def apply_training_split(pairs: pl.DataFrame, adapter: str | None) -> tuple[pl.D
 
 
 def reward_beta(config: EvalConfig) -> float:
-    from dpo_eval.training import read_metadata
+    from dpo_eval.checkpoint_meta import read_metadata
 
     if config.beta is not None:
         return config.beta
@@ -242,7 +242,7 @@ def reward_beta(config: EvalConfig) -> float:
 def reward_max_length(config: EvalConfig) -> int | None:
     """The max_length DPO training cut sequences to (trl's truncation), from the checkpoint's metadata;
     None (the model's context) for a checkpoint trained elsewhere."""
-    from dpo_eval.training import read_metadata
+    from dpo_eval.checkpoint_meta import read_metadata
 
     meta = read_metadata(config.model.adapter) if config.model.adapter else {}
     return int(meta["max_length"]) if meta.get("max_length") else None

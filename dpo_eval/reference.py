@@ -24,7 +24,7 @@ OPTION = "--reference-adapter"
 
 def recorded_reference(adapter: str | None) -> str | None:
     """The reference adapter the checkpoint's training metadata records (the SFT adapter DPO started from)."""
-    from dpo_eval.training import read_metadata
+    from dpo_eval.checkpoint_meta import read_metadata
 
     if adapter is None:
         return None
@@ -46,7 +46,7 @@ def reference_option(spec: ModelSpec) -> str:
     """How to name the reference in an error: the option, or the metadata file that recorded it."""
     if spec.reference_adapter is not None or spec.adapter is None:
         return OPTION
-    from dpo_eval.training import METADATA
+    from dpo_eval.checkpoint_meta import METADATA
 
     return f"{OPTION} (recorded in {Path(spec.adapter) / METADATA}; override with {OPTION} PATH or none)"
 

@@ -25,15 +25,13 @@ from typing import Callable, Literal
 import polars as pl
 from pydantic import Field
 
+from dpo_eval.checkpoint_meta import METADATA
 from dpo_eval.config import DatasetSpec, ModelSpec, Spec
 from dpo_eval.data import prompt_turns
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.mixing import mix_train, read_sources, source_pair_ids
 from dpo_eval.progress import quiet_trainer, terminal
 from dpo_eval.prompts import PromptFormatter, training_prompt
-
-METADATA = "dpo_eval_training.json"
-
 
 class TrainSpec(Spec):
     """A DPO training run: base, data, LoRA and optimisation settings."""
@@ -183,9 +181,3 @@ def check_sft_adapter(spec: TrainSpec) -> None:
     from dpo_eval.preflight import check_adapter_folder
 
     check_adapter_folder(spec.sft_adapter, "--sft-adapter", ModelSpec(base=spec.base))
-
-
-def read_metadata(adapter: str | Path) -> dict:
-    """The training metadata of a checkpoint folder, or {} where there is none."""
-    path = Path(adapter) / METADATA
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -13,7 +13,7 @@ from dpo_eval.errors import DpoEvalError
 
 def checkpoint_step(adapter: str | Path) -> int | None:
     """The training step of a checkpoint: its metadata, else the N of a `checkpoint-N` folder."""
-    from dpo_eval.training import read_metadata
+    from dpo_eval.checkpoint_meta import read_metadata
 
     step = read_metadata(adapter).get("step")
     if step is not None:

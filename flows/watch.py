@@ -29,7 +29,7 @@ from prefect import flow, get_run_logger
 
 from dpo_eval.config import EvalConfig, ModelSpec
 from dpo_eval.models import fingerprints
-from dpo_eval.training import METADATA, read_metadata
+from dpo_eval.checkpoint_meta import METADATA, read_metadata
 from dpo_eval.trend import checkpoint_step, write_trend
 from flows.evaluate import evaluate_checkpoint
 
