@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -46,19 +47,20 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """One `prefect server start` on 127.0.0.1 and a free port for the test session."""
-    home = tmp_path_factory.mktemp("prefect-server")
+@contextmanager
+def prefect_server(home: Path, ui: bool = False):
+    """A real `prefect server start` on 127.0.0.1 and a free port, stopped on exit: yields (api, env); with
+    `ui`, its UI calls this server's own API (not 127.0.0.1:4200)."""
     port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="false")
-    env.pop("PREFECT_API_URL", None)
-    prefect = Path(sys.executable).parent / "prefect"
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_ENABLED="true" if ui else "false")
+    if ui:
+        env["PREFECT_SERVER_UI_API_URL"] = api
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def healthy():
         try:
@@ -72,6 +74,13 @@ def server(tmp_path_factory):
     finally:
         stop(proc)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One `prefect server start` on 127.0.0.1 and a free port for the test session."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as started:
+        yield started
 
 
 @pytest.fixture

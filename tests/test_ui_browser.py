@@ -5,7 +5,6 @@ deployment, Run -> Custom run, fill the EvalConfig form, submit, and see the fin
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 
 from tests.builders import make_adapter
 from tests.test_report_browser import chromium
-from tests.prefect_server import free_port, stop, wait_for
+from tests.prefect_server import prefect_server, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -27,27 +26,8 @@ def ui_server(tmp_path_factory):
     """`prefect server start` with its UI, which calls this server's own API (not 127.0.0.1:4200)."""
     chromium()  # skip (or fail under CI) before starting anything
     home = tmp_path_factory.mktemp("ui-server")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="true", PREFECT_SERVER_UI_API_URL=api)
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def healthy():
-        try:
-            return httpx.get(f"{api}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(healthy, 120, "prefect server")
-        yield f"http://127.0.0.1:{port}", api, env
-    finally:
-        stop(proc)
-        log.close()
+    with prefect_server(home, ui=True) as (api, env):
+        yield api.removesuffix("/api"), api, env
 
 
 @pytest.fixture(scope="module")
