@@ -50,7 +50,8 @@ def _prefill_seconds(loaded, pairs, args) -> float:
     """Time of the prompt forward passes alone (batched): work that batching cannot remove."""
     import torch
 
-    from dpo_eval.generation import encode_prompts, left_padded
+    from dpo_eval.generation import encode_prompts
+    from dpo_eval.padding import left_padded
     from dpo_eval.prompts import PromptFormatter
 
     prompts = encode_prompts(PromptFormatter(loaded.tokenizer), pairs, loaded.context_length - args.new_tokens)

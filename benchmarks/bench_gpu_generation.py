@@ -80,9 +80,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_generate(model, prompts, batch: int, new_tokens: int, device: str) -> list[list[int]]:
+def run_generate(model, prompts, batch: int, new_tokens: int, device: str, **extra) -> list[list[int]]:
     """dpo-eval's loop: prompts sorted by length (longest first), left-padded batches, greedy."""
-    from dpo_eval.generation import left_padded
+    from dpo_eval.padding import left_padded
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     out: dict[int, list[int]] = {}
@@ -91,7 +91,7 @@ def run_generate(model, prompts, batch: int, new_tokens: int, device: str) -> li
             rows = order[start:start + batch]
             ids, mask = left_padded([prompts[i] for i in rows], 0)
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
             for r, i in enumerate(rows):
                 out[i] = gen[r, ids.shape[1]:].tolist()
     return [out[i] for i in range(len(prompts))]
@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--max-prompt", type=int, default=1024)
     parser.add_argument("--bandwidth-tbs", type=float, default=None, help="memory bandwidth assumed (TB/s)")
     parser.add_argument("--skip", default="", help="comma-separated engines to leave out")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="skip the engines that would start after this many seconds (partial results survive)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     n = args.prompts or (128 if args.quick else 512)
@@ -170,7 +172,7 @@ def main() -> None:
               "bandwidth_tbs_assumed": bandwidth_tbs,
               "bound_note": "tokens/s if a decode step only read the weights in memory and the batch's KV cache at the "
                             "assumed bandwidth (batch = the engine's batch; continuous: against batch --batch)"}
-    start = time.perf_counter()
+    start = began = time.perf_counter()
     model = build(args.tiny, device)
     result["quantized_layers"] = quantize_(model, device)
     fresh = copy.deepcopy(model)  # packed weights never run: dequantized before any forward pass
@@ -205,6 +207,10 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
     def attempt(label, run, batch):
+        if args.deadline_s and time.perf_counter() - began > args.deadline_s:
+            engines[label] = {"skipped": f"past --deadline-s {args.deadline_s}"}
+            print(json.dumps({label: engines[label]}), flush=True)
+            return
         try:
             tokens, seconds, peak = timed(run, device)
             record(label, tokens, seconds, peak, batch, bf16_weights)
@@ -223,6 +229,25 @@ def main() -> None:
         attempt("dequantized_planned", lambda: run_generate(fresh, prompts, planned, args.new_tokens, device), planned)
     if "continuous" not in skip:
         attempt("continuous", lambda: run_continuous(fresh, prompts, args.new_tokens, device), args.batch)
+    if "static" not in skip and device == "cuda" and not (args.deadline_s and time.perf_counter() - began > args.deadline_s):
+        # Static KV cache + torch.compile (transformers compiles the forward for a static cache): on one batch of the
+        # longest prompts, against the eager dequantized loop on the same batch. First call = compile + run.
+        subset = sorted(prompts, key=len, reverse=True)[:args.batch]
+        static = partial(run_generate, fresh, subset, args.batch, args.new_tokens, device, cache_implementation="static")
+        eager = partial(run_generate, fresh, subset, args.batch, args.new_tokens, device)
+        try:
+            _, first, _ = timed(static, device)
+            tokens, warm, peak = timed(static, device)
+            base_tokens, eager_s, _ = timed(eager, device)
+            n_sub = len(subset) * args.new_tokens
+            engines["static_compiled_one_batch"] = {
+                "prompts": len(subset), "first_call_s": round(first, 1), "warm_s": round(warm, 1),
+                "tokens_per_s": round(n_sub / warm, 1), "eager_tokens_per_s": round(n_sub / eager_s, 1),
+                "speed_vs_eager_dequantized": round(eager_s / warm, 2), "peak_gpu_mb": peak,
+                "agreement_with_eager": agreement(base_tokens, tokens)}
+        except Exception as exc:  # noqa: BLE001
+            engines["static_compiled_one_batch"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        print(json.dumps({"static_compiled_one_batch": engines["static_compiled_one_batch"]}), flush=True)
     result["engines"] = engines
     print(json.dumps(result, indent=2), flush=True)
 

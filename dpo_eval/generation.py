@@ -11,6 +11,7 @@ from dpo_eval.config import GenerationSpec
 from dpo_eval.data import prompt_turns
 from dpo_eval.engines import generate_continuous
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.padding import left_padded
 from dpo_eval.prompts import EncodedPrompt, PromptFormatter
 
 ANSWER_SCHEMA = {"pair_id": pl.String, "model": pl.String, "answer": pl.String, "n_prompt_tokens": pl.Int64,
@@ -110,19 +111,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = eos if eos is not None else tokenizer.eos_token_id
     return set(eos if isinstance(eos, list) else [eos]) - {None}
-
-
-def left_padded(prompts: list[list[int]], pad: int):
-    """(input_ids, attention_mask) of prompts padded on the left to the longest, for generation."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    return ids, mask
 
 
 def _finished(tokenizer, new: list[int], eos: set[int]) -> tuple[str, int, str]:

@@ -259,7 +259,7 @@ class HFJudge:
         """(lp_a, lp_b) at the next position after each input of `batch` (one left-padded forward pass)."""
         import torch
 
-        from dpo_eval.generation import left_padded
+        from dpo_eval.padding import left_padded
 
         loaded = self.load()
         model, pad = loaded.model, loaded.tokenizer.pad_token_id
