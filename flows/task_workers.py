@@ -157,6 +157,8 @@ def run_on_workers(task, calls: list[dict], sizes: list[int], lease_s: float, st
                                        "on a shared volume, or PREFECT_DEFAULT_RESULT_STORAGE_BLOCK); finished shards "
                                        "are kept, so run again once the workers are fixed")
                 state = states[future.task_run_id]
+                if state is None:  # created, its first state not yet recorded by the server: look again next round
+                    continue
                 if state.is_final():
                     final[i] = state
                     progress.advance(sizes[i])
