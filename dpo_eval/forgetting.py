@@ -46,6 +46,7 @@ from dpo_eval.config import ForgettingSpec, ModelSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import DigestStore, ModelIdentity, model_identity
 from dpo_eval.stats import benjamini_hochberg, wilson
+from dpo_eval.jsonsafe import jsonable
 
 log = logging.getLogger(__name__)
 CONFIDENCE = 0.95
@@ -327,17 +328,6 @@ def _evaluate_one(lm, task, side, spec, path, per_side, cache, failed) -> None:
     temporary.replace(path)
     per_side[side][task.name] = frame
     cache[side]["misses"] += 1
-
-
-def jsonable(value):
-    """NaN and inf as None (strict JSON), recursively."""
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def write_forgetting(out: Path, pairs: pl.DataFrame, result: dict) -> None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from dpo_eval.config import JudgeSpec
@@ -23,6 +21,7 @@ from dpo_eval.errors import DpoEvalError
 from dpo_eval.judge_api import ChatJudge, JudgmentCache, judge_id, judge_identity, request_key, run_calls
 from dpo_eval.judge_prompt import load_template, parse_verdict, render
 from dpo_eval.judge_stats import ROLES, judge_summary
+from dpo_eval.jsonsafe import jsonable
 
 log = logging.getLogger(__name__)
 SCHEMA = {"pair_id": pl.String, "split": pl.String, "comparison": pl.String, "judge": pl.String,
@@ -121,17 +120,6 @@ def answer_lengths(run_dir: Path, answers: pl.DataFrame | None, pairs: pl.DataFr
             pairs.select("pair_id", "split"), on="pair_id").select(
             "pair_id", "split", role="model", length=pl.col("n_new_tokens").cast(pl.Float64))
     return None
-
-
-def jsonable(value):
-    """`value` with NaN and infinities as None and numpy scalars as Python ones (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def update_summary(run_dir: Path, block: dict) -> None:

@@ -19,6 +19,7 @@ import polars as pl
 
 from dpo_eval.judge_stats import ROLES, combine_orders, judge_summary, sign_test
 from dpo_eval.report import Section, add_section, read_sections
+from dpo_eval.jsonsafe import finite
 
 SECTION_IDS = ("judge", "judge_examples")
 EXAMPLE_CHARS = 400  # characters of each text shown in the examples table
@@ -27,12 +28,8 @@ STRONG = 0.7  # agreement with the labels from which a judge's win rate is calle
 MIN_PAIRS = 10  # fewer calibration pairs than this say nothing either way (a bootstrap CI of 2 pairs is a point)
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _f(x, digits: int = 2) -> str:
-    return f"{x:.{digits}f}" if _finite(x) else "n/a"
+    return f"{x:.{digits}f}" if finite(x) else "n/a"
 
 
 def _plain(value):
@@ -45,7 +42,7 @@ def _plain(value):
 
 
 def _p(x) -> str:
-    return f"{x:.2g}" if _finite(x) else "n/a"
+    return f"{x:.2g}" if finite(x) else "n/a"
 
 
 def trust_sentence(subject: str, rate, low, high, n, unchecked: str = "no chosen-vs-rejected pair judged") -> str:
@@ -53,10 +50,10 @@ def trust_sentence(subject: str, rate, low, high, n, unchecked: str = "no chosen
     share of pairs where it prefers chosen) and that rate's CI over `n` pairs: unknown (no pair, or fewer
     than MIN_PAIRS), against the labels (CI below 0.5), no better than chance (CI reaching 0.5), better than
     chance but weakly (rate below STRONG), or informative. `unchecked` says why there is no pair."""
-    if not n or not _finite(rate):
+    if not n or not finite(rate):
         return (f"{subject} was not checked against the data set's labels ({unchecked}): how far to trust its win "
                 "rate is unknown.")
-    low, high = (low, high) if _finite(low) and _finite(high) else (rate, rate)  # no CI: the rate alone
+    low, high = (low, high) if finite(low) and finite(high) else (rate, rate)  # no CI: the rate alone
     figure = f"agreement with the labels {_f(rate)} [{_f(low)}, {_f(high)}] over {n} pairs"
     if n < MIN_PAIRS:
         return (f"{subject} was checked against the data set's labels on only {n} pairs ({figure}): too few to "
@@ -93,7 +90,7 @@ def position_sentence(judgments: pl.DataFrame) -> str:
     p = sign_test(first, second)
     said = (f"Position: of its {first + second} verdicts naming an answer, {first} chose the answer shown first and "
             f"{second} the one shown second (two-sided sign test p = {_p(p)})")
-    if _finite(p) and p < 0.05:
+    if finite(p) and p < 0.05:
         side = "first" if first > second else "second"
         return said + f": a position bias toward the answer shown {side}; judging both orders is what cancels it."
     return said + ": no clear position bias."

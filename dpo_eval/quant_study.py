@@ -20,6 +20,7 @@ import polars as pl
 
 from dpo_eval.config import EvalConfig
 from dpo_eval.report import Section, add_section
+from dpo_eval.jsonsafe import jsonable
 
 STUDY_FILE = "quantization.json"
 FOLDER = "quantization"
@@ -91,7 +92,7 @@ def write_study(config: EvalConfig) -> dict:
                 for setting in config.quantization_study}
     study = {"reference": reference, "reference_implicit_reward": main_summary.get("implicit_reward"),
              "settings": settings, "note": GPU_NOTE + ("" if "8bit" not in settings else " " + CPU_8BIT_NOTE)}
-    (main_run / STUDY_FILE).write_text(json.dumps(_finite(study), indent=2, allow_nan=False))
+    (main_run / STUDY_FILE).write_text(json.dumps(jsonable(study), indent=2, allow_nan=False))
     add_section(main_run, study_section(study))
     return study
 
@@ -119,11 +120,3 @@ def study_section(study: dict) -> Section:
         "Each setting's full run and its comparison report are in quantization/.", study["note"]],
         ["setting", "split", "identical tuned answers", "identical base answers", "features moved",
          "implicit reward accuracy", "mean margin", "same reward verdict"], rows)
-
-
-def _finite(value):
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return None if isinstance(value, float) and not np.isfinite(value) else value

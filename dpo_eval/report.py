@@ -10,7 +10,6 @@ replaces one section by its id and re-renders. Nothing ever edits a finished pag
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from dpo_eval.plots import Q_FAMILY, Plot, alpha_of, extrapolated, paired, splits_of, write_plots
+from dpo_eval.jsonsafe import finite, jsonable
 
 SECTIONS_FILE = "report_sections.json"
 POWER_ENOUGH = 0.8  # the usual planning target: below it a real shift of that size is missed too often
@@ -47,7 +47,7 @@ def write_outputs(stats: pl.DataFrame, summary: dict, out: Path, extra_sections:
     stats.write_parquet(out / "stats.parquet")
     stats.write_csv(out / "stats.csv")
     summary = dict(summary, sentences=sentences(summary, stats))
-    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
     sections = [_as_section(s) for s in extra_sections or []]
     _write_sections(out, sections)
     _write_page(out, stats, summary, sections)
@@ -84,7 +84,7 @@ def read_sections(run_dir: Path) -> list[Section]:
 
 
 def _write_sections(run_dir: Path, sections: list[Section]) -> None:
-    (run_dir / SECTIONS_FILE).write_text(json.dumps([_jsonable(asdict(s)) for s in sections], indent=2))
+    (run_dir / SECTIONS_FILE).write_text(json.dumps([jsonable(asdict(s)) for s in sections], indent=2))
 
 
 def _as_section(section) -> Section:
@@ -237,7 +237,7 @@ def _scale_note(summary: dict) -> str:
 def _power_sentence(summary: dict, stats: pl.DataFrame | None, alpha: float) -> str:
     said = []
     for split, power in (summary.get("power") or {}).items():
-        if split == "train" or not isinstance(power, dict) or not _finite(power.get("power")):
+        if split == "train" or not isinstance(power, dict) or not finite(power.get("power")):
             continue
         text = (f"{split}: {power.get('n')} pairs; at this size a shift of {power.get('shift', 0.5):g} S is found "
                 f"about {power['power']:.0%} of the time")
@@ -271,7 +271,7 @@ def summary_markdown(summary: dict) -> str:
 
 def stats_table_rows(stats: pl.DataFrame) -> list[dict]:
     """The stats as JSON-safe rows (a Prefect table artifact)."""
-    return [_jsonable(r) for r in stats.to_dicts()]
+    return [jsonable(r) for r in stats.to_dicts()]
 
 
 def rewards_section(rewards: pl.DataFrame, summary: dict, out: Path, beta: float | None = None,
@@ -308,24 +308,8 @@ def rewards_section(rewards: pl.DataFrame, summary: dict, out: Path, beta: float
                    [{"src": "plots/implicit_rewards.png", "alt": "implicit reward margins"}])
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    return value
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _fmt(x) -> str:
-    return f"{x:.3g}" if _finite(x) else "n/a"
+    return f"{x:.3g}" if finite(x) else "n/a"
 
 
 def _cell(value) -> str:

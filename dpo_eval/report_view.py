@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from dpo_eval.plots import ordered_features, splits_of
+from dpo_eval.jsonsafe import finite
 
 TABLE_COLUMNS = ["feature", "family", "split", "comparison", "n", "norm_mean_delta", "ci_low", "ci_high", "p_value",
                  "q_value", "effect_size", "sign_agreement", "length_adjusted_norm_delta", "reason"]
@@ -20,16 +21,12 @@ COMPARISONS = (("chosen_vs_rejected", "chosen - rejected", "#4c72b0"), ("tuned_v
 HELD_OUT = "valid"
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _f(x, digits: int = 2) -> str:
-    return f"{x:.{digits}f}" if _finite(x) else "n/a"
+    return f"{x:.{digits}f}" if finite(x) else "n/a"
 
 
 def _p(x) -> str:
-    return f"{x:.3g}" if _finite(x) else "n/a"
+    return f"{x:.3g}" if finite(x) else "n/a"
 
 
 def data_uri(run_dir: Path | None, src: str) -> str | None:
@@ -110,7 +107,7 @@ def _cell(column: str, value) -> dict:
     if column in TEXT_COLUMNS:
         text = "" if value is None else str(value)
         return {"text": text, "sort": text}
-    if not _finite(value):
+    if not finite(value):
         return {"text": "", "sort": ""}
     text = str(value) if isinstance(value, int) else f"{value:.3g}"
     return {"text": text, "sort": repr(float(value))}
@@ -123,7 +120,7 @@ def stats_table(stats: pl.DataFrame, alpha: float) -> dict:
     rows = []
     for r in stats.select(columns).to_dicts():
         q = r.get("q_value")
-        rows.append({"family": r.get("family") or "other", "significant": _finite(q) and q < alpha,
+        rows.append({"family": r.get("family") or "other", "significant": finite(q) and q < alpha,
                      "cells": [_cell(c, r[c]) for c in columns]})
     families = sorted({r["family"] for r in rows})
     numeric = [c not in TEXT_COLUMNS for c in columns]
@@ -139,7 +136,7 @@ def _nice(x: float) -> float:
 def axis_limit(deltas: list[float]) -> float:
     """Half-width of the x axis: wide enough for 90% of the deltas with room to spare, so one extreme
     feature does not squash the rest against zero (the few beyond are drawn at the edge, marked)."""
-    sizes = sorted(abs(v) for v in deltas if _finite(v))
+    sizes = sorted(abs(v) for v in deltas if finite(v))
     if not sizes:
         return 1.0
     robust = sizes[min(len(sizes) - 1, int(0.9 * len(sizes)))] * 1.5
@@ -171,7 +168,7 @@ def delta_chart(stats: pl.DataFrame, alpha: float, row_height: int = 14, panel: 
             x0 = label + k * (panel + gap)
             for j, (comparison, name, color) in enumerate(COMPARISONS):
                 r = cells.get((feature, split, comparison))
-                if r is None or not _finite(r["norm_mean_delta"]):
+                if r is None or not finite(r["norm_mean_delta"]):
                     continue
 
                 def x(v, x0=x0):
@@ -182,10 +179,10 @@ def delta_chart(stats: pl.DataFrame, alpha: float, row_height: int = 14, panel: 
                 delta = r["norm_mean_delta"]
                 marks.append({"cx": x(delta), "cy": y + 4 + 5 * j, "color": color,
                               "beyond": 0 if abs(delta) <= limit else (1 if delta > 0 else -1),
-                              "x1": x(low) if _finite(low) else None, "x2": x(high) if _finite(high) else None,
-                              "filled": _finite(q) and q < alpha,
+                              "x1": x(low) if finite(low) else None, "x2": x(high) if finite(high) else None,
+                              "filled": finite(q) and q < alpha,
                               "title": f"{feature}, {split}, {name}: {r['norm_mean_delta']:.3g} S"
-                                       + (f" [{low:.3g}, {high:.3g}]" if _finite(low) and _finite(high) else "")
+                                       + (f" [{low:.3g}, {high:.3g}]" if finite(low) and finite(high) else "")
                                        + f", q = {_p(q)}"})
         rows.append({"kind": "feature", "y": y + row_height - 3, "text": feature, "marks": marks,
                      "band": y})

@@ -229,3 +229,18 @@ def test_summary_count_toward_chosen_uses_the_report_rule(analysis):
 
     counts = analysis.summary["significant_toward_chosen"]
     assert counts == toward_chosen(analysis.stats, analysis.summary["alpha"]) and counts["train"] == 1
+
+
+def test_jsonable_and_finite_agree_on_what_json_can_hold():
+    import json
+    import math
+
+    import numpy as np
+
+    from dpo_eval.jsonsafe import finite, jsonable
+
+    value = {"a": [1.5, math.nan, (np.float32(2.0), -math.inf)], "b": np.int64(3), "c": "x", "d": None, "e": True}
+    assert jsonable(value) == {"a": [1.5, None, [2.0, None]], "b": 3, "c": "x", "d": None, "e": True}
+    json.dumps(jsonable(value), allow_nan=False)  # strict JSON accepts it
+    assert [finite(x) for x in (1, 2.5, np.float64(1.0), math.nan, math.inf, np.nan, True, "1", None)] == \
+        [True, True, True, False, False, False, False, False, False]
