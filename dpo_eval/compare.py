@@ -10,6 +10,7 @@ train d_cr. Comparing RUN:base with RUN reproduces that run's own tuned-vs-base 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,18 @@ class Side:
     @property
     def label(self) -> str:
         return f"{self.run}:{self.role}"
+
+    @property
+    def system(self) -> str:
+        """The label with what the side is, from the run's summary: a base side names its reference adapter."""
+        if self.role != "base":
+            return self.label
+        try:
+            reference = json.loads((self.run / "summary.json").read_text()).get("reference") or {}
+        except (OSError, ValueError):
+            reference = {}
+        described = reference.get("label")
+        return f"{self.label} ({described})" if described else self.label
 
 
 def parse_side(text: str) -> Side:
@@ -75,9 +88,25 @@ def comparison_features(a: Side, b: Side) -> tuple[pl.DataFrame, dict]:
     return pl.concat(parts, how="vertical_relaxed"), report
 
 
+def comparison_answers(a: Side, b: Side, matched: set[str]) -> tuple[pl.DataFrame, pl.DataFrame] | None:
+    """pairs.parquet and answers.parquet for the comparison folder (A's side as `base`, B's as `tuned`, the
+    matched pairs, A's pairs and splits), so `dpo-eval judge OUT` judges B against A; None where a run has no
+    answers.parquet (a run scored from texts only)."""
+    if not ((a.run / "answers.parquet").is_file() and (b.run / "answers.parquet").is_file()):
+        return None
+    keep = pl.col("pair_id").is_in(sorted(matched))
+    pairs = pl.read_parquet(a.run / "pairs.parquet").filter(keep)
+    side_a = pl.read_parquet(a.run / "answers.parquet").filter(keep & (pl.col("model") == a.role))
+    side_b = pl.read_parquet(b.run / "answers.parquet").filter(keep & (pl.col("model") == b.role))
+    answers = pl.concat([side_a.with_columns(model=pl.lit("base")), side_b.with_columns(model=pl.lit("tuned"))],
+                        how="diagonal_relaxed")
+    return pairs, answers
+
+
 def compare_runs(a: str | Path, b: str | Path, out: Path, spec: AnalysisSpec | None = None) -> dict:
     """The paired analysis of B - A beside A's chosen - rejected, written to `out` (features.parquet, stats.*,
-    summary.json with a `compare` block, report.html); returns the summary."""
+    summary.json with a `compare` block, report.html; with both runs' answers, pairs.parquet and answers.parquet
+    too, so `dpo-eval judge OUT` judges B against A); returns the summary."""
     from dpo_eval.analysis import run_analysis
     from dpo_eval.pipeline import run_analysis_spec
     from dpo_eval.report import Section, write_outputs
@@ -88,15 +117,22 @@ def compare_runs(a: str | Path, b: str | Path, out: Path, spec: AnalysisSpec | N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     features.write_parquet(out / "features.parquet")
+    judgeable = comparison_answers(side_a, side_b, set(features["pair_id"].to_list()))
+    if judgeable is not None:
+        judgeable[0].write_parquet(out / "pairs.parquet")
+        judgeable[1].write_parquet(out / "answers.parquet")
+    report["judgeable"] = judgeable is not None
     analysis = run_analysis(features, spec)
-    report["note"] = (f"In every table and sentence of this report, 'base' is A ({side_a.label}) and 'tuned' is B "
-                      f"({side_b.label}); chosen, rejected, the splits and S_j are A's.")
+    report["note"] = (f"In every table and sentence of this report, 'base' is A ({side_a.system}) and 'tuned' is B "
+                      f"({side_b.system}); chosen, rejected, the splits and S_j are A's.")
     section = Section("compare", "Comparison of two systems", [
         report["note"],
         f"{report['matched']} pairs matched by pair_id: {report['pairs_a']} in A, {report['pairs_b']} in B; "
         f"{report['only_in_a']} only in A and {report['only_in_b']} only in B (another data set or --limit), "
         f"{report['not_answered_by_both']} in both but not answered by both sides; {report['features']} features "
         "compared" + (f" (left out, in one run only: {', '.join(report['features_left_out'])})"
-                      if report["features_left_out"] else "") + "."])
+                      if report["features_left_out"] else "") + ".",
+        f"`dpo-eval judge {out}` judges B against A on these pairs (its 'tuned vs base' is B vs A)."
+        if judgeable is not None else "A run without answers.parquet: this comparison cannot be judged."])
     return write_outputs(analysis.stats, analysis.summary | {"compare": report}, out, [section])
 

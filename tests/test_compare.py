@@ -109,3 +109,42 @@ def test_b_against_a_equals_b_evaluated_with_a_as_its_reference(runs, stories260
 def test_a_folder_that_is_not_a_run_is_named(runs, tmp_path):
     with pytest.raises(DpoEvalError, match=f"{tmp_path}: not a dpo-eval run directory"):
         compare_runs(tmp_path, runs["a"], tmp_path / "out")
+
+
+def test_a_comparison_can_be_judged_b_against_a(runs, stories260k, tmp_path):
+    """compare writes A's side as 'base' and B's as 'tuned' answers of the matched pairs: the judge (a real
+    local HF judge on stories260k) judges B against A there."""
+    from dpo_eval.config import JudgeSpec
+    from dpo_eval.judge import judge_run
+    from dpo_eval.judge_report import write_judge_report
+
+    out = tmp_path / "ab"
+    summary = compare_runs(runs["a"], f"{runs['b']}:base", out)
+    assert summary["compare"]["judgeable"] and summary["compare"]["matched"] == 12
+    answers = pl.read_parquet(out / "answers.parquet")
+    assert answers.height == 24 and set(answers["pair_id"]) == set(pl.read_parquet(out / "pairs.parquet")["pair_id"])
+    for role, run, side in (("base", runs["a"], "tuned"), ("tuned", runs["b"], "base")):
+        mine = answers.filter(pl.col("model") == role).sort("pair_id")["answer"]
+        source = pl.read_parquet(run / "answers.parquet").filter(
+            (pl.col("model") == side) & pl.col("pair_id").is_in(answers["pair_id"].to_list())).sort("pair_id")
+        assert mine.to_list() == source["answer"].to_list()
+    block = judge_run(out, JudgeSpec(kind="hf", model=str(stories260k), compute_dtype="float32", context_tokens=384,
+                                     comparisons=("tuned_vs_base",), cache_dir=tmp_path / "judge-cache"))
+    judged = sum(split["tuned_vs_base"]["n"] for split in block["splits"].values() if split.get("tuned_vs_base"))
+    assert judged == 12
+    table = pl.read_parquet(out / "judgments.parquet")
+    assert table.height == 24 and set(table["order"]) == {"ab", "ba"}
+    headline = write_judge_report(out)["judge_headline"]
+    assert headline[0].startswith("In this comparison 'tuned' is B") and f"{runs['b']}:base" in headline[0]
+
+
+def test_a_base_side_is_named_with_its_reference_adapter(runs, tmp_path):
+    import shutil
+
+    run = shutil.copytree(runs["a"], tmp_path / "run-with-reference")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["reference"] = {"adapter": "/ckpt/sft", "label": "base + reference adapter /ckpt/sft"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    note = compare_runs(f"{run}:base", runs["b"], tmp_path / "cmp")["compare"]["note"]
+    assert f"'base' is A ({run}:base (base + reference adapter /ckpt/sft))" in note
+    assert f"'tuned' is B ({runs['b']}:tuned)" in note
