@@ -107,14 +107,15 @@ def check_identity(spec: ModelSpec, expected: str, model: str) -> ModelIdentity:
 
 
 def generate_shard(spec: ModelSpec, generation: GenerationSpec, shard: pl.DataFrame,
-                   model: str, key: str, halvings: int = 0) -> tuple[pl.DataFrame, list[str]]:
+                   model: str, key: str, halvings: int = 0, on_batch=None) -> tuple[pl.DataFrame, list[str]]:
     """Answers of one model ('base' or 'tuned') to one shard, and the loader's repairs; `key` is the
     identity key the cache stores them under, checked against the files before and after; the batch
-    size (set or planned) halved `halvings` times, once per retry after an out-of-memory error."""
+    size (set or planned) halved `halvings` times, once per retry after an out-of-memory error;
+    `on_batch(n)` after each batch (a worker's lease counts it as progress)."""
     from dpo_eval.generation import generate_both
 
     loaded = cached_model(spec, check_identity(spec, key, model), generation.engine, generation.merge)
-    answers = generate_both(loaded, shard, generation, models=(model,), halvings=halvings)
+    answers = generate_both(loaded, shard, generation, models=(model,), halvings=halvings, on_batch=on_batch)
     check_identity(spec, key, model)
     return answers.with_columns(pl.lit(worker_label()).alias("worker")), list(loaded.repairs)
 

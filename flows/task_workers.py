@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from dpo_eval.errors import DpoEvalError
-from tasks.leases import lease_name
+from tasks.leases import drop_lease, lease_name, mark_received
 
 POLL_S = 1.0
 READ_PAGE = 200
@@ -53,7 +53,8 @@ def shard_worker_class():
     server, which forgets a task run once acknowledged, never hands that shard to anyone (it stays
     Scheduled, with no lease to lapse). This worker waits for a slot first, then reads (and acknowledges) the
     next task run; a shard sent to it but not yet read goes back to the server's queue when it dies, and the
-    server gives it to another worker. The rest (engine, results, cache) is Prefect's own.
+    server gives it to another worker. A task run it has read is marked `received` at once (tasks/leases.py),
+    so dying between reading and starting it is noticed too. The rest (engine, results, cache) is Prefect's own.
     """
     from prefect.client.schemas.objects import TaskRun
     from prefect.client.subscriptions import Subscription
@@ -72,6 +73,13 @@ def shard_worker_class():
                 task_run = await subscription.__anext__()
                 if await self._acquire_token(task_run.id):
                     self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, task_run)
+
+        async def _safe_submit_scheduled_task_run(self, task_run):
+            await mark_received(task_run.id)  # taken off the server: a lease that lapses if this process dies
+            try:
+                await super()._safe_submit_scheduled_task_run(task_run)
+            finally:
+                await drop_lease(task_run.id)
 
     return ShardWorker
 
@@ -110,12 +118,26 @@ def _running_states(client, futures: dict) -> dict:
     return states
 
 
-def _lost(client, task_run_id, watch: _Watch, lease_s: float) -> bool:
-    """Whether the lease of a running task run went unrenewed for lease_s (its worker is gone)."""
-    from prefect.variables import Variable
+def _leases(client, task_run_ids: list) -> dict:
+    """The lease value of each of these task runs that has one, read page by page (200 names a page)."""
+    names, leases = {lease_name(i): i for i in task_run_ids}, {}
+    for start in range(0, len(names), READ_PAGE):
+        page = list(names)[start:start + READ_PAGE]
+        response = client._client.post("/variables/filter", json={"variables": {"name": {"any_": page}},
+                                                                   "limit": len(page)})
+        response.raise_for_status()
+        leases.update({names[v["name"]]: v["value"] for v in response.json() if v["name"] in names})
+    return leases
 
-    lease = Variable.get(lease_name(task_run_id), default=None)
+
+def _lost(lease, watch: _Watch, lease_s: float, scheduled: bool = False) -> bool:
+    """Whether a task run's lease went unrenewed for lease_s (its worker is gone, or hung). A Scheduled run
+    without a lease is waiting for a worker, never lost; one with a lease was taken by a worker (leases.RECEIVED)
+    that has not started it within lease_s."""
     beat = lease.get("beat") if isinstance(lease, dict) else None  # None: not taken yet, or just given back
+    if scheduled and beat is None:
+        watch.beat, watch.since = None, time.monotonic()
+        return False
     if beat != watch.beat:
         watch.beat, watch.since = beat, time.monotonic()
         watch.worker = lease.get("worker") if isinstance(lease, dict) else watch.worker
@@ -147,6 +169,7 @@ def run_on_workers(task, calls: list[dict], sizes: list[int], lease_s: float, st
         _warn_without_workers(client, task, logger)
         while len(final) < len(calls):
             states = _running_states(client, {i: f for i, f in futures.items() if i not in final})
+            leases = _leases(client, [s for s, state in states.items() if state is not None and not state.is_final()])
             for i, future in futures.items():
                 if i in final:
                     continue
@@ -162,9 +185,9 @@ def run_on_workers(task, calls: list[dict], sizes: list[int], lease_s: float, st
                 if state.is_final():
                     final[i] = state
                     progress.advance(sizes[i])
-                elif state.is_running():
+                elif state.is_running() or state.is_scheduled():
                     watch = watches.setdefault(future.task_run_id, _Watch())
-                    if _lost(client, future.task_run_id, watch, lease_s):
+                    if _lost(leases.get(future.task_run_id), watch, lease_s, scheduled=state.is_scheduled()):
                         _give_up(client, future.task_run_id, watch, lease_s)
                         resubmitted.append({"call": i, "task_run": str(future.task_run_id), "worker": watch.worker})
                         if logger is not None:

@@ -63,15 +63,18 @@ def identify_task(spec: ModelSpec):
 @task(name="generate-answers", cache_key_fn=_generation_key, persist_result=True, retries=2,
       retry_delay_seconds=[5, 30], retry_condition_fn=_is_oom)
 def generate_answers_task(spec: ModelSpec, generation: GenerationSpec, shard: pl.DataFrame, model: str,
-                          key: str, lease_s: float | None = None) -> tuple[pl.DataFrame, list[str]]:
-    """One model's answers to one shard; on a task worker (lease_s set) under a renewed lease."""
+                          key: str, lease_s: float | None = None,
+                          stall_s: float | None = None) -> tuple[pl.DataFrame, list[str]]:
+    """One model's answers to one shard; on a task worker (lease_s set) under a lease renewed while a batch
+    has finished within stall_s (tasks/leases.py)."""
     from prefect.runtime import task_run
 
     halvings = (task_run.run_count or 1) - 1  # a retry after an out-of-memory error: half the batch each time
     if halvings:
         pipeline.release_models()  # and a clean slate: what the failed attempt held is given back
-    with held_lease(lease_s):
-        return pipeline.generate_shard(spec, generation, shard, model, key, halvings)
+    with held_lease(lease_s, stall_s) as lease:
+        return pipeline.generate_shard(spec, generation, shard, model, key, halvings,
+                                       on_batch=lambda n: lease.progress())
 
 
 @task(name="score-texts", cache_policy=NO_CACHE, retries=1)
