@@ -113,15 +113,22 @@ def compare_runs(a: str | Path, b: str | Path, out: Path, spec: AnalysisSpec | N
 
     side_a, side_b = parse_side(str(a)), parse_side(str(b))
     spec = spec or run_analysis_spec(side_a.run)
-    features, report = comparison_features(side_a, side_b)
     out = Path(out)
+    for side in (side_a, side_b):
+        if out.resolve() == side.run.resolve():
+            raise DpoEvalError(f"--out {out} is run {side.label} itself: the comparison would overwrite that run's "
+                               "tables; give another folder")
+    features, report = comparison_features(side_a, side_b)
     out.mkdir(parents=True, exist_ok=True)
     features.write_parquet(out / "features.parquet")
+    for stale in ("pairs.parquet", "answers.parquet", "judgments.parquet"):  # an earlier comparison's, in a reused --out
+        (out / stale).unlink(missing_ok=True)
     judgeable = comparison_answers(side_a, side_b, set(features["pair_id"].to_list()))
     if judgeable is not None:
         judgeable[0].write_parquet(out / "pairs.parquet")
         judgeable[1].write_parquet(out / "answers.parquet")
     report["judgeable"] = judgeable is not None
+    report["a_system"], report["b_system"] = side_a.system, side_b.system
     analysis = run_analysis(features, spec)
     report["note"] = (f"In every table and sentence of this report, 'base' is A ({side_a.system}) and 'tuned' is B "
                       f"({side_b.system}); chosen, rejected, the splits and S_j are A's.")

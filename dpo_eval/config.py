@@ -229,7 +229,7 @@ class EvalConfig(Spec):
     worker_stall_s: float | None = Field(
         1800.0, gt=0, title="Worker stall limit (seconds)", description="task-workers: a generation shard with no "
         "finished batch for this long (model loading included) stops renewing its lease, so a hung worker's shard "
-        "goes to another worker; none: never.")
+        "goes to another worker (not checked with the continuous engine, which reports once per shard); none: never.")
     dask_address: str | None = Field(None, title="Dask scheduler address", description="Scheduler address of an existing Dask cluster; "
                                      "default: a local cluster with one worker per core.")
     max_restarts: int = Field(3, ge=0, title="Restarts after a crash", description="Restarts after a crash (preempted worker) before the run "

@@ -151,7 +151,8 @@ def judge_headline(summary: dict, judgments: pl.DataFrame | None = None) -> list
         lines.append(_llm_headline(summary["judge"], judgments, is_labeled_run(summary)))
     compared = summary.get("compare")
     if lines and isinstance(compared, dict):  # a `dpo-eval compare` folder: say which system is which
-        lines.insert(0, f"In this comparison 'tuned' is B ({compared.get('b')}) and 'base' is A ({compared.get('a')}).")
+        a, b = compared.get("a_system", compared.get("a")), compared.get("b_system", compared.get("b"))
+        lines.insert(0, f"In this comparison 'tuned' is B ({b}) and 'base' is A ({a}).")
     return lines
 
 

@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass, field
 
 from dpo_eval.errors import DpoEvalError
-from tasks.leases import drop_lease, lease_name, mark_received
+from tasks.leases import end_worker_lease, lease_name, start_worker_lease
 
 POLL_S = 1.0
 READ_PAGE = 200
+MAX_RESUBMITS = 3  # per shard: a shard that loses its worker more often than this stops the run
 
 
 def serve_shards(limit: int = 1) -> None:
@@ -53,8 +54,9 @@ def shard_worker_class():
     server, which forgets a task run once acknowledged, never hands that shard to anyone (it stays
     Scheduled, with no lease to lapse). This worker waits for a slot first, then reads (and acknowledges) the
     next task run; a shard sent to it but not yet read goes back to the server's queue when it dies, and the
-    server gives it to another worker. A task run it has read is marked `received` at once (tasks/leases.py),
-    so dying between reading and starting it is noticed too. The rest (engine, results, cache) is Prefect's own.
+    server gives it to another worker. A task run it has read gets a lease at once, renewed until the run is
+    done here (tasks/leases.py), so dying before starting it or between retries is noticed too. The rest
+    (engine, results, cache) is Prefect's own.
     """
     from prefect.client.schemas.objects import TaskRun
     from prefect.client.subscriptions import Subscription
@@ -75,11 +77,14 @@ def shard_worker_class():
                     self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, task_run)
 
         async def _safe_submit_scheduled_task_run(self, task_run):
-            await mark_received(task_run.id)  # taken off the server: a lease that lapses if this process dies
+            import anyio
+
+            # taken off the server: a lease that lapses if this process dies, renewed until the run is done here
+            await anyio.to_thread.run_sync(start_worker_lease, task_run.id)
             try:
                 await super()._safe_submit_scheduled_task_run(task_run)
             finally:
-                await drop_lease(task_run.id)
+                await anyio.to_thread.run_sync(end_worker_lease, task_run.id)
 
     return ShardWorker
 
@@ -189,6 +194,12 @@ def run_on_workers(task, calls: list[dict], sizes: list[int], lease_s: float, st
                     watch = watches.setdefault(future.task_run_id, _Watch())
                     if _lost(leases.get(future.task_run_id), watch, lease_s, scheduled=state.is_scheduled()):
                         _give_up(client, future.task_run_id, watch, lease_s)
+                        if sum(r["call"] == i for r in resubmitted) >= MAX_RESUBMITS:
+                            raise DpoEvalError(
+                                f"{stage} shard {i} lost its worker {MAX_RESUBMITS + 1} times (last: {watch.worker}); "
+                                "stopped rather than hand it out again. Look at the workers' logs (out of memory, a "
+                                "hung GPU: worker_stall_s, a lease too short for them: worker_lease_s); finished "
+                                "shards are kept, so run again once that is fixed")
                         resubmitted.append({"call": i, "task_run": str(future.task_run_id), "worker": watch.worker})
                         if logger is not None:
                             logger.warning("%s shard %d: worker %s lost; submitted again", stage, i, watch.worker)

@@ -109,6 +109,8 @@ def test_b_against_a_equals_b_evaluated_with_a_as_its_reference(runs, stories260
 def test_a_folder_that_is_not_a_run_is_named(runs, tmp_path):
     with pytest.raises(DpoEvalError, match=f"{tmp_path}: not a dpo-eval run directory"):
         compare_runs(tmp_path, runs["a"], tmp_path / "out")
+    with pytest.raises(DpoEvalError, match="would overwrite that run's tables"):
+        compare_runs(runs["a"], runs["b"], runs["b"])
 
 
 def test_a_comparison_can_be_judged_b_against_a(runs, stories260k, tmp_path):

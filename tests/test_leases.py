@@ -15,7 +15,7 @@ from prefect import task
 from prefect.task_worker import StopTaskWorker
 
 from flows.task_workers import _leases, _lost, _Watch, run_on_workers, shard_worker_class
-from tasks.leases import RECEIVED, Renewal, drop_lease, held_lease, lease_name, mark_received
+from tasks.leases import RECEIVED, WORKER_LEASES, Renewal, end_worker_lease, held_lease, lease_name, start_worker_lease
 
 
 @task(name="lease-probe", persist_result=True, cache_policy=None)
@@ -26,7 +26,7 @@ def doubled(x: int, lease_s: float | None = None) -> int:
 
 def test_a_lease_is_renewed_while_work_progresses_and_lapses_when_it_stalls():
     beats: list[int] = []
-    renewal = Renewal(beats.append, lease_s=0.4, stall_s=0.5).start()  # a renewal every 0.1 s
+    renewal = Renewal(beats.append, every=0.1, stall_s=0.5).start()
     try:
         until = time.monotonic() + 1.0
         while time.monotonic() < until:  # a batch finishes every 50 ms
@@ -43,7 +43,7 @@ def test_a_lease_is_renewed_while_work_progresses_and_lapses_when_it_stalls():
     finally:
         renewal.stop()
     always = []
-    plain = Renewal(always.append, lease_s=0.2).start()  # no stall_s: renewed whatever the work does
+    plain = Renewal(always.append, every=0.05).start()  # no stall_s: renewed whatever the work does
     time.sleep(0.5)
     plain.stop()
     assert len(always) >= 3 and not plain.stalled
@@ -63,18 +63,22 @@ def test_the_flow_tells_a_waiting_shard_from_one_taken_and_never_started():
     assert _lost(None, _Watch(since=time.monotonic() - 1), 0.2)  # Running, the lease gone for lease_s
 
 
-def test_received_marks_are_read_in_one_request_and_dropped(on_server):
+def test_a_worker_lease_starts_received_and_is_read_in_one_request(on_server):
     from prefect import get_client
 
     ids = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(3)]
     for run in ids[:2]:
-        asyncio.run(mark_received(run))
-    with get_client(sync_client=True) as client:
-        leases = _leases(client, ids)
-        assert set(leases) == set(ids[:2]) and all(v["beat"] == RECEIVED for v in leases.values())
-        asyncio.run(drop_lease(ids[0]))
-        assert set(_leases(client, ids)) == {ids[1]}
-    asyncio.run(drop_lease(ids[1]))
+        start_worker_lease(run)
+    try:
+        with get_client(sync_client=True) as client:
+            leases = _leases(client, ids)
+            assert set(leases) == set(ids[:2]) and all(v["beat"] == RECEIVED for v in leases.values())
+            time.sleep(2.5)  # renewed every second until a task sets its interval
+            assert all(isinstance(v["beat"], int) and v["beat"] >= 1 for v in _leases(client, ids).values())
+            end_worker_lease(ids[0])
+            assert set(_leases(client, ids)) == {ids[1]} and ids[0] not in WORKER_LEASES
+    finally:
+        end_worker_lease(ids[1])
 
 
 def test_a_shard_taken_by_a_worker_that_died_before_starting_it_goes_to_another(on_server):
