@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -94,13 +95,18 @@ def test_custom_run_from_the_ui_form(ui_server, served, stories260k, orca_jsonl,
         page.screenshot(path=str(tmp_path / "form.png"), full_page=True)
         page.get_by_role("button", name="Submit").click()
 
-        page.wait_for_url("**/deployments/deployment/**", timeout=60_000)  # back on the deployment page
+        # back on the deployment page: the form's own URL (.../deployment/ID/run?...) matches a plain glob too
+        page.wait_for_url(lambda url: urlparse(url).path.rstrip("/").endswith(deployment["id"]), timeout=120_000)
 
         def created():
             return httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"deployment_id": {
                 "any_": [deployment["id"]]}}}, timeout=10).json()
 
-        (run,) = wait_for(created, 30, "the run the form created")
+        try:
+            (run,) = wait_for(created, 120, "the run the form created")  # a loaded machine can take a while
+        except AssertionError as exc:
+            page.screenshot(path=str(tmp_path / "submitted.png"), full_page=True)
+            raise AssertionError(f"{exc}; page {page.url}: {page.locator('body').inner_text()[:1500]}") from exc
         run_id = run["id"]
 
         def finished():
