@@ -11,7 +11,6 @@ dpo_eval.reward_model adds). `write_judge_report` puts both into a run directory
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import polars as pl
 
 from dpo_eval.judge_stats import ROLES, combine_orders, judge_summary, sign_test
 from dpo_eval.report import Section, add_section, read_sections
-from dpo_eval.jsonsafe import finite
+from dpo_eval.jsonsafe import finite, jsonable
 
 SECTION_IDS = ("judge", "judge_examples")
 EXAMPLE_CHARS = 400  # characters of each text shown in the examples table
@@ -30,15 +29,6 @@ MIN_PAIRS = 10  # fewer calibration pairs than this say nothing either way (a bo
 
 def _f(x, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if finite(x) else "n/a"
-
-
-def _plain(value):
-    """`value` as JSON keeps it (NaN as None), so a section can be compared with the one on disk."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _p(x) -> str:
@@ -288,11 +278,11 @@ def write_judge_report(run_dir: Path | str, timings: dict | None = None) -> dict
     if block:
         summary["cache"] = dict(summary.get("cache") or {}) | {"judge": {"hits": block.get("cached", 0),
                                                                          "misses": block.get("calls", 0)}}
-    summary = _plain(summary)
+    summary = jsonable(summary)
     path.write_text(json.dumps(summary, indent=2, allow_nan=False))
     if block and judgments is not None:
-        kept = {s.id: _plain(asdict(s)) for s in read_sections(run_dir)}
+        kept = {s.id: jsonable(asdict(s)) for s in read_sections(run_dir)}
         for section in judge_sections(block, judgments, _texts(run_dir), is_labeled_run(summary)):
-            if kept.get(section.id) != _plain(asdict(section)):  # each change re-renders the whole page
+            if kept.get(section.id) != jsonable(asdict(section)):  # each change re-renders the whole page
                 add_section(run_dir, section)
     return summary

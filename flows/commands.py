@@ -34,6 +34,7 @@ EVALUATE_FLAGS = {
     "reference_dataset.source": "--reference-dataset", "quantization_study": "--quantization",
     **{f"quantization_study.{i}": "--quantization" for i in range(3)}, "generation_runner": "--generation-runner",
     "scoring_runner": "--scoring-runner", "worker_lease_s": "--worker-lease",
+    "worker_stall_s": "--worker-stall",
 }
 REPEAT_HELP = " Repeat it for several data sets (e.g. each one a mixed training run used): results per data set too."
 QUANT_HELP = (" A comma-separated list (e.g. 4bit,8bit,none) runs a quantization study: the first setting is the main "
@@ -112,6 +113,7 @@ def evaluate(
     generation_runner: Optional[str] = override_option(EvalConfig, "generation_runner", "--generation-runner"),
     scoring_runner: Optional[str] = override_option(EvalConfig, "scoring_runner", "--scoring-runner"),
     worker_lease: Optional[float] = override_option(EvalConfig, "worker_lease_s", "--worker-lease"),
+    worker_stall: Optional[float] = override_option(EvalConfig, "worker_stall_s", "--worker-stall"),
 ) -> None:
     """Evaluate a checkpoint end to end as a Prefect flow (ephemeral local server, no set-up)."""
     from dpo_eval.config import parse_columns
@@ -133,7 +135,8 @@ def evaluate(
         "scoring.cache_dir": str(cache_dir) if cache_dir else None, "analysis.alpha": alpha,
         "analysis.bootstrap": bootstrap, "shard_size": shard_size, "out": str(out) if out else None,
         "reference_dataset.source": reference_dataset, "generation_runner": generation_runner,
-        "scoring_runner": scoring_runner, "worker_lease_s": worker_lease})
+        "scoring_runner": scoring_runner, "worker_lease_s": worker_lease,
+        "worker_stall_s": worker_stall})
     if dataset and len(dataset) > 1:  # --format, --columns, --limit and the split options apply to each
         eval_config = eval_config.model_copy(update={"extra_datasets": tuple(
             eval_config.dataset.model_copy(update={"source": source}) for source in dataset[1:])})
