@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,33 +19,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.prefect_server import prefect_server, stop, wait_for  # noqa: E402 - the tests' real-server helpers
 SHARED = ROOT.parent / "shared"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait(check, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run(n_workers: int, api: str, env: dict, config: dict, root: Path) -> dict:
@@ -59,8 +33,8 @@ def run(n_workers: int, api: str, env: dict, config: dict, root: Path) -> dict:
                                 stdout=open(root / f"worker-{n_workers}-{i}.log", "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True) for i in range(n_workers)]
     try:
-        wait(lambda: len(httpx.post(f"{api}/task_workers/filter", json={}, timeout=5).json()) >= n_workers, 180,
-             "the workers")
+        wait_for(lambda: len(httpx.post(f"{api}/task_workers/filter", json={}, timeout=5).json()) >= n_workers, 180,
+                 "the workers", interval=0.5)
         out = root / f"run-{n_workers}"
         (root / f"config-{n_workers}.yaml").write_text(json.dumps(config | {"out": str(out)}))  # JSON is YAML
         start = time.perf_counter()
@@ -85,7 +59,6 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=48)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from tests.builders import make_adapter
 
     root = Path(tempfile.mkdtemp(prefix="bench-task-workers-"))
@@ -96,19 +69,9 @@ def main() -> None:
               "scoring": {"n_process": 1, "cache_dir": str(root / "scores")},
               "analysis": {"bootstrap": 0, "permutations": 0}, "rewards": False,
               "shard_size": args.shard_size, "generation_runner": "task-workers"}
-    port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(root / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
-    env.pop("PREFECT_API_URL", None)
-    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=open(root / "server.log", "w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 120, "prefect server")
+    with prefect_server(root) as (api, env):  # the tests' own server helper: a real `prefect server start`
+        env = dict(env, PREFECT_LOGGING_LEVEL="WARNING")
         one, two = run(1, api, env, config, root), run(2, api, env, config, root)
-    finally:
-        stop(server)
     print(json.dumps({"pairs": args.pairs, "shard_size": args.shard_size, "new_tokens": args.new_tokens,
                       "cores": os.cpu_count(),
                       "one_worker": one, "two_workers": two,

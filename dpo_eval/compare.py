@@ -130,8 +130,8 @@ def compare_runs(a: str | Path, b: str | Path, out: Path, spec: AnalysisSpec | N
     report["judgeable"] = judgeable is not None
     report["a_system"], report["b_system"] = side_a.system, side_b.system
     analysis = run_analysis(features, spec)
-    report["note"] = (f"In every table and sentence of this report, 'base' is A ({side_a.system}) and 'tuned' is B "
-                      f"({side_b.system}); chosen, rejected, the splits and S_j are A's.")
+    report["note"] = (f"In every table and sentence of this report, 'base' is A ({report['a_system']}) and 'tuned' is "
+                      f"B ({report['b_system']}); chosen, rejected, the splits and S_j are A's.")
     section = Section("compare", "Comparison of two systems", [
         report["note"],
         f"{report['matched']} pairs matched by pair_id: {report['pairs_a']} in A, {report['pairs_b']} in B; "

@@ -23,6 +23,12 @@ from dpo_eval.errors import DpoEvalError
 DEQUANTIZING = ("dequantized", "continuous")
 
 
+def reports_each_batch(engine: str) -> bool:
+    """Whether the engine reports progress after each batch (`on_batch`); continuous batching reports once, when
+    the whole shard is done, so progress-based checks (a worker's stall limit) cannot apply to it."""
+    return engine != "continuous"
+
+
 def check_engine(spec: ModelSpec, engine: str, merge: bool = False) -> None:
     """Fail, before loading, on an engine that does not fit the model's quantization."""
     if engine == "dequantized" and spec.quantization != "4bit":

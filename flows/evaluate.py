@@ -82,9 +82,7 @@ def _generate(config: EvalConfig, shards: list, identity, n_pairs: int, logger) 
     calls = [{"spec": config.model, "generation": config.generation, "shard": shard, "model": model,
               "key": identity.key(model)} for shard in shards for model in ("base", "tuned")]
     if config.generation_runner == "task-workers":
-        # continuous batching reports progress once per shard: no stall check there
-        stall_s = None if config.generation.engine == "continuous" else config.worker_stall_s
-        calls = [call | {"stall_s": stall_s} for call in calls]
+        calls = [call | {"stall_s": config.worker_stall_s} for call in calls]
         done = run_on_workers(generate_answers_task, calls, [c["shard"].height for c in calls],
                               config.worker_lease_s, "generation", "answers", logger)
         return done.results, done.hits, {"resubmitted": done.resubmitted}

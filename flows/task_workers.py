@@ -112,22 +112,26 @@ class _Watch:
     worker: str | None = None
 
 
-def _running_states(client, futures: dict) -> dict:
+def _pages(items: list):
+    """`items` in pages of READ_PAGE: the API's page limit (PREFECT_API_DEFAULT_LIMIT, 200)."""
+    return (items[start:start + READ_PAGE] for start in range(0, len(items), READ_PAGE))
+
+
+def _states(client, futures: dict) -> dict:
+    """The state of each future's task run (None: created, its first state not recorded yet), by task run id."""
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 
-    ids, states = [f.task_run_id for f in futures.values()], {}
-    for start in range(0, len(ids), READ_PAGE):  # the API's page limit (PREFECT_API_DEFAULT_LIMIT, 200)
-        page = ids[start:start + READ_PAGE]
+    states = {}
+    for page in _pages([f.task_run_id for f in futures.values()]):
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=page)), limit=len(page))
         states.update({run.id: run.state for run in runs})
     return states
 
 
 def _leases(client, task_run_ids: list) -> dict:
-    """The lease value of each of these task runs that has one, read page by page (200 names a page)."""
+    """The lease value of each of these task runs that has one, by task run id."""
     names, leases = {lease_name(i): i for i in task_run_ids}, {}
-    for start in range(0, len(names), READ_PAGE):
-        page = list(names)[start:start + READ_PAGE]
+    for page in _pages(list(names)):
         response = client._client.post("/variables/filter", json={"variables": {"name": {"any_": page}},
                                                                    "limit": len(page)})
         response.raise_for_status()
@@ -173,7 +177,7 @@ def run_on_workers(task, calls: list[dict], sizes: list[int], lease_s: float, st
     with get_client(sync_client=True) as client, stage_progress(stage, sum(sizes), unit) as progress:
         _warn_without_workers(client, task, logger)
         while len(final) < len(calls):
-            states = _running_states(client, {i: f for i, f in futures.items() if i not in final})
+            states = _states(client, {i: f for i, f in futures.items() if i not in final})
             leases = _leases(client, [s for s, state in states.items() if state is not None and not state.is_final()])
             for i, future in futures.items():
                 if i in final:

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from dpo_eval import pipeline
 from dpo_eval.batch_plan import halved
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
+from dpo_eval.engines import reports_each_batch
 from tasks.leases import held_lease
 
 
@@ -72,6 +73,8 @@ def generate_answers_task(spec: ModelSpec, generation: GenerationSpec, shard: pl
     halvings = (task_run.run_count or 1) - 1  # a retry after an out-of-memory error: half the batch each time
     if halvings:
         pipeline.release_models()  # and a clean slate: what the failed attempt held is given back
+    if not reports_each_batch(generation.engine):
+        stall_s = None  # no progress to watch until the shard is done
     with held_lease(lease_s, stall_s) as lease:
         return pipeline.generate_shard(spec, generation, shard, model, key, halvings,
                                        on_batch=lambda n: lease.progress())

@@ -3,11 +3,13 @@ and the polling helpers of the tests that drive it."""
 
 from __future__ import annotations
 
+import contextvars
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +35,14 @@ def wait_for(check, timeout: float, what: str, interval: float = 1):
             break
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def context_thread(fn) -> threading.Thread:
+    """A started daemon thread that runs `fn` in this context: the Prefect settings that point at a test's server
+    (temporary_settings) are context-local, and a plain thread would not see them."""
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(fn,), daemon=True)
+    thread.start()
+    return thread
 
 
 def stop(proc: subprocess.Popen) -> None:

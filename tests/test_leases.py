@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import threading
 import time
 
 import pytest
@@ -16,6 +14,7 @@ from prefect.task_worker import StopTaskWorker
 
 from flows.task_workers import _leases, _lost, _Watch, run_on_workers, shard_worker_class
 from tasks.leases import RECEIVED, WORKER_LEASES, Renewal, end_worker_lease, held_lease, lease_name, start_worker_lease
+from tests.prefect_server import context_thread
 
 
 @task(name="lease-probe", persist_result=True, cache_policy=None)
@@ -93,9 +92,7 @@ def test_a_shard_taken_by_a_worker_that_died_before_starting_it_goes_to_another(
     def submit_and_wait() -> None:
         outcome["done"] = run_on_workers(doubled, [{"x": 21}], [1], lease_s=1.0, stage="probe", unit="x")
 
-    # threads get this context: the Prefect settings that point at the session server are context-local
-    flow_side = threading.Thread(target=contextvars.copy_context().run, args=(submit_and_wait,), daemon=True)
-    flow_side.start()
+    flow_side = context_thread(submit_and_wait)
     with get_client(sync_client=True) as client:
         deadline = time.monotonic() + 60
         while not (runs := client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(
@@ -114,9 +111,7 @@ def test_a_shard_taken_by_a_worker_that_died_before_starting_it_goes_to_another(
             started["worker"] = shard_worker_class()(doubled, limit=1)
             await started["worker"].astart()
 
-        serving = threading.Thread(target=contextvars.copy_context().run,
-                                   args=(loop.run_until_complete, serve()), daemon=True)
-        serving.start()
+        serving = context_thread(lambda: loop.run_until_complete(serve()))
         try:
             flow_side.join(timeout=90)
             assert not flow_side.is_alive(), "the resubmitted shard was never run"

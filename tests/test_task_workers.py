@@ -5,13 +5,11 @@ it)."""
 
 from __future__ import annotations
 
-import contextvars
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pytest
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from tests.builders import make_adapter
-from tests.prefect_server import stop, wait_for
+from tests.prefect_server import context_thread, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS = 6  # 12 pairs, 2 per shard: 12 generation task runs (base and tuned)
@@ -145,11 +143,7 @@ def test_a_worker_killed_mid_shard_loses_only_that_shard(on_server, server, sett
     outcome: dict = {}
     try:
         wait_connected(api, [first], [root / "worker-a.log"])
-        # the thread runs in this context: the session server's API URL is a context setting
-        context = contextvars.copy_context()
-        flow = threading.Thread(target=context.run, args=(lambda: outcome.update(summary=evaluate(run, results)),),
-                                daemon=True)
-        flow.start()
+        flow = context_thread(lambda: outcome.update(summary=evaluate(run, results)))
         held = wait_for(lambda: next((v for v in leases(api) if v["value"]["worker"] == label(first)),
                                      None), 120, "worker A to hold a shard", interval=0.1)
         os.killpg(first.pid, signal.SIGKILL)  # a spot preemption: no goodbye
@@ -191,9 +185,9 @@ def test_the_flow_reads_the_states_of_more_task_runs_than_one_api_page(on_server
 
     from prefect import get_client
 
-    from flows.task_workers import READ_PAGE, _running_states
+    from flows.task_workers import READ_PAGE, _states
 
     ids = [_created_task_run(on_server, i) for i in range(READ_PAGE + 5)]
     with get_client(sync_client=True) as client:
-        states = _running_states(client, {i: SimpleNamespace(task_run_id=run) for i, run in enumerate(ids)})
+        states = _states(client, {i: SimpleNamespace(task_run_id=run) for i, run in enumerate(ids)})
     assert sorted(str(k) for k in states) == sorted(ids)
