@@ -37,6 +37,23 @@ def wait_for(check, timeout: float, what: str, interval: float = 1):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def api_json(method: str, url: str, attempts: int = 5, **kwargs):
+    """The JSON answer of a request to a test's Prefect server. A loaded session server (sqlite) now and then
+    answers a write with an error (CI saw it on task-run and flow-run creation): try a few times, then fail
+    with the server's answer instead of a KeyError on it."""
+    for attempt in range(attempts):
+        try:
+            response = httpx.request(method, url, timeout=30, **kwargs)
+        except httpx.TransportError as exc:
+            response, error = None, exc
+        else:
+            if response.is_success:
+                return response.json()
+            error = f"{response.status_code} {response.text[:500]}"
+        time.sleep(1 + attempt)
+    raise AssertionError(f"{method} {url} failed {attempts} times; last: {error}")
+
+
 def context_thread(fn) -> threading.Thread:
     """A started daemon thread that runs `fn` in this context: the Prefect settings that point at a test's server
     (temporary_settings) are context-local, and a plain thread would not see them."""

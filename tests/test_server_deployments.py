@@ -20,7 +20,7 @@ from prefect import flow
 
 from dpo_eval.config import EvalConfig
 from tests.builders import make_adapter
-from tests.prefect_server import stop, wait_for
+from tests.prefect_server import api_json, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -99,8 +99,7 @@ def test_ui_style_run_of_a_served_deployment(server, tmp_path, stories260k, orca
                                         "generation": {"max_new_tokens": 8, "batch_size": 12},
                                         "scoring": {"cache_dir": str(tmp_path / "scores")},
                                         "analysis": {"bootstrap": 100}, "out": str(tmp_path / "ui-run")}}
-        run = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params},
-                         timeout=10).json()
+        run = api_json("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
 
         def finished():
             state = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=10).json()["state"]

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ import pytest
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from tests.builders import make_adapter
-from tests.prefect_server import context_thread, stop, wait_for
+from tests.prefect_server import api_json, context_thread, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS = 6  # 12 pairs, 2 per shard: 12 generation task runs (base and tuned)
@@ -167,18 +166,6 @@ def test_a_worker_killed_mid_shard_loses_only_that_shard(on_server, server, sett
     assert summary["cache"]["generate"]["misses"] == 2 * SHARDS
 
 
-def _created_task_run(api: str, i: int) -> str:
-    """A task run made through the API; a loaded session server can answer one request with an error (CI saw
-    one), so try a few times and show the server's answer if it never succeeds."""
-    for attempt in range(5):
-        response = httpx.post(f"{api}/task_runs/", json={"name": f"page-{i}", "task_key": "page-probe",
-                                                         "dynamic_key": str(i)}, timeout=30)
-        if response.is_success:
-            return response.json()["id"]
-        time.sleep(1 + attempt)
-    raise AssertionError(f"the server did not create task run {i}: {response.status_code} {response.text[:500]}")
-
-
 def test_the_flow_reads_the_states_of_more_task_runs_than_one_api_page(on_server):
     """An evaluation of 160k pairs has thousands of shards: their states are read page by page (200 a page)."""
     from types import SimpleNamespace
@@ -187,7 +174,9 @@ def test_the_flow_reads_the_states_of_more_task_runs_than_one_api_page(on_server
 
     from flows.task_workers import READ_PAGE, _states
 
-    ids = [_created_task_run(on_server, i) for i in range(READ_PAGE + 5)]
+    ids = [api_json("POST", f"{on_server}/task_runs/", json={"name": f"page-{i}", "task_key": "page-probe",
+                                                             "dynamic_key": str(i)})["id"]
+           for i in range(READ_PAGE + 5)]
     with get_client(sync_client=True) as client:
         states = _states(client, {i: SimpleNamespace(task_run_id=run) for i, run in enumerate(ids)})
     assert sorted(str(k) for k in states) == sorted(ids)
