@@ -26,7 +26,10 @@ NOTICES = (
     (DeprecationWarning, ""),
     (UserWarning, r".*no word vectors loaded"),  # textdescriptives' coherence on spaCy's small models
 )
-QUIET_LOGGERS = ("bitsandbytes",)  # "Failed to load CPU gemm_4bit_forward from kernels-community": optional
+# Silenced by source, not by sentence, so a reworded notice stays silent: bitsandbytes' "Failed to load CPU
+# gemm_4bit_forward from kernels-community" (an optional kernel) and everything the `kernels` package logs
+# ("Skipping publisher trust check ... offline mode", from kernels 0.19): no user can act on either offline.
+QUIET_LOGGERS = ("bitsandbytes", "kernels")
 
 
 def quiet() -> None:
