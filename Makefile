@@ -42,7 +42,7 @@ lock: | $(BIN)/python
 	$(LOCK_VENV)/bin/pip install --quiet ".[test]"
 	{ echo "# Exact versions the suite passed with; written by \`make lock\` on $$(date -u +%F). torch is not"; \
 	  echo "# here: TORCH_SPEC installs it first (its build, CPU or CUDA, depends on the machine)."; \
-	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | grep -viE '^(torch|dpo-eval|pip|setuptools|wheel)([=@ ]|$$)'; \
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | grep -viE '^(torch|dpo-eval|pip|wheel)([=@ ]|$$)'; \
 	} > $(LOCK)
 	rm -rf $(LOCK_VENV)
 

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import polars as pl
 
-from dpo_eval.analysis import AnalysisSpec, run_analysis
-from dpo_eval.features import FAMILY_OF
-from dpo_eval.stats import bootstrap_means
+from dpo_eval.stats.analysis import AnalysisSpec, run_analysis
+from dpo_eval.scoring.features import FAMILY_OF
+from dpo_eval.stats.paired import bootstrap_means
 
 
 def synthetic(n_pairs: int, names: list[str], seed: int = 0) -> pl.DataFrame:

@@ -1,7 +1,7 @@
 """Generation engines on the CPU: stories260k loaded in 4-bit nf4, `hf` vs `dequantized` vs `continuous`.
 
 Greedy answers of base and tuned (a random LoRA adapter built here) to the first N orca prompts, through
-dpo_eval.generation.generate_both with each engine (each a fresh load); prints JSON with tokens/s, the
+dpo_eval.generation.generate.generate_both with each engine (each a fresh load); prints JSON with tokens/s, the
 ratio to `hf`, and the identical answers out of N. Usage:
     PYTHONPATH=. python benchmarks/bench_engines_cpu.py [--pairs 16] [--tokens 48] [--dtype float32]
 """
@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     from dpo_eval.config import DatasetSpec, GenerationSpec, ModelSpec
-    from dpo_eval.data import read_pairs
-    from dpo_eval.generation import generate_both
-    from dpo_eval.models import load_model
+    from dpo_eval.data.pairs import read_pairs
+    from dpo_eval.generation.generate import generate_both
+    from dpo_eval.generation.models import load_model
     from tests.builders import make_adapter
 
     parser = argparse.ArgumentParser(description=__doc__)

@@ -18,9 +18,9 @@ def throughput(args) -> dict:
     import polars as pl
 
     from dpo_eval.config import GenerationSpec, ModelSpec
-    from dpo_eval.data import load_pairs
-    from dpo_eval.generation import generate_answers
-    from dpo_eval.models import load_model
+    from dpo_eval.data.pairs import load_pairs
+    from dpo_eval.generation.generate import generate_answers
+    from dpo_eval.generation.models import load_model
 
     pairs = load_pairs(args.data).filter(pl.col("split") == "valid").head(args.prompts)
     if pairs.height < args.prompts:
@@ -50,9 +50,9 @@ def _prefill_seconds(loaded, pairs, args) -> float:
     """Time of the prompt forward passes alone (batched): work that batching cannot remove."""
     import torch
 
-    from dpo_eval.generation import encode_prompts
-    from dpo_eval.padding import left_padded
-    from dpo_eval.prompts import PromptFormatter
+    from dpo_eval.generation.generate import encode_prompts
+    from dpo_eval.generation.padding import left_padded
+    from dpo_eval.generation.prompts import PromptFormatter
 
     prompts = encode_prompts(PromptFormatter(loaded.tokenizer), pairs, loaded.context_length - args.new_tokens)
     prompts = sorted((p.ids for p in prompts), key=len, reverse=True)
@@ -70,8 +70,8 @@ def memory_child(mode: str, base: str, adapter: str) -> None:
     import torch
 
     from dpo_eval.config import GenerationSpec, ModelSpec
-    from dpo_eval.generation import generate_answers, generate_both
-    from dpo_eval.models import load_model
+    from dpo_eval.generation.generate import generate_answers, generate_both
+    from dpo_eval.generation.models import load_model
 
     pairs = pl.DataFrame({"pair_id": ["a"], "split": ["train"], "system": [""], "prompt": ["Once upon a time"],
                           "chosen": ["c"], "rejected": ["r"], "messages": [None]}, schema_overrides={"messages": pl.String})

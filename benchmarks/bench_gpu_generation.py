@@ -6,8 +6,8 @@ untouched copy of the packed weights. Then, in one call, on the same prompts (51
 64..1024 tokens, seeded; 256 new tokens; greedy; no EOS, so every answer is 256 tokens):
 
 - `hf`: generate() on the nf4 model, prompts sorted by length, left-padded, batch 64 (dpo-eval's loop);
-- `dequantized`: the copy dequantized to bf16 (dpo_eval.engines.dequantize_in_place, before any
-  forward pass), the same loop at batch 64, and at the batch the planner (dpo_eval.batch_plan) picks;
+- `dequantized`: the copy dequantized to bf16 (dpo_eval.generation.engines.dequantize_in_place, before any
+  forward pass), the same loop at batch 64, and at the batch the planner (dpo_eval.generation.batch_plan) picks;
 - `continuous`: the same dequantized weights through transformers' generate_batch (paged attention).
 
 Prints JSON: tokens/s, seconds, peak GPU memory, the share of the memory-bandwidth bound (the bandwidth
@@ -82,7 +82,7 @@ def _sync(device: str) -> None:
 
 def run_generate(model, prompts, batch: int, new_tokens: int, device: str, **extra) -> list[list[int]]:
     """dpo-eval's loop: prompts sorted by length (longest first), left-padded batches, greedy."""
-    from dpo_eval.padding import left_padded
+    from dpo_eval.generation.padding import left_padded
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     out: dict[int, list[int]] = {}
@@ -98,7 +98,7 @@ def run_generate(model, prompts, batch: int, new_tokens: int, device: str, **ext
 
 
 def run_continuous(model, prompts, new_tokens: int, device: str) -> list[list[int]]:
-    from dpo_eval.engines import generate_continuous
+    from dpo_eval.generation.engines import generate_continuous
 
     class NoPad:
         pad_token_id = 0
@@ -143,8 +143,8 @@ def bound(tokens_per_step: int, weights: int, kv_read: float, bandwidth: float) 
 
 
 def main() -> None:
-    from dpo_eval.batch_plan import kv_bytes_per_token, model_shape, plan_batch_size, sequence_bytes
-    from dpo_eval.engines import dequantize_in_place
+    from dpo_eval.generation.batch_plan import kv_bytes_per_token, model_shape, plan_batch_size, sequence_bytes
+    from dpo_eval.generation.engines import dequantize_in_place
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true", help="toy shape on the CPU: checks the script")

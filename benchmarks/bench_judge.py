@@ -1,7 +1,7 @@
 """Judgments per second of the pairwise LLM judge through a local `transformers serve`, concurrency 1 vs 4.
 
 Starts `transformers serve` on 127.0.0.1 with a copy of stories260k (a chat template added), judges the
-chosen vs rejected answers of the first N orca pairs in both orders with dpo_eval.judge.judge_run, each
+chosen vs rejected answers of the first N orca pairs in both orders with dpo_eval.judges.pairwise.judge_run, each
 timed run on an empty cache, alternating concurrency 1 and 4 `--repeats` times; reports the median rate of
 each and their ratio. Prints JSON.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import polars as pl
 
 from dpo_eval.config import JudgeSpec
-from dpo_eval.judge import judge_run
+from dpo_eval.judges.pairwise import judge_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

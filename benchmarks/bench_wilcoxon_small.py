@@ -1,4 +1,4 @@
-"""Wilcoxon p-values of small tied samples: dpo_eval.stats.wilcoxon (all sign flips at once) against
+"""Wilcoxon p-values of small tied samples: dpo_eval.stats.paired.wilcoxon (all sign flips at once) against
 scipy.stats.wilcoxon (one statistic call per flip), on what one split of a small run holds: 69 features x
 2 comparisons of n tied deltas. Prints JSON with both times, their ratio and the largest p difference.
 
@@ -14,7 +14,7 @@ import time
 import numpy as np
 from scipy import stats as sps
 
-from dpo_eval.stats import wilcoxon
+from dpo_eval.stats.paired import wilcoxon
 
 
 def main() -> None:

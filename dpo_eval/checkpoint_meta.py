@@ -1,4 +1,4 @@
-"""The training metadata a checkpoint folder holds (`dpo_eval_training.json`, written by dpo_eval.training):
+"""The training metadata a checkpoint folder holds (`dpo_eval_training.json`, written by dpo_eval.training.dpo):
 read by evaluation, the reference, the trend and the watcher without importing the trainer."""
 
 from __future__ import annotations

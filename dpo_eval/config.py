@@ -128,7 +128,7 @@ class GenerationSpec(Spec):
                       "and its pair, so another batch size or shard layout draws the same random numbers).")
     batch_size: int | None = Field(
         None, ge=1, title="Batch size", description="Prompts per generate() call (sorted by length); halved on each "
-        "retry after an out-of-memory error. None: planned from free GPU memory on a GPU (dpo_eval.batch_plan), "
+        "retry after an out-of-memory error. None: planned from free GPU memory on a GPU (dpo_eval.generation.batch_plan), "
         "16 on the CPU.")
     engine: Literal["hf", "dequantized", "continuous"] = Field(
         "hf", title="Engine", description="How answers are computed: hf, generate() on the model as loaded (4-bit "

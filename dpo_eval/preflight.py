@@ -68,7 +68,7 @@ def check_model(spec: ModelSpec, require_adapter: bool = False) -> None:
     if is_local_path(spec.base) and not base.is_dir():
         raise DpoEvalError(f"--base {spec.base}: no such model folder (give a local folder or a hub id)")
     if spec.prompt_template is not None:
-        from dpo_eval.prompts import compile_prompt_template
+        from dpo_eval.generation.prompts import compile_prompt_template
 
         compile_prompt_template(spec.prompt_template)
     check_adapter_folder(spec.adapter, "--adapter", spec)
@@ -142,22 +142,22 @@ def _lora_module(parts: list[str]) -> str | None:
 
 def check_dataset(spec: DatasetSpec):
     """Read the data set as the run will (format, columns, splits): the LoadReport, or a DpoEvalError."""
-    from dpo_eval.data import read_pairs
+    from dpo_eval.data.pairs import read_pairs
 
     return read_pairs(spec)[1]
 
 
 def check_evaluation(config: EvalConfig) -> None:
     """Everything `evaluate` can check before it starts a Prefect run."""
-    from dpo_eval.data import read_pairs
-    from dpo_eval.pipeline import check_labels
+    from dpo_eval.data.pairs import read_pairs
+    from dpo_eval.stages import check_labels
 
     check_model(config.model, require_adapter=True)
-    from dpo_eval.engines import check_engine
+    from dpo_eval.generation.engines import check_engine
 
     check_engine(config.model, config.generation.engine, config.generation.merge)
     if config.extra_datasets:
-        from dpo_eval.mixing import read_sources
+        from dpo_eval.data.mixing import read_sources
 
         pairs = read_sources((config.dataset, *config.extra_datasets))[0]
     else:

@@ -14,11 +14,11 @@ import polars as pl
 from prefect import flow
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
-from dpo_eval.demo import reward_verdict, write_demo_dataset
-from dpo_eval.training import TrainSpec
-from flows.evaluate import evaluate_checkpoint
-from flows.train import train_dpo_flow
-from flows.watch import find_checkpoints, watch_checkpoints
+from dpo_eval.data.demo import reward_verdict, write_demo_dataset
+from dpo_eval.training.dpo import TrainSpec
+from dpo_eval.flows.evaluate import evaluate_checkpoint
+from dpo_eval.flows.train import train_dpo_flow
+from dpo_eval.flows.watch import find_checkpoints, watch_checkpoints
 
 
 class Progress:
@@ -32,8 +32,8 @@ class Progress:
 
 def base_sample(base: str) -> str:
     from dpo_eval.config import GenerationSpec as G
-    from dpo_eval.generation import generate_answers
-    from dpo_eval.models import load_model
+    from dpo_eval.generation.generate import generate_answers
+    from dpo_eval.generation.models import load_model
 
     loaded = load_model(ModelSpec(base=base, quantization="none", compute_dtype="float32"))
     pairs = pl.DataFrame({"pair_id": ["s"], "split": ["train"], "system": [""], "prompt": ["Once upon a time"],
@@ -106,10 +106,10 @@ def judge_with_reward_model(root: Path, base: str, dataset: DatasetSpec, checkpo
                             steps: int, max_length: int, cache_dir: Path | None, progress: Progress) -> dict:
     """Train a reward model (trl RewardTrainer, `base` as backbone) on the train pairs of `dataset` into
     root/reward_model, score the four roles of every checkpoint's run and of the final run (root) with it
-    (dpo_eval.reward_model.reward_judge_run: feature reward_model, calibration, report section), and return
+    (dpo_eval.studies.reward_scores.reward_judge_run: feature reward_model, calibration, report section), and return
     the final run's summary as written."""
-    from dpo_eval.reward_model import reward_judge_run
-    from dpo_eval.reward_training import train_reward_model
+    from dpo_eval.studies.reward_scores import reward_judge_run
+    from dpo_eval.training.reward import train_reward_model
 
     folder = root / "reward_model"
     shutil.rmtree(folder, ignore_errors=True)
@@ -130,7 +130,7 @@ def judge_with_reward_model(root: Path, base: str, dataset: DatasetSpec, checkpo
 
 def _append_trend(report: Path) -> None:
     """The trend across checkpoints becomes (or replaces) a section of the run's report."""
-    from dpo_eval.report import Section, add_section
+    from dpo_eval.report.page import Section, add_section
 
     add_section(report.parent, Section("trend", "Across checkpoints", images=[
         {"src": "plots/trend.png", "alt": "evaluation curves across checkpoints"}]))
@@ -138,8 +138,8 @@ def _append_trend(report: Path) -> None:
 
 def render_summary(root: Path, summary: dict) -> str:
     """The short summary printed at the end of the demo."""
-    from dpo_eval.plots import alpha_of, paired
-    from dpo_eval.report import toward_chosen
+    from dpo_eval.report.plots import alpha_of, paired
+    from dpo_eval.report.page import toward_chosen
 
     stats = pl.read_parquet(root / "stats.parquet")
     alpha = alpha_of(summary)

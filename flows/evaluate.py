@@ -12,26 +12,26 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
-from dpo_eval import pipeline
+from dpo_eval import stages
 from dpo_eval.config import EvalConfig
-from dpo_eval.forgetting import raise_failures as raise_forgetting_failures
-from dpo_eval.forgetting_report import forgetting_markdown
-from dpo_eval.forgetting_report import headline as forgetting_headline
-from dpo_eval.judge_report import judge_markdown
-from dpo_eval.logprobs import reward_summary
-from dpo_eval.per_source import has_sources, source_section
-from dpo_eval.quant_study import STUDY_FILE, setting_config
+from dpo_eval.forgetting.harness import raise_failures as raise_forgetting_failures
+from dpo_eval.report.forgetting import forgetting_markdown
+from dpo_eval.report.forgetting import headline as forgetting_headline
+from dpo_eval.report.judge import judge_markdown
+from dpo_eval.generation.logprobs import reward_summary
+from dpo_eval.studies.per_source import has_sources, source_section
+from dpo_eval.studies.quantization import STUDY_FILE, setting_config
 from dpo_eval.reference import reference_adapter, reference_label
-from dpo_eval.report import rewards_section, stats_table_rows, summary_markdown, write_outputs
-from flows.judge import raise_failures, run_judges
-from flows.progress import stage_progress
-from flows.restarts import check_restarts
-from flows.task_workers import run_on_workers
-from tasks.evaluation import (analyze_sources_task, compare_features_task, compare_quantizations_task,
+from dpo_eval.report.page import rewards_section, stats_table_rows, summary_markdown, write_outputs
+from dpo_eval.flows.judge import raise_failures, run_judges
+from dpo_eval.flows.progress import stage_progress
+from dpo_eval.flows.restarts import check_restarts
+from dpo_eval.flows.task_workers import run_on_workers
+from dpo_eval.tasks.evaluation import (analyze_sources_task, compare_features_task, compare_quantizations_task,
                               generate_answers_task, identify_task, implicit_rewards_task, load_pairs_task,
                               load_sources_task, release_models_task, score_texts_task)
-from tasks.forgetting import compare_benchmarks_task, report_forgetting_task
-from tasks.judging import DEFAULT_LIMIT
+from dpo_eval.tasks.forgetting import compare_benchmarks_task, report_forgetting_task
+from dpo_eval.tasks.judging import DEFAULT_LIMIT
 
 SCORE_SHARD = 2000  # texts per scoring task
 
@@ -118,7 +118,7 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
     hold slots of the global concurrency limit `judge_limit` (None: its own concurrency only)."""
     logger = get_run_logger()
     check_restarts(config.max_restarts)
-    pipeline.require_adapter(config.model)
+    stages.require_adapter(config.model)
     out = config.out
     timings, cache = {}, {}
     with _timed(timings, "load_pairs"):
@@ -126,44 +126,44 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
             pairs, load_report = load_sources_task((config.dataset, *config.extra_datasets))
         else:
             pairs, load_report = load_pairs_task(config.dataset)
-        pairs, split_source = pipeline.apply_training_split(pairs, config.model.adapter)
+        pairs, split_source = stages.apply_training_split(pairs, config.model.adapter)
         reference, reference_report = None, None
         if config.reference_dataset is not None:
             reference, reference_report = load_pairs_task(config.reference_dataset)
-            reference, reference_report["split_source"] = pipeline.apply_training_split(reference,
+            reference, reference_report["split_source"] = stages.apply_training_split(reference,
                                                                                          config.model.adapter)
-        labeled = pipeline.check_labels(pairs, reference, config)
+        labeled = stages.check_labels(pairs, reference, config)
         identity = identify_task(config.model)
     out.mkdir(parents=True, exist_ok=True)
     pairs.write_parquet(out / "pairs.parquet")
     if reference is not None:
-        reference.write_parquet(out / pipeline.REFERENCE_PAIRS)
+        reference.write_parquet(out / stages.REFERENCE_PAIRS)
     logger.info("pairs: %s%s", load_report["pairs"], "" if labeled else " (questions without labels)")
 
     with _timed(timings, "generate"):
-        shards = pipeline.shard_pairs(pairs, config.shard_size)
+        shards = stages.shard_pairs(pairs, config.shard_size)
         results, hits, workers = _generate(config, shards, identity, pairs.height, logger)
-        answers = pl.concat([pipeline.with_worker(r[0]) for r in results])
+        answers = pl.concat([stages.with_worker(r[0]) for r in results])
         repairs = list(dict.fromkeys(r for _, rs in results for r in rs))
         cache["generate"] = {"hits": hits, "misses": len(results) - hits}
     answers.write_parquet(out / "answers.parquet")
     release_models_task()  # scoring needs the memory, not the model
 
     with _timed(timings, "score"):
-        texts = pipeline.texts_of(pairs, answers)
+        texts = stages.texts_of(pairs, answers)
         results = _score_shards(texts, config)
         scores = pl.concat([r[0] for r in results])
         cache["score"] = {k: sum(r[1][k] for r in results) for k in ("hits", "misses")}
-    features = pipeline.features_table(texts, scores)
+    features = stages.features_table(texts, scores)
     features.write_parquet(out / "features.parquet")
     reference_features = None
     if reference is not None:
         with _timed(timings, "score_reference"):
-            reference_texts = pipeline.texts_of(reference)
+            reference_texts = stages.texts_of(reference)
             results = _score_shards(reference_texts, config, stage="scoring-reference")
-            reference_features = pipeline.features_table(reference_texts, pl.concat([r[0] for r in results]))
+            reference_features = stages.features_table(reference_texts, pl.concat([r[0] for r in results]))
             cache["score_reference"] = {k: sum(r[1][k] for r in results) for k in ("hits", "misses")}
-        reference_features.write_parquet(out / pipeline.REFERENCE_FEATURES)
+        reference_features.write_parquet(out / stages.REFERENCE_FEATURES)
 
     with _timed(timings, "analyze"):
         analysis = compare_features_task(features, config.analysis, reference_features)
@@ -172,7 +172,7 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
         logger.info("implicit rewards skipped: the data set has no chosen and rejected answers to score")
     if config.rewards and labeled:
         with _timed(timings, "rewards"):
-            beta, max_length = pipeline.reward_beta(config), pipeline.reward_max_length(config)
+            beta, max_length = stages.reward_beta(config), stages.reward_max_length(config)
             rewards = implicit_rewards_task(config.model, pairs, beta, max_length, identity.pair_key)
             release_models_task()
             rewards.write_parquet(out / "rewards.parquet")
@@ -188,14 +188,14 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
         with _timed(timings, "forgetting"):
             forgetting = compare_benchmarks_task(config.model, config.forgetting, out)
             release_models_task()
-    pipeline.write_config(config, out, {"fingerprint": identity.tuned_key, "base_fingerprint": identity.base_key,
+    stages.write_config(config, out, {"fingerprint": identity.tuned_key, "base_fingerprint": identity.base_key,
                                         "model_identity": identity.to_dict(), "repairs": repairs,
                                         "pairs_report": load_report, "split_source": split_source,
                                         "reference_report": reference_report})
     with _timed(timings, "report"):
         summary = analysis.summary | {"left_out": load_report["left_out"], "duplicates": load_report["duplicates"],
                                       "timings": timings, "cache": cache,
-                                      "workers": pipeline.worker_account(answers, config.generation_runner, workers),
+                                      "workers": stages.worker_account(answers, config.generation_runner, workers),
                                       "reference": {"adapter": reference_adapter(config.model),
                                                     "label": reference_label(config.model)}}
         if rewards_summary is not None:

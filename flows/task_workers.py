@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from dpo_eval.errors import DpoEvalError
-from tasks.leases import end_worker_lease, lease_name, start_worker_lease
+from dpo_eval.tasks.leases import end_worker_lease, lease_name, start_worker_lease
 
 POLL_S = 1.0
 READ_PAGE = 200
@@ -35,7 +35,7 @@ def serve_shards(limit: int = 1) -> None:
 
     from prefect.task_worker import StopTaskWorker
 
-    from tasks.evaluation import generate_answers_task, score_texts_task
+    from dpo_eval.tasks.evaluation import generate_answers_task, score_texts_task
 
     async def run() -> None:  # a TaskWorker is made inside its event loop
         await shard_worker_class()(generate_answers_task, score_texts_task, limit=limit).astart()
@@ -168,7 +168,7 @@ def run_on_workers(task, calls: list[dict], sizes: list[int], lease_s: float, st
     worker is lost is submitted again (the cache key is the same, so work already stored is not redone)."""
     from prefect import get_client
 
-    from flows.progress import stage_progress
+    from dpo_eval.flows.progress import stage_progress
 
     futures = {i: task.delay(**call, lease_s=lease_s) for i, call in enumerate(calls)}
     watches: dict = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.events import emit_event
 
-from dpo_eval.training import TrainSpec, train_dpo
+from dpo_eval.training.dpo import TrainSpec, train_dpo
 
 CHECKPOINT_EVENT = "dpo_eval.checkpoint.saved"
 

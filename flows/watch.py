@@ -28,10 +28,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from dpo_eval.config import EvalConfig, ModelSpec
-from dpo_eval.models import fingerprints
+from dpo_eval.generation.models import fingerprints
 from dpo_eval.checkpoint_meta import METADATA, read_metadata
-from dpo_eval.trend import checkpoint_step, write_trend
-from flows.evaluate import evaluate_checkpoint
+from dpo_eval.studies.trend import checkpoint_step, write_trend
+from dpo_eval.flows.evaluate import evaluate_checkpoint
 
 STATE = "evaluated.json"
 LOCK = ".watch.lock"

@@ -6,18 +6,18 @@ import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dpo_eval import pipeline
-from dpo_eval.batch_plan import halved
+from dpo_eval import stages
+from dpo_eval.generation.batch_plan import halved
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
-from dpo_eval.engines import reports_each_batch
-from tasks.leases import held_lease
+from dpo_eval.generation.engines import reports_each_batch
+from dpo_eval.tasks.leases import held_lease
 
 
 def _generation_key(context, parameters) -> str:
     """Model identity (dpo_eval.identity) x generation settings x shard content: never a run id or a path."""
     return "generate-" + "-".join([
-        parameters["key"], pipeline.spec_hash(parameters["generation"]), parameters["model"],
-        pipeline.content_hash(parameters["shard"])])
+        parameters["key"], stages.spec_hash(parameters["generation"]), parameters["model"],
+        stages.content_hash(parameters["shard"])])
 
 
 def batch_for_attempt(batch_size: int, run_count: int) -> int:
@@ -36,7 +36,7 @@ def _is_oom(task, task_run, state) -> bool:
 
 @task(name="load-pairs", cache_policy=NO_CACHE)
 def load_pairs_task(spec: DatasetSpec):
-    from dpo_eval.data import read_pairs
+    from dpo_eval.data.pairs import read_pairs
 
     table, report = read_pairs(spec)
     return table, report.to_dict()
@@ -45,7 +45,7 @@ def load_pairs_task(spec: DatasetSpec):
 @task(name="load-sources", cache_policy=NO_CACHE)
 def load_sources_task(specs: tuple[DatasetSpec, ...]):
     """The pairs of several data sets, each tagged with its source, and one load report of them all."""
-    from dpo_eval.mixing import combined_report, read_sources
+    from dpo_eval.data.mixing import combined_report, read_sources
 
     table, reports = read_sources(specs)
     return table, combined_report(reports)
@@ -55,7 +55,7 @@ def load_sources_task(specs: tuple[DatasetSpec, ...]):
 def identify_task(spec: ModelSpec):
     """The complete identity of the base and the tuned model, taken once per run."""
     from dpo_eval.identity import model_identity
-    from dpo_eval.models import check_paths
+    from dpo_eval.generation.models import check_paths
 
     check_paths(spec)
     return model_identity(spec)
@@ -72,11 +72,11 @@ def generate_answers_task(spec: ModelSpec, generation: GenerationSpec, shard: pl
 
     halvings = (task_run.run_count or 1) - 1  # a retry after an out-of-memory error: half the batch each time
     if halvings:
-        pipeline.release_models()  # and a clean slate: what the failed attempt held is given back
+        stages.release_models()  # and a clean slate: what the failed attempt held is given back
     if not reports_each_batch(generation.engine):
         stall_s = None  # no progress to watch until the shard is done
     with held_lease(lease_s, stall_s) as lease:
-        return pipeline.generate_shard(spec, generation, shard, model, key, halvings,
+        return stages.generate_shard(spec, generation, shard, model, key, halvings,
                                        on_batch=lambda n: lease.progress())
 
 
@@ -85,13 +85,13 @@ def score_texts_task(texts: pl.DataFrame, spec: ScoringSpec, lease_s: float | No
     """Scores of a shard of texts; the scoring cache makes one text scored once, ever (on a task worker,
     lease_s set, under a renewed lease)."""
     with held_lease(lease_s):
-        scores, stats = pipeline.score_frame(texts, spec)
+        scores, stats = stages.score_frame(texts, spec)
     return scores, {"hits": stats.hits, "misses": stats.misses}
 
 
 @task(name="compare-features", cache_policy=NO_CACHE)
 def compare_features_task(features: pl.DataFrame, spec: AnalysisSpec, reference: pl.DataFrame | None = None):
-    from dpo_eval.analysis import run_analysis
+    from dpo_eval.stats.analysis import run_analysis
 
     return run_analysis(features, spec, reference)
 
@@ -100,20 +100,20 @@ def _rewards_key(context, parameters) -> str:
     """Identity of both sides (pair_key: tuned and the reference; prompt template included) x beta x max_length
     x pairs content."""
     return "rewards-" + "-".join([parameters["key"], str(parameters["beta"]), str(parameters["max_length"]),
-                                  pipeline.content_hash(parameters["pairs"], ("pair_id", "split"))])
+                                  stages.content_hash(parameters["pairs"], ("pair_id", "split"))])
 
 
 @task(name="implicit-rewards", cache_key_fn=_rewards_key, persist_result=True, retries=1)
 def implicit_rewards_task(spec: ModelSpec, pairs: pl.DataFrame, beta: float, max_length: int | None,
                           key: str) -> pl.DataFrame:
-    return pipeline.compute_rewards(spec, pairs, beta, max_length, key)
+    return stages.compute_rewards(spec, pairs, beta, max_length, key)
 
 
 @task(name="analyze-sources", cache_policy=NO_CACHE)
 def analyze_sources_task(features: pl.DataFrame, pairs: pl.DataFrame, spec: AnalysisSpec,
                          rewards: pl.DataFrame | None = None) -> dict:
-    """Each data set's pairs analysed alone (dpo_eval.per_source)."""
-    from dpo_eval.per_source import per_source
+    """Each data set's pairs analysed alone (dpo_eval.studies.per_source)."""
+    from dpo_eval.studies.per_source import per_source
 
     return per_source(features, pairs, spec, rewards)
 
@@ -121,7 +121,7 @@ def analyze_sources_task(features: pl.DataFrame, pairs: pl.DataFrame, spec: Anal
 @task(name="compare-quantizations", cache_policy=NO_CACHE)
 def compare_quantizations_task(config: EvalConfig) -> dict:
     """quantization.json and the report's section, from the sub-runs of the quantization study."""
-    from dpo_eval.quant_study import write_study
+    from dpo_eval.studies.quantization import write_study
 
     return write_study(config)
 
@@ -129,4 +129,4 @@ def compare_quantizations_task(config: EvalConfig) -> dict:
 @task(name="release-models", cache_policy=NO_CACHE)
 def release_models_task() -> None:
     """Give the model's memory back before a stage that does not need it."""
-    pipeline.release_models()
+    stages.release_models()

@@ -1,4 +1,4 @@
-"""Thin Prefect tasks over the forgetting check (dpo_eval.forgetting, dpo_eval.forgetting_report).
+"""Thin Prefect tasks over the forgetting check (dpo_eval.forgetting.harness, dpo_eval.report.forgetting).
 
 No Prefect-level cache: the core caches each side's per-question results by model identity, task config,
 limit and few-shot count, so a rerun for a new checkpoint evaluates the tuned side only. A retry after an
@@ -12,10 +12,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dpo_eval import pipeline
+from dpo_eval import stages
 from dpo_eval.config import ModelSpec
-from dpo_eval.forgetting import ForgettingSpec
-from tasks.evaluation import _is_oom, batch_for_attempt
+from dpo_eval.forgetting.harness import ForgettingSpec
+from dpo_eval.tasks.evaluation import _is_oom, batch_for_attempt
 
 
 @task(name="compare-benchmarks", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30],
@@ -25,13 +25,13 @@ def compare_benchmarks_task(model: ModelSpec, spec: ForgettingSpec, out: Path) -
     forgetting.json in `out`; returns the result."""
     from prefect.runtime import task_run
 
-    from dpo_eval.forgetting import run_forgetting, write_forgetting
+    from dpo_eval.forgetting.harness import run_forgetting, write_forgetting
 
     batch = batch_for_attempt(spec.batch_size, task_run.run_count or 1)
     if batch != spec.batch_size:
-        pipeline.release_models()
+        stages.release_models()
         spec = spec.model_copy(update={"batch_size": batch})
-    pairs, result = run_forgetting(model, spec, load=pipeline.cached_model)
+    pairs, result = run_forgetting(model, spec, load=stages.cached_model)
     write_forgetting(out, pairs, result)
     return result
 
@@ -39,6 +39,6 @@ def compare_benchmarks_task(model: ModelSpec, spec: ForgettingSpec, out: Path) -
 @task(name="report-forgetting", cache_policy=NO_CACHE)
 def report_forgetting_task(out: Path, result: dict) -> Path:
     """The forgetting section (and its plot) in out's report; returns report.html."""
-    from dpo_eval.forgetting_report import write_forgetting_report
+    from dpo_eval.report.forgetting import write_forgetting_report
 
     return write_forgetting_report(out, result)

@@ -1,4 +1,4 @@
-"""Thin Prefect tasks over the judges (dpo_eval.judge, dpo_eval.reward_model, dpo_eval.judge_report).
+"""Thin Prefect tasks over the judges (dpo_eval.judges.pairwise, dpo_eval.judges.reward_model, dpo_eval.report.judge).
 
 No Prefect-level cache: both judges cache by content themselves (judgments by judge identity x messages,
 reward scores by model identity x text), so a rerun makes no call and scores nothing while still
@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dpo_eval.config import JudgeSpec
 from dpo_eval.errors import DpoEvalError
-from tasks.evaluation import batch_for_attempt
+from dpo_eval.tasks.evaluation import batch_for_attempt
 
 DEFAULT_LIMIT = "dpo-eval-judge"  # the global concurrency limit that judge API calls share by default
 
@@ -95,7 +95,7 @@ def api_slots(limit_name: str | None, spec: JudgeSpec):
       retry_condition_fn=_transient)
 def judge_answers_task(run_dir: Path, spec: JudgeSpec, limit_name: str | None = DEFAULT_LIMIT) -> dict:
     """Pairwise LLM verdicts on the run: judgments.parquet and summary.json's judge block (returned)."""
-    from dpo_eval.judge import judge_run
+    from dpo_eval.judges.pairwise import judge_run
 
     with api_slots(limit_name, spec) as bounded:
         return judge_run(run_dir, bounded)
@@ -107,7 +107,7 @@ def score_rewards_task(run_dir: Path, reward_model: str, batch_size: int = 8) ->
     """Reward-model scores as the feature reward_model, statistics re-run, summary.json's reward_model block."""
     from prefect.runtime import task_run
 
-    from dpo_eval.reward_model import reward_judge_run
+    from dpo_eval.studies.reward_scores import reward_judge_run
 
     return reward_judge_run(run_dir, reward_model, batch_size=batch_for_attempt(batch_size, task_run.run_count or 1))
 
@@ -115,6 +115,6 @@ def score_rewards_task(run_dir: Path, reward_model: str, batch_size: int = 8) ->
 @task(name="report-judgments", cache_policy=NO_CACHE)
 def report_judgments_task(run_dir: Path, timings: dict | None = None) -> dict:
     """The judge sections of the report and summary.json's judge headline; returns the summary."""
-    from dpo_eval.judge_report import write_judge_report
+    from dpo_eval.report.judge import write_judge_report
 
     return write_judge_report(run_dir, timings)

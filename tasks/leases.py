@@ -108,7 +108,7 @@ def held_lease(lease_s: float | None, stall_s: float | None = None):
         return
     from prefect.runtime import task_run
 
-    from dpo_eval.pipeline import worker_label
+    from dpo_eval.stages import worker_label
 
     held = WORKER_LEASES.get(str(task_run.id))
     if held is not None:
@@ -138,7 +138,7 @@ def _unset(task_run_id) -> None:
 def start_worker_lease(task_run_id) -> Renewal:
     """The lease of a task run this worker has just taken off the server (beat `received`, renewed every
     second until its task sets the interval); registered for the task's held_lease."""
-    from dpo_eval.pipeline import worker_label
+    from dpo_eval.stages import worker_label
 
     renewal = Renewal(_writer(task_run_id, worker_label()), RECEIVED_EVERY_S, first=RECEIVED)
     try:

@@ -13,8 +13,8 @@ import polars as pl
 import pytest
 from scipy import stats as sps
 
-from dpo_eval.analysis import AnalysisSpec, analyze, run_analysis
-from dpo_eval.stats import benjamini_hochberg, rank_biserial
+from dpo_eval.stats.analysis import AnalysisSpec, analyze, run_analysis
+from dpo_eval.stats.paired import benjamini_hochberg, rank_biserial
 
 # Hollander & Wolfe, Nonparametric Statistical Methods (2nd ed., 1999), p. 39, Example 3.1: Hamilton
 # depression scale factor IV of nine patients at the first (x) and second (y) visit. The signed-rank
@@ -289,7 +289,7 @@ def test_small_tied_samples_give_scipys_exact_permutation_p():
     wilcoxon evaluates them at once and must give scipy's very p and statistic."""
     from scipy import stats as sps
 
-    from dpo_eval.stats import wilcoxon
+    from dpo_eval.stats.paired import wilcoxon
 
     rng = np.random.default_rng(11)
     checked = 0

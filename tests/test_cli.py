@@ -12,27 +12,33 @@ import pytest
 import typer.main
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec
-from dpo_eval.training import TrainSpec
-from flows.cli import app
+from dpo_eval.training.dpo import TrainSpec
+from dpo_eval.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["evaluate", "pairs", "generate", "analyze", "diagnose", "train", "trend", "serve", "demo", "judge",
             "train-reward", "forgetting", "compare", "worker"]
-ORCHESTRATION = ("flows", "tasks", "prefect")
+# The Prefect layer: Prefect itself, the flows and tasks (installed as dpo_eval.flows and dpo_eval.tasks), and the
+# two command-line modules that register and start flows.
+ORCHESTRATION = ("prefect", "dpo_eval.flows", "dpo_eval.tasks", "dpo_eval.cli.main", "dpo_eval.cli.flow_commands")
 
 IMPORTED_AFTER = """
 import importlib, json, pkgutil, sys
-import {package}
-for info in pkgutil.walk_packages({package}.__path__, "{package}."):
-    importlib.import_module(info.name)
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0].startswith({orchestration!r}))))
+import dpo_eval
+orchestration = {orchestration!r}
+for info in pkgutil.walk_packages(dpo_eval.__path__, "dpo_eval."):
+    if info.name.startswith(orchestration) or info.name in ("dpo_eval.__main__",):
+        continue
+    if info.name.startswith("{package}"):
+        importlib.import_module(info.name)
+print(json.dumps(sorted(m for m in sys.modules if m == "prefect" or m.startswith(orchestration))))
 """
 
 
-@pytest.mark.parametrize("package", ["dpo_eval", "dpo_eval_cli"])
+@pytest.mark.parametrize("package", ["dpo_eval", "dpo_eval.cli"])
 def test_importing_every_module_imports_no_flows_tasks_or_prefect(package):
     """Neither the core nor the Prefect-free commands import the Prefect layer (the app and the flow
-    commands live in flows/)."""
+    commands live in dpo_eval.cli.main and dpo_eval.cli.flow_commands)."""
     script = IMPORTED_AFTER.format(package=package, orchestration=ORCHESTRATION)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -57,11 +63,13 @@ def test_console_script_and_package_list_name_the_cli_package():
     from setuptools import find_namespace_packages
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["dpo-eval"] == "flows.cli:main"
-    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
-    assert "dpo_eval_cli" in find_namespace_packages(str(ROOT), include=include)
+    assert project["project"]["scripts"]["dpo-eval"] == "dpo_eval.cli.main:main"
+    listed = set(project["tool"]["setuptools"]["packages"])
+    on_disk = {"dpo_eval." + p for p in find_namespace_packages(str(ROOT / "dpo_eval"), exclude=["*.__pycache__"])}
+    assert on_disk | {"dpo_eval", "dpo_eval.flows", "dpo_eval.tasks"} == listed, "a folder of dpo_eval is not packaged"
+    assert project["tool"]["setuptools"]["package-dir"] == {"dpo_eval.flows": "flows", "dpo_eval.tasks": "tasks"}
     installed = entry_points(group="console_scripts", name="dpo-eval")
-    assert [e.value for e in installed] == ["flows.cli:main"], "reinstall: pip install --no-deps -e ."
+    assert [e.value for e in installed] == ["dpo_eval.cli.main:main"], "reinstall: pip install --no-deps -e ."
 
 
 def _params(command: str) -> dict:

@@ -15,17 +15,18 @@ import pytest
 
 from tests.builders import make_adapter
 
-# Runs the CLI's main in this process, then says how it ended and whether Prefect or flows/ got imported.
+# Runs the CLI's main in this process, then says how it ended and whether Prefect, flows/ or tasks/ got imported.
 RUN_MAIN = """
 import json, sys
-from flows.cli import main
+from dpo_eval.cli.main import main
 try:
     main(sys.argv[1:])
     code = 0
 except SystemExit as exc:
     code = exc.code
-cli = {"flows", "flows.cli", "flows.commands"}  # the command line itself; the flow modules import prefect
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("prefect", "flows", "tasks") and m not in cli)
+orchestration = ("dpo_eval.flows", "dpo_eval.tasks")  # the flow and task modules import prefect
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "prefect" or m.split(".")[:2] in
+                ([*o.split(".")] for o in orchestration))
 print(json.dumps({"code": code, "orchestration_modules": loaded}))
 sys.exit(code)
 """

@@ -9,7 +9,7 @@ import polars as pl
 import polars.testing
 import pytest
 
-from dpo_eval.compare import compare_runs
+from dpo_eval.studies.compare import compare_runs
 from dpo_eval.config import AnalysisSpec, DatasetSpec, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import DpoEvalError
 from tests.builders import make_adapter
@@ -20,21 +20,21 @@ SPEC = AnalysisSpec(bootstrap=100, permutations=100)
 def build_run(out, stories, adapter, orca, limit, cache, reference=None):
     """A run directory through the core stages (no Prefect): pairs, answers, features, stats, summary;
     `reference`: the reference adapter that makes the run's 'base' side."""
-    from dpo_eval import pipeline
-    from dpo_eval.analysis import run_analysis
-    from dpo_eval.data import read_pairs
-    from dpo_eval.generation import generate_both
-    from dpo_eval.models import load_model
-    from dpo_eval.report import write_outputs
+    from dpo_eval import stages
+    from dpo_eval.stats.analysis import run_analysis
+    from dpo_eval.data.pairs import read_pairs
+    from dpo_eval.generation.generate import generate_both
+    from dpo_eval.generation.models import load_model
+    from dpo_eval.report.page import write_outputs
 
     pairs = read_pairs(DatasetSpec(source=str(orca), limit=limit))[0]
     loaded = load_model(ModelSpec(base=str(stories), adapter=str(adapter), quantization="4bit",
                                   reference_adapter=str(reference) if reference else None))
     answers = generate_both(loaded, pairs, GenerationSpec(max_new_tokens=10, batch_size=8))
-    pipeline.release_models()
-    texts = pipeline.texts_of(pairs, answers)
-    scores, _ = pipeline.score_frame(texts, ScoringSpec(cache_dir=cache, n_process=1))
-    features = pipeline.features_table(texts, scores)
+    stages.release_models()
+    texts = stages.texts_of(pairs, answers)
+    scores, _ = stages.score_frame(texts, ScoringSpec(cache_dir=cache, n_process=1))
+    features = stages.features_table(texts, scores)
     out.mkdir(parents=True)
     pairs.write_parquet(out / "pairs.parquet")
     answers.write_parquet(out / "answers.parquet")
@@ -117,8 +117,8 @@ def test_a_comparison_can_be_judged_b_against_a(runs, stories260k, tmp_path):
     """compare writes A's side as 'base' and B's as 'tuned' answers of the matched pairs: the judge (a real
     local HF judge on stories260k) judges B against A there."""
     from dpo_eval.config import JudgeSpec
-    from dpo_eval.judge import judge_run
-    from dpo_eval.judge_report import write_judge_report
+    from dpo_eval.judges.pairwise import judge_run
+    from dpo_eval.report.judge import write_judge_report
 
     out = tmp_path / "ab"
     summary = compare_runs(runs["a"], f"{runs['b']}:base", out)

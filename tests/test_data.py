@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from dpo_eval.config import DatasetSpec
-from dpo_eval.data import PAIR_COLUMNS, hash_split, load_pairs, pair_id, read_pairs
+from dpo_eval.data.pairs import PAIR_COLUMNS, hash_split, load_pairs, pair_id, read_pairs
 from dpo_eval.errors import DpoEvalError
 
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from dpo_eval.config import DatasetSpec, ModelSpec
-from dpo_eval.data import read_pairs
-from dpo_eval.diagnostics import _batch, _load, _logits, compare_logits, diagnose
+from dpo_eval.data.pairs import read_pairs
+from dpo_eval.studies.diagnostics import _batch, _load, _logits, compare_logits, diagnose
 from dpo_eval.errors import DpoEvalError
 from tests.builders import make_adapter, tiny_mistral
 
@@ -59,8 +59,8 @@ def test_two_full_precision_loads_have_zero_kl(stories260k, pairs):
 
 
 def test_template_rejecting_system_role_is_reported(stories260k, pairs, tmp_path):
-    from dpo_eval.diagnostics import tokenizer_checks
-    from dpo_eval.models import load_model
+    from dpo_eval.studies.diagnostics import tokenizer_checks
+    from dpo_eval.generation.models import load_model
 
     mistral = tiny_mistral(tmp_path / "tiny-mistral", stories260k)
     loaded = load_model(ModelSpec(base=str(mistral), quantization="none"))
@@ -90,7 +90,7 @@ def test_checks_hold_one_model_at_a_time(stories260k, adapter, pairs, monkeypatc
     import gc
     import weakref
 
-    from dpo_eval import diagnostics
+    from dpo_eval.studies import diagnostics
 
     live, alive_at_load = [], []
     real = diagnostics._load

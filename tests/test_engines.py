@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_eval.batch_plan import (ModelShape, halved, kv_bytes_per_token, model_shape, plan_batch_size,
+from dpo_eval.generation.batch_plan import (ModelShape, halved, kv_bytes_per_token, model_shape, plan_batch_size,
                                  resolve_batch_size, sequence_bytes)
 from dpo_eval.config import DatasetSpec, GenerationSpec, ModelSpec
-from dpo_eval.data import read_pairs
+from dpo_eval.data.pairs import read_pairs
 from dpo_eval.errors import DpoEvalError
 from tests.builders import make_adapter
 
@@ -32,7 +32,7 @@ def _spec(stories260k, adapter, quantization="4bit"):
 
 
 def _answers(loaded, pairs, engine="hf", merge=False):
-    from dpo_eval.generation import generate_both
+    from dpo_eval.generation.generate import generate_both
 
     frame = generate_both(loaded, pairs, GenerationSpec(max_new_tokens=TOKENS, batch_size=8, engine=engine,
                                                         merge=merge))
@@ -47,8 +47,8 @@ def _same(a, b) -> int:
 def generated(stories260k, adapter, pairs):
     """Logits (tuned and base, on the chosen answers) and greedy answers of the 4-bit hf engine, the
     dequantized engine and the full-precision model; one load each."""
-    from dpo_eval.diagnostics import _batch, _logits
-    from dpo_eval.models import load_model
+    from dpo_eval.studies.diagnostics import _batch, _logits
+    from dpo_eval.generation.models import load_model
 
     out = {}
     for name, quantization, engine in (("hf", "4bit", "hf"), ("dequantized", "4bit", "dequantized"),
@@ -63,7 +63,7 @@ def generated(stories260k, adapter, pairs):
 
 
 def test_dequantized_engine_agrees_with_nf4_far_more_than_full_precision(generated, record_property):
-    from dpo_eval.diagnostics import compare_logits
+    from dpo_eval.studies.diagnostics import compare_logits
 
     nf4, batch = generated["hf"], generated["hf"]["batch"]
     for side in ("tuned", "base"):
@@ -84,8 +84,8 @@ def test_merged_into_dequantized_equals_unmerged(stories260k, adapter, pairs, ge
     """Merged tuned logits within 1e-4 of the unmerged adapter's (float32); base weights restored exactly."""
     import torch
 
-    from dpo_eval.diagnostics import _logits, compare_logits
-    from dpo_eval.models import load_model
+    from dpo_eval.studies.diagnostics import _logits, compare_logits
+    from dpo_eval.generation.models import load_model
 
     reference, batch = generated["dequantized"], generated["dequantized"]["batch"]
     merged = load_model(_spec(stories260k, adapter), engine="dequantized", merge=True)
@@ -109,9 +109,9 @@ def test_merged_into_dequantized_equals_unmerged(stories260k, adapter, pairs, ge
 
 
 def test_continuous_batching_engine_with_adapter_and_disabled_adapter(stories260k, adapter, pairs):
-    from dpo_eval.models import load_model
+    from dpo_eval.generation.models import load_model
 
-    from dpo_eval.generation import generate_both
+    from dpo_eval.generation.generate import generate_both
 
     loaded = load_model(_spec(stories260k, adapter), engine="continuous")
     few = pairs.head(4)  # continuous batching's scheduler thread is slow on the CPU: a few short answers
@@ -128,8 +128,8 @@ def test_continuous_batching_engine_with_adapter_and_disabled_adapter(stories260
 def test_engine_is_part_of_the_generation_key_and_of_the_model_cache(stories260k, adapter, pairs):
     import bitsandbytes as bnb
 
-    from dpo_eval import pipeline
-    from tasks.evaluation import _generation_key
+    from dpo_eval import stages
+    from dpo_eval.tasks.evaluation import _generation_key
 
     params = {"key": "k", "model": "tuned", "shard": pairs}
     keys = {engine: _generation_key(None, params | {"generation": GenerationSpec(engine=engine)})
@@ -138,24 +138,24 @@ def test_engine_is_part_of_the_generation_key_and_of_the_model_cache(stories260k
     assert len(set(keys.values())) == 4
     spec = _spec(stories260k, adapter)
     try:
-        four = pipeline.cached_model(spec, engine="hf")
+        four = stages.cached_model(spec, engine="hf")
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in four.model.modules())
-        dequantized = pipeline.cached_model(spec, engine="dequantized")
+        dequantized = stages.cached_model(spec, engine="dequantized")
         assert dequantized is not four and dequantized.engine == "dequantized"
         assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dequantized.model.modules())
-        assert pipeline.cached_model(spec, engine="dequantized") is dequantized
-        identity = pipeline.model_identity(spec)
+        assert stages.cached_model(spec, engine="dequantized") is dequantized
+        identity = stages.model_identity(spec)
         gen = GenerationSpec(max_new_tokens=4, engine="dequantized", batch_size=4)
-        answers, _ = pipeline.generate_shard(spec, gen, pairs.head(2), "tuned", identity.tuned_key, halvings=3)
-        assert answers.height == 2 and pipeline.cached_model(spec, engine="dequantized") is dequantized
+        answers, _ = stages.generate_shard(spec, gen, pairs.head(2), "tuned", identity.tuned_key, halvings=3)
+        assert answers.height == 2 and stages.cached_model(spec, engine="dequantized") is dequantized
     finally:
-        pipeline.release_models()
+        stages.release_models()
 
 
 def test_engine_settings_that_cannot_work_are_errors(stories260k, adapter):
     from pydantic import ValidationError
 
-    from dpo_eval.engines import check_engine
+    from dpo_eval.generation.engines import check_engine
 
     with pytest.raises(ValidationError, match="merge needs the dequantized"):
         GenerationSpec(merge=True)
@@ -208,7 +208,7 @@ def test_cli_generate_with_the_dequantized_engine_merged(stories260k, adapter, o
     import polars as pl
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from dpo_eval.cli.main import app
 
     out = tmp_path / "answers.parquet"
     result = CliRunner().invoke(app, ["generate", "--base", str(stories260k), "--adapter", str(adapter), "--dataset",

@@ -1,5 +1,5 @@
-from dpo_eval.features import FAMILIES, FAMILY_OF
-from dpo_eval.scoring import feature_families
+from dpo_eval.scoring.features import FAMILIES, FAMILY_OF
+from dpo_eval.scoring.scorer import feature_families
 
 
 def test_static_families_match_textdescriptives():

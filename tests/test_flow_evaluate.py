@@ -39,8 +39,8 @@ def storage(tmp_path):
 
 
 def n_shards(orca, limit: int, shard_size: int) -> int:
-    from dpo_eval.data import read_pairs
-    from dpo_eval.pipeline import shard_pairs
+    from dpo_eval.data.pairs import read_pairs
+    from dpo_eval.stages import shard_pairs
 
     return len(shard_pairs(read_pairs(DatasetSpec(source=str(orca), limit=limit))[0], shard_size))
 
@@ -56,7 +56,7 @@ def test_flow_writes_the_run_directory_and_artifacts(harness, storage, adapters,
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.evaluate import evaluate_checkpoint
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     out = storage / "run"
     summary = evaluate_checkpoint(config(orca_jsonl, stories260k, adapters["a"], out, storage / "scores"))
@@ -91,7 +91,7 @@ def test_flow_writes_the_run_directory_and_artifacts(harness, storage, adapters,
 
 
 def test_caching_consequences(harness, storage, adapters, orca_jsonl, stories260k):
-    from flows.evaluate import evaluate_checkpoint
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     cache = storage / "scores"
     first = evaluate_checkpoint(config(orca_jsonl, stories260k, adapters["a"], storage / "r1", cache))
@@ -158,7 +158,7 @@ def test_sigkill_mid_run_resumes_from_finished_shards(tmp_path, adapters, orca_j
 
 
 def test_dask_runner_gives_the_same_features(harness, storage, adapters, orca_jsonl, stories260k):
-    from flows.evaluate import evaluate_checkpoint
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     base = config(orca_jsonl, stories260k, adapters["a"], storage / "local", storage / "scores-local")
     evaluate_checkpoint(base)
@@ -174,7 +174,7 @@ def test_retry_condition_and_batch_halving():
     import torch
     from prefect.states import Completed, Failed
 
-    from tasks.evaluation import _is_oom, batch_for_attempt
+    from dpo_eval.tasks.evaluation import _is_oom, batch_for_attempt
 
     oom = Failed(data=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert _is_oom(None, None, oom)
@@ -199,9 +199,9 @@ def test_generation_cache_follows_the_model_identity(harness, storage, orca_json
     rewritten at the same path misses for tuned only and generates with the new weights."""
     import shutil
 
-    from dpo_eval.generation import generate_both
-    from dpo_eval.models import load_model
-    from flows.evaluate import evaluate_checkpoint
+    from dpo_eval.generation.generate import generate_both
+    from dpo_eval.generation.models import load_model
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     cache = storage / "scores"
     first, second = shutil.copytree(stories260k, storage / "m1"), shutil.copytree(stories260k, storage / "m2")
@@ -236,7 +236,7 @@ def test_out_of_memory_retry_halves_the_batch_and_gives_the_same_answers(harness
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.evaluate import evaluate_checkpoint
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     adapter = make_adapter(stories260k, storage / "adapter", zero=False, seed=6)
     budget = 5 * 512  # stories260k's context is 512: 8 x (longest prompt + 6 new) > 2560 >= 4 x 512

@@ -17,7 +17,7 @@ import pytest
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, JudgeSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.judge_report import position_sentence, trust_sentence, write_judge_report
+from dpo_eval.report.judge import position_sentence, trust_sentence, write_judge_report
 from tests.builders import make_adapter
 from tests.test_judge_api import judge_server  # noqa: F401 - the session's transformers serve, as a fixture
 
@@ -47,7 +47,7 @@ def planted_run(folder: Path) -> Path:
     """A run directory of 24 pairs judged by a planted judge: tuned wins 18 and loses 6 (both orders agree),
     chosen is preferred on every other pair only (agreement 0.5: no better than chance); one tuned answer
     holds markup."""
-    from dpo_eval.judge_stats import judge_summary
+    from dpo_eval.judges.statistics import judge_summary
 
     folder.mkdir()
     ids = [f"p{i:02d}" for i in range(24)]
@@ -135,7 +135,7 @@ def storage(harness, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory, stories260k, orca_jsonl) -> Path:
     """A tiny reward model: trl RewardTrainer, stories260k backbone, orca train pairs, a few steps."""
-    from dpo_eval.reward_training import train_reward_model
+    from dpo_eval.training.reward import train_reward_model
 
     out = tmp_path_factory.mktemp("reward-model")
     train_reward_model(stories260k, orca_jsonl, out, steps=8, batch_size=8, learning_rate=1e-3, max_length=64)
@@ -180,7 +180,7 @@ def summary_artifact(flow_run_id) -> str:
 @pytest.fixture(scope="module")
 def evaluated(storage, shared_limit, reward_model, judge_server, stories260k, orca_jsonl):  # noqa: F811
     """evaluate_checkpoint with a reward model and an LLM judge on 8 pairs: (run dir, summary, artifact text)."""
-    from flows.evaluate import evaluate_checkpoint
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     adapter = make_adapter(stories260k, storage / "adapter", zero=False, seed=1)
     config = EvalConfig(dataset=DatasetSpec(source=str(orca_jsonl), limit=8),
@@ -259,7 +259,7 @@ def copy_run(run: Path, folder: Path) -> Path:
 
 def test_judge_run_adds_verdicts_stops_at_its_budget_resumes_and_a_rerun_makes_no_call(evaluated, judge_server,  # noqa: F811
                                                                                        tmp_path):
-    from flows.judge import judge_existing_run
+    from dpo_eval.flows.judge import judge_existing_run
 
     run = copy_run(evaluated[0], tmp_path / "run")
     answers_before = (run / "answers.parquet").read_bytes()
@@ -299,7 +299,7 @@ def test_judge_run_adds_verdicts_stops_at_its_budget_resumes_and_a_rerun_makes_n
 
 
 def test_judge_run_needs_a_judge():
-    from flows.judge import judge_existing_run
+    from dpo_eval.flows.judge import judge_existing_run
 
     with pytest.raises(DpoEvalError, match="give a judge"):
         judge_existing_run.fn(Path("nowhere"))
@@ -308,7 +308,7 @@ def test_judge_run_needs_a_judge():
 # ---------------------------------------------------------------- the global concurrency limit
 
 def test_judge_calls_hold_slots_of_the_shared_global_limit(shared_limit):
-    from tasks.judging import api_slots
+    from dpo_eval.tasks.judging import api_slots
 
     spec = JudgeSpec(model="m", base_url="http://127.0.0.1:1/v1", concurrency=4)
     with api_slots(shared_limit, spec) as bounded:
@@ -325,7 +325,7 @@ def test_judge_calls_hold_slots_of_the_shared_global_limit(shared_limit):
 
 
 def test_a_second_run_waits_for_the_slots_the_first_holds(shared_limit):
-    from tasks.judging import api_slots
+    from dpo_eval.tasks.judging import api_slots
 
     spec = JudgeSpec(model="m", base_url="http://127.0.0.1:1/v1", concurrency=2)
     times, holding = {}, threading.Event()

@@ -13,10 +13,10 @@ import polars as pl
 import pytest
 from scipy import stats as sps
 
-from dpo_eval import forgetting
+from dpo_eval.forgetting.harness import harness as forgetting
 from dpo_eval.config import ModelSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.forgetting import (ForgettingSpec, correctness, load_tasks, mcnemar_exact, newcombe_paired_ci,
+from dpo_eval.forgetting.harness import (ForgettingSpec, correctness, load_tasks, mcnemar_exact, newcombe_paired_ci,
                                  paired_summary, run_forgetting, summarize)
 from tests.builders import make_adapter
 
@@ -137,9 +137,9 @@ def test_task_config_hash_follows_the_data_file_content_not_its_path(first, tmp_
 
 
 def test_cli_writes_the_files_and_names_the_task_that_failed(stories260k, adapters, tmp_path, monkeypatch, capsys):
-    """Through flows.cli's main, from another working directory (the task's data file still resolves
+    """Through dpo_eval.cli.main's main, from another working directory (the task's data file still resolves
     against its YAML), with --limit."""
-    from flows.cli import main
+    from dpo_eval.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
@@ -167,7 +167,7 @@ def test_forgetting_check_flow(harness, stories260k, adapters, first, tmp_path):
     """The flow under a real Prefect API: the cached sides are reused, the files and the artifact written."""
     from prefect.client.orchestration import get_client
 
-    from flows.forgetting import forgetting_check
+    from dpo_eval.flows.forgetting import forgetting_check
 
     before = len(forgetting.EVALUATIONS)
     out = tmp_path / "flow"
@@ -189,7 +189,7 @@ def test_evaluate_runs_the_forgetting_stage_into_its_own_report(harness, stories
     from prefect.client.orchestration import get_client
 
     from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ScoringSpec
-    from flows.evaluate import evaluate_checkpoint
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     before = len(forgetting.EVALUATIONS)
     out = tmp_path / "run"

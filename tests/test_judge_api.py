@@ -1,4 +1,4 @@
-"""The pairwise LLM judge over an OpenAI-compatible API (dpo_eval.judge, judge_api, judge_prompt).
+"""The pairwise LLM judge over an OpenAI-compatible API (dpo_eval.judges.pairwise, judge_api, judge_prompt).
 
 Offline parts on plain data (verdict parsing, p_first from logprobs, cutting, templates, the key), then the
 real path: `transformers serve` on 127.0.0.1 serving a copy of stories260k with a chat template the test
@@ -32,9 +32,9 @@ from pydantic import ValidationError
 
 from dpo_eval.config import JudgeSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.judge import SCHEMA, judge_run
-from dpo_eval.judge_api import LOCAL_PLACEHOLDER_KEY, api_key, judge_id, judge_identity
-from dpo_eval.judge_prompt import CUT_MARK, load_template, p_first, parse_verdict, prompt_chars, render
+from dpo_eval.judges.pairwise import SCHEMA, judge_run
+from dpo_eval.judges.api import LOCAL_PLACEHOLDER_KEY, api_key, judge_id, judge_identity
+from dpo_eval.judges.prompt import CUT_MARK, load_template, p_first, parse_verdict, prompt_chars, render
 from tests.conftest import shared_path
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -217,7 +217,7 @@ def clean_run(judge_server, tmp_path_factory) -> Path:
 
 def run_cli(argv: list[str]) -> None:
     """`dpo-eval ARGV` in this process (its logs reach caplog); click ends a good run with exit code 0."""
-    from flows.cli import main
+    from dpo_eval.cli.main import main
 
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -1,4 +1,4 @@
-"""The local HF judge (issue 12, judge kind 3: dpo_eval.judge_hf through dpo_eval.judge.judge_run and the CLI).
+"""The local HF judge (issue 12, judge kind 3: dpo_eval.judges.local through dpo_eval.judges.pairwise.judge_run and the CLI).
 
 stories260k judges a tiny run directory (the API judge's test run, tests.test_judge_api.make_run) in this
 process, in float32 and in 4-bit: every verdict comes from the next-token log-probabilities of the labels
@@ -22,10 +22,10 @@ from pydantic import ValidationError
 
 from dpo_eval.config import JudgeSpec, ModelSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.judge import SCHEMA, judge_run
-from dpo_eval.judge_hf import verdict_of
-from dpo_eval.judge_prompt import load_template, parse_verdict, render
-from dpo_eval.prompts import PLAIN_TEMPLATE
+from dpo_eval.judges.pairwise import SCHEMA, judge_run
+from dpo_eval.judges.local import verdict_of
+from dpo_eval.judges.prompt import load_template, parse_verdict, render
+from dpo_eval.generation.prompts import PLAIN_TEMPLATE
 from tests.builders import copy_model
 from tests.test_judge_api import CHAT_TEMPLATE, PAIRS, make_run, run_cli
 
@@ -110,7 +110,7 @@ def test_cli_hf_judge_float32_matches_direct_logits_and_a_rerun_is_all_cache(sto
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import dpo_eval.judge_hf as judge_hf
+    import dpo_eval.judges.local as judge_hf
 
     monkeypatch.setenv("DPO_EVAL_CACHE", str(tmp_path / "cache"))
     run = make_run(tmp_path / "run")
@@ -152,7 +152,7 @@ def test_cli_hf_judge_float32_matches_direct_logits_and_a_rerun_is_all_cache(sto
 
 
 def test_hf_judge_4bit_is_another_judge_and_matches_its_own_logits(stories260k, tmp_path):
-    from dpo_eval.models import load_model
+    from dpo_eval.generation.models import load_model
 
     run = make_run(tmp_path / "run")
     full = judge_run(run, spec_for(stories260k, tmp_path / "cache"))
@@ -234,7 +234,7 @@ def test_spec_and_cli_keep_the_kinds_apart(stories260k, tmp_path):
     with pytest.raises(ValidationError, match="base_url applies to the openai judge"):
         JudgeSpec(kind="hf", model="m", base_url="http://127.0.0.1:1/v1")
     run = make_run(tmp_path / "run")
-    from flows.cli import main
+    from dpo_eval.cli.main import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["judge", str(run), "--judge", "openai", "--judge-model", "m", "--quantization", "4bit"])

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as sps
 
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.judge_stats import (bootstrap_ci, combine_orders, judge_rng, judge_summary, lc_win_rate,
+from dpo_eval.judges.statistics import (bootstrap_ci, combine_orders, judge_rng, judge_summary, lc_win_rate,
                                   position_consistency)
 
 ROLES = {"tuned_vs_base": ("tuned", "base"), "chosen_vs_rejected": ("chosen", "rejected")}

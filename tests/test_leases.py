@@ -12,8 +12,8 @@ import pytest
 from prefect import task
 from prefect.task_worker import StopTaskWorker
 
-from flows.task_workers import _leases, _lost, _Watch, run_on_workers, shard_worker_class
-from tasks.leases import RECEIVED, WORKER_LEASES, Renewal, end_worker_lease, held_lease, lease_name, start_worker_lease
+from dpo_eval.flows.task_workers import _leases, _lost, _Watch, run_on_workers, shard_worker_class
+from dpo_eval.tasks.leases import RECEIVED, WORKER_LEASES, Renewal, end_worker_lease, held_lease, lease_name, start_worker_lease
 from tests.prefect_server import context_thread
 
 

@@ -7,11 +7,11 @@ import polars as pl
 import pytest
 
 from dpo_eval.config import DatasetSpec, ModelSpec
-from dpo_eval.data import read_pairs
+from dpo_eval.data.pairs import read_pairs
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.logprobs import encode_pair, implicit_rewards, reward_summary
-from dpo_eval.models import load_model
-from dpo_eval.training import TrainSpec, build_trainer, trl_dataset
+from dpo_eval.generation.logprobs import encode_pair, implicit_rewards, reward_summary
+from dpo_eval.generation.models import load_model
+from dpo_eval.training.dpo import TrainSpec, build_trainer, trl_dataset
 from tests.builders import make_adapter
 
 
@@ -56,7 +56,7 @@ def test_implicit_rewards_need_an_adapter(stories260k, orca_jsonl):
 
 
 def test_sft_weight_adds_trl_sft_loss(stories260k, tmp_path):
-    from dpo_eval.demo import write_demo_dataset
+    from dpo_eval.data.demo import write_demo_dataset
 
     data = write_demo_dataset(tmp_path / "pairs.jsonl", n=16)
     spec = TrainSpec(base=str(stories260k), dataset=DatasetSpec(source=str(data)), out=tmp_path / "t", steps=1,
@@ -72,7 +72,7 @@ def test_sft_weight_adds_trl_sft_loss(stories260k, tmp_path):
 def test_chunked_token_logprobs_equal_the_whole_batch_log_softmax():
     import torch
 
-    from dpo_eval.logprobs import token_logprobs
+    from dpo_eval.generation.logprobs import token_logprobs
 
     torch.manual_seed(0)
     logits = torch.randn(5, 7, 33, dtype=torch.bfloat16)

@@ -11,7 +11,7 @@ import pytest
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.mixing import mix_train, read_sources
+from dpo_eval.data.mixing import mix_train, read_sources
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_a_pair_in_two_sources_is_kept_once_and_bad_mixes_are_named(two_sources,
 
 
 def test_train_cli_names_a_weights_mismatch(two_sources, stories260k, tmp_path, capsys):
-    from flows.cli import main
+    from dpo_eval.cli.main import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--base", str(stories260k), "--dataset", two_sources[0].source, "--dataset",
@@ -65,7 +65,7 @@ def test_train_cli_names_a_weights_mismatch(two_sources, stories260k, tmp_path, 
 
 @pytest.fixture(scope="module")
 def mixed_checkpoint(tmp_path_factory, stories260k, two_sources):
-    from dpo_eval.training import TrainSpec, train_dpo
+    from dpo_eval.training.dpo import TrainSpec, train_dpo
 
     root = tmp_path_factory.mktemp("mixed")
     spec = TrainSpec(base=str(stories260k), dataset=two_sources[0], extra_datasets=two_sources[1:], out=root / "ckpt",
@@ -88,7 +88,7 @@ def test_checkpoint_metadata_records_each_pairs_source(mixed_checkpoint, two_sou
 
 
 def test_evaluate_reports_per_source(harness, mixed_checkpoint, two_sources, stories260k, tmp_path):
-    from flows.evaluate import evaluate_checkpoint
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     small = tuple(spec.model_copy(update={"limit": 6}) for spec in two_sources)
     config = EvalConfig(dataset=small[0], extra_datasets=small[1:],

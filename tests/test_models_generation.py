@@ -10,11 +10,11 @@ import polars as pl
 import pytest
 
 from dpo_eval.config import GenerationSpec, ModelSpec
-from dpo_eval.data import load_pairs
+from dpo_eval.data.pairs import load_pairs
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.generation import encode_prompts, generate_answers, generate_both
-from dpo_eval.models import load_model
-from dpo_eval.prompts import PromptFormatter
+from dpo_eval.generation.generate import encode_prompts, generate_answers, generate_both
+from dpo_eval.generation.models import load_model
+from dpo_eval.generation.prompts import PromptFormatter
 from tests.builders import make_adapter, tiny_mistral
 
 GEN = GenerationSpec(max_new_tokens=12, batch_size=4)

@@ -7,11 +7,11 @@ import shutil
 
 import polars as pl
 
-from dpo_eval import pipeline
+from dpo_eval import stages
 from dpo_eval.config import GenerationSpec, ModelSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.generation import generate_both
-from dpo_eval.models import load_model
+from dpo_eval.generation.generate import generate_both
+from dpo_eval.generation.models import load_model
 from tests.builders import make_adapter
 
 
@@ -24,23 +24,23 @@ def pairs_of(n: int, start: int = 0) -> pl.DataFrame:
 
 def test_shards_cover_every_pair_once_and_stay_near_the_size():
     pairs = pairs_of(1000)
-    shards = pipeline.shard_pairs(pairs, 64)
+    shards = stages.shard_pairs(pairs, 64)
     ids = [p for s in shards for p in s["pair_id"].to_list()]
     assert sorted(ids) == sorted(pairs["pair_id"].to_list())
     assert len(shards) == 16  # 1000 / 64 = 15.6 -> the next power of two
     assert all(10 < s.height < 130 for s in shards)
-    assert pipeline.shard_pairs(pairs.head(0), 64) == []
-    assert len(pipeline.shard_pairs(pairs.head(3), 64)) == 1
+    assert stages.shard_pairs(pairs.head(0), 64) == []
+    assert len(stages.shard_pairs(pairs.head(3), 64)) == 1
 
 
 def test_adding_a_record_changes_one_shard_only():
     pairs = pairs_of(1000)
-    before = {pipeline.content_hash(s) for s in pipeline.shard_pairs(pairs, 64)}
-    after = {pipeline.content_hash(s) for s in pipeline.shard_pairs(pl.concat([pairs, pairs_of(1, 5000)]), 64)}
+    before = {stages.content_hash(s) for s in stages.shard_pairs(pairs, 64)}
+    after = {stages.content_hash(s) for s in stages.shard_pairs(pl.concat([pairs, pairs_of(1, 5000)]), 64)}
     assert len(after - before) == 1 and len(before - after) == 1
     # consecutive slicing, as before: every shard after the insertion point would have moved
     shifted = pl.concat([pairs_of(1, 5000), pairs])
-    assert len({pipeline.content_hash(s) for s in pipeline.shard_pairs(shifted, 64)} - before) == 1
+    assert len({stages.content_hash(s) for s in stages.shard_pairs(shifted, 64)} - before) == 1
 
 
 def test_a_checkpoint_rewritten_at_the_same_path_is_loaded_again(stories260k, tmp_path):
@@ -51,20 +51,20 @@ def test_a_checkpoint_rewritten_at_the_same_path_is_loaded_again(stories260k, tm
                      compute_dtype="float32")
     gen = GenerationSpec(max_new_tokens=10)
     make_adapter(stories260k, tmp_path / "latest", zero=False, seed=1)
-    first_key = pipeline.model_identity(spec).tuned_key
-    first, _ = pipeline.generate_shard(spec, gen, story_pairs(), "tuned", first_key)
+    first_key = stages.model_identity(spec).tuned_key
+    first, _ = stages.generate_shard(spec, gen, story_pairs(), "tuned", first_key)
     shutil.rmtree(tmp_path / "latest")
     make_adapter(stories260k, tmp_path / "latest", zero=False, seed=2)
     # the run that identified the old files must not store new answers under the old key
     try:
-        pipeline.generate_shard(spec, gen, story_pairs(), "tuned", first_key)
+        stages.generate_shard(spec, gen, story_pairs(), "tuned", first_key)
         raise AssertionError("generated under a stale identity key")
     except DpoEvalError as exc:
         assert "changed since this run identified them" in str(exc)
-    second_key = pipeline.model_identity(spec).tuned_key
-    second, _ = pipeline.generate_shard(spec, gen, story_pairs(), "tuned", second_key)
+    second_key = stages.model_identity(spec).tuned_key
+    second, _ = stages.generate_shard(spec, gen, story_pairs(), "tuned", second_key)
     fresh = generate_both(load_model(spec), story_pairs(), gen, models=("tuned",))
-    assert second["worker"].unique().to_list() == [pipeline.worker_label()]  # made in this process
+    assert second["worker"].unique().to_list() == [stages.worker_label()]  # made in this process
     second = second.drop("worker")
     assert second_key != first_key and second.equals(fresh) and not second.equals(first.drop("worker"))
-    pipeline.release_models()
+    stages.release_models()

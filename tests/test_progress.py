@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import polars as pl
-import pytest
 
 from dpo_eval.progress import StageProgress, terminal
 from tests.builders import make_adapter

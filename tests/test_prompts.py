@@ -6,7 +6,7 @@ import jinja2
 import pytest
 
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.prompts import PLAIN_TEMPLATE, PromptFormatter, compile_prompt_template
+from dpo_eval.generation.prompts import PLAIN_TEMPLATE, PromptFormatter, compile_prompt_template
 from tests.builders import MISTRAL_LIKE_TEMPLATE
 
 USER = [{"role": "user", "content": "Tell me a story."}]

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
-from dpo_eval.quant_study import identical_answers, reward_shift
+from dpo_eval.studies.quantization import identical_answers, reward_shift
 from tests.builders import make_adapter
 
 N = 8
@@ -17,8 +17,8 @@ N = 8
 
 @pytest.fixture(scope="module")
 def study(harness, tmp_path_factory, stories260k):
-    from dpo_eval.demo import write_demo_dataset
-    from flows.evaluate import evaluate_checkpoint
+    from dpo_eval.data.demo import write_demo_dataset
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     root = tmp_path_factory.mktemp("quant")
     adapter = make_adapter(stories260k, root / "adapter", zero=False, seed=3)
@@ -71,7 +71,7 @@ def test_none_against_none_is_identical(study):
 
 
 def test_a_setting_given_twice_is_named(tmp_path, capsys, stories260k, orca_jsonl):
-    from flows.cli import main
+    from dpo_eval.cli.main import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--base", str(stories260k), "--adapter", str(tmp_path), "--dataset", str(orca_jsonl),

@@ -15,14 +15,14 @@ import polars as pl
 import pytest
 
 from dpo_eval.config import DatasetSpec, GenerationSpec, ModelSpec
-from dpo_eval.data import read_pairs
+from dpo_eval.data.pairs import read_pairs
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.generation import generate_both
+from dpo_eval.generation.generate import generate_both
 from dpo_eval.identity import model_identity
-from dpo_eval.logprobs import encode_pair, implicit_rewards, reward_summary
-from dpo_eval.models import load_model
+from dpo_eval.generation.logprobs import encode_pair, implicit_rewards, reward_summary
+from dpo_eval.generation.models import load_model
 from dpo_eval.preflight import check_model
-from dpo_eval.training import METADATA, TrainSpec, build_trainer, trl_dataset
+from dpo_eval.training.dpo import METADATA, TrainSpec, build_trainer, trl_dataset
 from tests.builders import make_adapter, tiny_mistral
 
 BETA = 0.2
@@ -35,7 +35,7 @@ def train_sft_adapter(base: Path, pairs: pl.DataFrame, folder: Path) -> Path:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from dpo_eval.models import load_tokenizer
+    from dpo_eval.generation.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelSpec(base=str(base)), [])
     tokenizer.padding_side = "right"
@@ -185,8 +185,8 @@ def test_cli_reference_and_sft_adapter_mistakes_are_one_line(stories260k, orca_j
 
 
 def test_report_and_markdown_say_what_the_base_side_was(tmp_path):
-    from dpo_eval.analysis import AnalysisSpec, run_analysis
-    from dpo_eval.report import summary_markdown, write_outputs
+    from dpo_eval.stats.analysis import AnalysisSpec, run_analysis
+    from dpo_eval.report.page import summary_markdown, write_outputs
     from tests.test_report import planted_features
 
     result = run_analysis(planted_features(n_train=40, n_valid=10), AnalysisSpec(bootstrap=0, permutations=50))

@@ -1,4 +1,4 @@
-"""The report says only what the statistics support: real statistics (dpo_eval.analysis) on synthetic
+"""The report says only what the statistics support: real statistics (dpo_eval.stats.analysis) on synthetic
 features with planted effects, rendered by the real report functions through the one template."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dpo_eval.analysis import AnalysisSpec, run_analysis
-from dpo_eval.diagnostics import Check, diagnostics_section
-from dpo_eval.plots import paired, write_plots
-from dpo_eval.report import (Section, add_section, read_sections, render_page, render_report, rewards_section,
+from dpo_eval.stats.analysis import AnalysisSpec, run_analysis
+from dpo_eval.studies.diagnostics import Check, diagnostics_section
+from dpo_eval.report.plots import paired, write_plots
+from dpo_eval.report.page import (Section, add_section, read_sections, render_page, render_report, rewards_section,
                              sentences, toward_chosen, write_outputs)
 
 SPEC = AnalysisSpec(bootstrap=0, permutations=200)
@@ -192,7 +192,7 @@ def test_demo_trend_goes_through_the_template(analysis, tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from flows.demo import _append_trend
+    from dpo_eval.flows.demo import _append_trend
 
     write_outputs(analysis.stats, analysis.summary, tmp_path)
     fig, ax = plt.subplots()
@@ -225,7 +225,7 @@ def test_rewards_section_reads_one_object_per_split(tmp_path):
 def test_summary_count_toward_chosen_uses_the_report_rule(analysis):
     """summary.json's significant_toward_chosen counts what the report calls toward chosen, no more
     (f_tuned_only moved significantly and agrees in sign, but chosen-vs-rejected is not significant)."""
-    from dpo_eval.report import toward_chosen
+    from dpo_eval.report.page import toward_chosen
 
     counts = analysis.summary["significant_toward_chosen"]
     assert counts == toward_chosen(analysis.stats, analysis.summary["alpha"]) and counts["train"] == 1

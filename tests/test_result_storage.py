@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = """
 import json, sys
 from dpo_eval.config import EvalConfig
-from flows.evaluate import evaluate_checkpoint
+from dpo_eval.flows.evaluate import evaluate_checkpoint
 
 if __name__ == "__main__":
     summary = evaluate_checkpoint(EvalConfig.model_validate_json(open(sys.argv[1]).read()))

@@ -12,9 +12,10 @@ import polars as pl
 import pytest
 from scipy import stats as sps
 
-from dpo_eval.analysis import run_analysis
+from dpo_eval.stats.analysis import run_analysis
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.reward_model import FEATURE, Item, RewardScorer, calibration, encode, reward_judge_run
+from dpo_eval.judges.reward_model import FEATURE, Item, RewardScorer, calibration, encode
+from dpo_eval.studies.reward_scores import reward_judge_run
 from tests.builders import MISTRAL_LIKE_TEMPLATE, make_adapter
 
 STEPS, MAX_LENGTH = 30, 128  # about 10 s on one core; 512 tokens (the full context) take ~100 s
@@ -40,7 +41,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory, stories260k, orca_jsonl):
-    from dpo_eval.reward_training import train_reward_model
+    from dpo_eval.training.reward import train_reward_model
 
     out = tmp_path_factory.mktemp("reward-model")
     started = time.perf_counter()
@@ -69,10 +70,10 @@ def run_dir(tmp_path_factory, stories260k, orca_jsonl):
     """A run directory: every orca pair, base and tuned answers (zero adapter: identical) to the first
     ANSWERED prompts, features, the run's analysis settings in config.json, stats and summary."""
     from dpo_eval.config import GenerationSpec, ModelSpec
-    from dpo_eval.data import read_pairs
-    from dpo_eval.generation import generate_both
-    from dpo_eval.models import load_model
-    from dpo_eval.report import write_outputs
+    from dpo_eval.data.pairs import read_pairs
+    from dpo_eval.generation.generate import generate_both
+    from dpo_eval.generation.models import load_model
+    from dpo_eval.report.page import write_outputs
 
     folder = tmp_path_factory.mktemp("run")
     adapter = make_adapter(stories260k, tmp_path_factory.mktemp("zero-adapter") / "adapter", zero=True)
@@ -276,8 +277,8 @@ def test_cli_train_reward_and_judge_reward(tmp_path, run_dir, reward_model, cach
                                            capsys, monkeypatch):
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from dpo_eval_cli.reward import judge_reward
+    from dpo_eval.cli.main import app
+    from dpo_eval.cli.reward import judge_reward
 
     result = CliRunner().invoke(app, ["train-reward", "--base", str(stories260k), "--dataset", str(orca_jsonl),
                                       "--out", str(tmp_path / "rm"), "--steps", "2", "--max-length", "48",

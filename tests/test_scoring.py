@@ -15,11 +15,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dpo_eval import scoring
+from dpo_eval.scoring.scorer import scorer as scoring
 from dpo_eval.config import ScoringSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.features import FAMILIES
-from dpo_eval.scoring import (SKIPPED_COMPONENTS, build_pipeline, feature_names, resolve_model,
+from dpo_eval.scoring.features import FAMILIES
+from dpo_eval.scoring.scorer import (SKIPPED_COMPONENTS, build_pipeline, feature_names, resolve_model,
                               score_texts, score_texts_plain, score_texts_with_stats,
                               scoring_worker_pids)
 
@@ -139,7 +139,7 @@ def test_two_processes_writing_at_once(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         from dpo_eval.config import ScoringSpec
-        from dpo_eval.scoring import score_texts
+        from dpo_eval.scoring.scorer import score_texts
         offset = int(sys.argv[1])
         texts = [f"Sentence number {{i}} is written here." for i in range(offset, offset + 30)]
         score_texts(texts, ScoringSpec(cache_dir={str(tmp_path)!r}, n_process=1))

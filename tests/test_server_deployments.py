@@ -4,6 +4,8 @@ the crash automation on a really crashed run, the watcher through a deployment, 
 
 from __future__ import annotations
 
+import importlib
+
 import json
 import os
 import shutil
@@ -29,7 +31,7 @@ TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 @flow(name="crash-probe")
 def crash_probe(max_restarts: int, pid_dir: str) -> int:
     """A flow that waits to be killed, behind the real restart cap (flows/restarts.py)."""
-    from flows.restarts import check_restarts
+    from dpo_eval.flows.restarts import check_restarts
 
     start = check_restarts(max_restarts)
     Path(pid_dir, f"start-{start}.pid").write_text(str(os.getpid()))
@@ -129,8 +131,8 @@ def test_prefect_yaml_deployments_and_trigger():
     PrefectYamlModel.model_validate(spec)
     by_name = {d["name"]: d for d in spec["deployments"]}
     gpu, scheduled = by_name["gpu"], by_name["scheduled"]
-    assert gpu["entrypoint"] == "flows/evaluate.py:evaluate_checkpoint" and gpu["work_pool"]["name"] == "gpu-pool"
-    assert scheduled["entrypoint"] == "flows/watch.py:watch_checkpoints" and scheduled["schedules"][0]["cron"]
+    assert gpu["entrypoint"] == "dpo_eval.flows.evaluate:evaluate_checkpoint" and gpu["work_pool"]["name"] == "gpu-pool"
+    assert scheduled["entrypoint"] == "dpo_eval.flows.watch:watch_checkpoints" and scheduled["schedules"][0]["cron"]
     # one path evaluates checkpoints: the watcher; the event only starts a watcher tick
     assert "triggers" not in gpu and scheduled["parameters"]["deployment"] == "evaluate-checkpoint/gpu"
     (trigger,) = scheduled["triggers"]
@@ -143,13 +145,14 @@ def test_prefect_yaml_deployments_and_trigger():
     from dpo_eval.config import ForgettingSpec, ModelSpec
 
     judge, benchmarks = by_name["judge"], by_name["forgetting"]
-    assert judge["entrypoint"] == "flows/judge.py:judge_existing_run" and judge["parameters"]["run_dir"]
+    assert judge["entrypoint"] == "dpo_eval.flows.judge:judge_existing_run" and judge["parameters"]["run_dir"]
     ModelSpec.model_validate(benchmarks["parameters"]["model"])
     ForgettingSpec.model_validate(benchmarks["parameters"]["forgetting"])
     for deployment in spec["deployments"]:
-        module, name = deployment["entrypoint"].split(":")
-        source = (ROOT / module).read_text()
-        assert f"def {name}(" in source
+        module, name = deployment["entrypoint"].split(":")  # a module of the installed package, not a file path
+        from prefect import Flow
+
+        assert isinstance(getattr(importlib.import_module(module), name), Flow), deployment["entrypoint"]
 
 
 def test_prefect_deploy_registers_limits_and_the_checkpoint_trigger(server, tmp_path):
@@ -177,7 +180,7 @@ def test_prefect_deploy_registers_limits_and_the_checkpoint_trigger(server, tmp_
 
     folder = tmp_path / "run-x" / "checkpoint-2"
     folder.mkdir(parents=True)
-    announce = "import sys\nfrom pathlib import Path\nfrom flows.train import announce\nannounce(Path(sys.argv[1]))\n"
+    announce = "import sys\nfrom pathlib import Path\nfrom dpo_eval.flows.train import announce\nannounce(Path(sys.argv[1]))\n"
     emitted = subprocess.run([sys.executable, "-c", announce, str(folder)], env=dict(deploy_env, PYTHONPATH=str(ROOT)),
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert emitted.returncode == 0, emitted.stderr[-3000:]
@@ -251,8 +254,8 @@ def test_crash_automation_reschedules_crashed_runs_until_the_cap(server, on_serv
 def test_watcher_through_a_deployment_runs_each_checkpoint_once(on_server, served_flows, stories260k, tmp_path):
     """The watcher with `deployment`: a failed child run is retried next tick with a new idempotency key; a
     tick that died while waiting re-attaches to its child run instead of starting another."""
-    from dpo_eval.demo import write_demo_dataset
-    from flows.watch import watch_checkpoints
+    from dpo_eval.data.demo import write_demo_dataset
+    from dpo_eval.flows.watch import watch_checkpoints
     from tests.test_watch import make_checkpoint, small_config
 
     api = on_server

@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 from scipy import stats as sps
 
-from dpo_eval.analysis import AnalysisSpec, run_analysis
-from dpo_eval.stats import intercept_at_zero, rng_for, sign_agreement_test, wilcoxon, wilcoxon_power
+from dpo_eval.stats.analysis import AnalysisSpec, run_analysis
+from dpo_eval.stats.paired import intercept_at_zero, rng_for, sign_agreement_test, wilcoxon, wilcoxon_power
 
 
 def frame(roles: dict[str, np.ndarray], splits: list[str], names: list[str]) -> pl.DataFrame:

@@ -32,7 +32,7 @@ def start_worker(api: str, env: dict, results: Path, log: Path) -> subprocess.Po
 
 
 def label(proc: subprocess.Popen) -> str:
-    """The worker column value of a worker process (dpo_eval.pipeline.worker_label)."""
+    """The worker column value of a worker process (dpo_eval.stages.worker_label)."""
     return f"{socket.gethostname()}:{proc.pid}"
 
 
@@ -53,7 +53,7 @@ def evaluate(config: EvalConfig, results: Path) -> dict:
     """The evaluate-checkpoint flow in this process (against the session server) with `results` as storage."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    from flows.evaluate import evaluate_checkpoint
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(results)}):
         return evaluate_checkpoint(config)
@@ -66,8 +66,8 @@ def answers_of(out: Path) -> pl.DataFrame:
 @pytest.fixture(scope="module")
 def setting(stories260k, orca_jsonl, tmp_path_factory):
     """The evaluation, and its answers made locally: shard by shard in this process, as the local runner does."""
-    from dpo_eval import pipeline
-    from dpo_eval.data import read_pairs
+    from dpo_eval import stages
+    from dpo_eval.data.pairs import read_pairs
     from dpo_eval.identity import model_identity
 
     root = tmp_path_factory.mktemp("task-workers")
@@ -78,11 +78,11 @@ def setting(stories260k, orca_jsonl, tmp_path_factory):
                         scoring=ScoringSpec(cache_dir=root / "scores", n_process=1),
                         analysis=AnalysisSpec(bootstrap=0, permutations=0), rewards=False,
                         shard_size=2, generation_runner="task-workers")
-    pairs, _ = pipeline.apply_training_split(read_pairs(config.dataset)[0], str(adapter))
+    pairs, _ = stages.apply_training_split(read_pairs(config.dataset)[0], str(adapter))
     identity = model_identity(config.model)
-    local = pl.concat([pipeline.generate_shard(config.model, config.generation, shard, model, identity.key(model))[0]
-                       for shard in pipeline.shard_pairs(pairs, config.shard_size) for model in ("base", "tuned")])
-    pipeline.release_models()
+    local = pl.concat([stages.generate_shard(config.model, config.generation, shard, model, identity.key(model))[0]
+                       for shard in stages.shard_pairs(pairs, config.shard_size) for model in ("base", "tuned")])
+    stages.release_models()
     return root, config, pairs, local.sort("pair_id", "model")
 
 
@@ -101,7 +101,7 @@ def two_workers(server, setting):
 
 
 def test_shards_spread_over_two_workers_and_equal_a_local_run(on_server, setting, two_workers):
-    from dpo_eval import pipeline
+    from dpo_eval import stages
 
     root, config, pairs, local = setting
     spread = config.model_copy(update={"scoring_runner": "task-workers", "out": root / "spread"})
@@ -116,9 +116,9 @@ def test_shards_spread_over_two_workers_and_equal_a_local_run(on_server, setting
 
     # scoring ran on the workers (their score cache was empty), with the scores this process gives
     assert summary["cache"]["score"]["misses"] > 0
-    texts = pipeline.texts_of(pairs, pl.read_parquet(root / "spread" / "answers.parquet"))  # the flow's order
+    texts = stages.texts_of(pairs, pl.read_parquet(root / "spread" / "answers.parquet"))  # the flow's order
     features = pl.read_parquet(root / "spread" / "features.parquet")
-    expected = pipeline.features_table(texts, pipeline.score_frame(texts, config.scoring.model_copy(
+    expected = stages.features_table(texts, stages.score_frame(texts, config.scoring.model_copy(
         update={"cache": False}))[0])
     assert features.equals(expected)
 
@@ -172,7 +172,7 @@ def test_the_flow_reads_the_states_of_more_task_runs_than_one_api_page(on_server
 
     from prefect import get_client
 
-    from flows.task_workers import READ_PAGE, _states
+    from dpo_eval.flows.task_workers import READ_PAGE, _states
 
     ids = [api_json("POST", f"{on_server}/task_runs/", json={"name": f"page-{i}", "task_key": "page-probe",
                                                              "dynamic_key": str(i)})["id"]

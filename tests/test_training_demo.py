@@ -10,17 +10,17 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from dpo_eval import pipeline
+from dpo_eval import stages
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
-from dpo_eval.demo import demo_records, write_demo_dataset
-from dpo_eval.training import METADATA, TrainSpec
+from dpo_eval.data.demo import demo_records, write_demo_dataset
+from dpo_eval.training.dpo import METADATA, TrainSpec
 from tests.builders import make_adapter
 
 
 @pytest.fixture(scope="module")
 def trained(harness, stories260k, tmp_path_factory):
     """Two checkpoints of a short QLoRA DPO run on 60 demo pairs, trained through the train-dpo flow."""
-    from flows.train import train_dpo_flow
+    from dpo_eval.flows.train import train_dpo_flow
 
     root = tmp_path_factory.mktemp("train")
     data = write_demo_dataset(root / "pairs.jsonl", n=60)
@@ -57,7 +57,7 @@ def test_training_writes_checkpoints_with_metadata_and_emits_events(trained):
         assert meta["base_fingerprint"] and meta["data_fingerprint"]
         assert meta["max_length"] == 128 and meta["truncation_mode"] == "keep_start"
         config = eval_config(trained["data"], trained["spec"].base, folder, folder / "run", folder / "scores")
-        assert pipeline.reward_max_length(config) == 128  # implicit rewards cut sequences as training did
+        assert stages.reward_max_length(config) == 128  # implicit rewards cut sequences as training did
         assert len(meta["train_pair_ids"]) + len(meta["valid_pair_ids"]) == 60
         assert not set(meta["train_pair_ids"]) & set(meta["valid_pair_ids"])
     seen: set[str] = set()
@@ -72,7 +72,7 @@ def test_training_writes_checkpoints_with_metadata_and_emits_events(trained):
 
 
 def test_watcher_evaluates_each_checkpoint_once(trained, stories260k, tmp_path):
-    from flows.watch import watch_checkpoints
+    from dpo_eval.flows.watch import watch_checkpoints
 
     config = eval_config(trained["data"], stories260k, trained["folders"][0], tmp_path / "unused", tmp_path / "s")
     started = watch_checkpoints(str(trained["spec"].out), config, out_root=str(tmp_path / "evals"))
@@ -100,7 +100,7 @@ def test_watcher_evaluates_each_checkpoint_once(trained, stories260k, tmp_path):
 
 
 def test_zero_adapter_shows_no_systematic_effect(harness, stories260k, tmp_path):
-    from flows.evaluate import evaluate_checkpoint
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     data = write_demo_dataset(tmp_path / "pairs.jsonl", n=80)
     adapter = make_adapter(stories260k, tmp_path / "zero", zero=True, targets=("q_proj", "v_proj", "up_proj"))
@@ -116,8 +116,8 @@ def test_zero_adapter_shows_no_systematic_effect(harness, stories260k, tmp_path)
 
 def test_real_orca_data_end_to_end(harness, stories260k, orca_jsonl, tmp_path):
     """Train stories260k (4-bit) with DPO on the orca train split, evaluate the checkpoint, write a report."""
-    from flows.evaluate import evaluate_checkpoint
-    from flows.train import train_dpo_flow
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
+    from dpo_eval.flows.train import train_dpo_flow
 
     spec = TrainSpec(base=str(stories260k), dataset=DatasetSpec(source=str(orca_jsonl)), out=tmp_path / "ckpt",
                      steps=24, save_every=24, batch_size=4, max_length=512)
@@ -145,7 +145,7 @@ VERDICT = re.compile(
 
 
 def test_demo_runs_end_to_end_small(harness, stories260k, tmp_path, capsys):
-    from flows.demo import demo
+    from dpo_eval.flows.demo import demo
 
     summary = demo(out=str(tmp_path / "demo"), base=str(stories260k), pairs=80, steps=4, save_every=2,
                    scoring_cache=str(tmp_path / "s"), reward_steps=6, reward_max_length=128)

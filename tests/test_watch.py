@@ -1,7 +1,7 @@
 """The checkpoint watcher evaluates each complete checkpoint exactly once, under a real Prefect API.
 
 Checkpoints are real LoRA adapters of stories260k with the training metadata the trainer's save callback
-writes (dpo_eval/training.py); no training run, so the evaluations stay small."""
+writes (dpo_eval/training/dpo.py); no training run, so the evaluations stay small."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import polars as pl
 import pytest
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
-from dpo_eval.demo import write_demo_dataset
-from dpo_eval.training import METADATA
+from dpo_eval.data.demo import write_demo_dataset
+from dpo_eval.training.dpo import METADATA
 from tests.builders import make_adapter
 
 
 def make_checkpoint(stories: Path, folder: Path, data: Path, step: int, seed: int, metadata: bool = True) -> Path:
     """A trl-style checkpoint-N folder: a LoRA adapter and, unless `metadata` is False, dpo-eval's training
     metadata with the train/valid pair ids of `data` (as the trainer's save callback writes it)."""
-    from dpo_eval.data import read_pairs
+    from dpo_eval.data.pairs import read_pairs
 
     make_adapter(stories, folder, zero=False, seed=seed)
     if metadata:
@@ -59,7 +59,7 @@ def state_of(out_root: Path) -> dict:
 
 
 def test_same_name_in_two_training_runs_gives_two_runs_each_evaluated_once(world, stories260k, tmp_path):
-    from flows.watch import watch_checkpoints
+    from dpo_eval.flows.watch import watch_checkpoints
 
     a = make_checkpoint(stories260k, tmp_path / "ckpt" / "run-a" / "checkpoint-2", world["data"], 2, seed=1)
     b = make_checkpoint(stories260k, tmp_path / "ckpt" / "run-b" / "checkpoint-2", world["data"], 2, seed=2)
@@ -84,8 +84,8 @@ def test_same_name_in_two_training_runs_gives_two_runs_each_evaluated_once(world
 
 
 def test_checkpoint_without_metadata_waits_and_foreign_adapters_wait_one_tick(world, stories260k, tmp_path):
-    from dpo_eval.data import read_pairs
-    from flows.watch import watch_checkpoints
+    from dpo_eval.data.pairs import read_pairs
+    from dpo_eval.flows.watch import watch_checkpoints
 
     ckpt, out = tmp_path / "ckpt", tmp_path / "evals"
     folder = make_checkpoint(stories260k, ckpt / "checkpoint-4", world["data"], 4, seed=3, metadata=False)
@@ -112,7 +112,7 @@ def test_checkpoint_without_metadata_waits_and_foreign_adapters_wait_one_tick(wo
 
 
 def test_failed_evaluation_is_retried_next_tick_up_to_the_cap(world, stories260k, tmp_path):
-    from flows.watch import watch_checkpoints
+    from dpo_eval.flows.watch import watch_checkpoints
 
     late = tmp_path / "late.jsonl"  # the data set is not there yet: the evaluation fails for real
     config = world["config"].model_copy(update={"dataset": DatasetSpec(source=str(late))})
@@ -141,7 +141,7 @@ def test_failed_evaluation_is_retried_next_tick_up_to_the_cap(world, stories260k
 
 
 def test_run_folders_and_keys():
-    from flows.watch import run_folder_name
+    from dpo_eval.flows.watch import run_folder_name
 
     a, b = Path("/x/run-a/checkpoint-20"), Path("/x/run-b/checkpoint-20")
     assert run_folder_name(a, "k") != run_folder_name(b, "k")  # same name, different training runs

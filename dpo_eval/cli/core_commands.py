@@ -1,0 +1,168 @@
+"""The commands that run dpo_eval directly, without Prefect: pairs, generate, diagnose, analyze, trend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dpo_eval.config import AnalysisSpec, GenerationSpec
+from dpo_eval.errors import DpoEvalError
+from dpo_eval.cli.options import (AdapterOpt, BaseOpt, ColumnsOpt, DatasetOpt, DtypeOpt, FormatOpt, LimitOpt,
+                                  QuantOpt, ReferenceAdapterOpt, SeedOpt, TemplateOpt, ValidOpt, build, dataset_spec,
+                                  field_help,
+                                  model_spec, spec_option)
+
+
+def pairs(
+    dataset: str = DatasetOpt,
+    fmt: str = FormatOpt,
+    columns: Optional[str] = ColumnsOpt,
+    seed: int = SeedOpt,
+    valid_fraction: float = ValidOpt,
+    limit: Optional[int] = LimitOpt,
+    out: Path = typer.Option(..., "--out", help="Where to write pairs.parquet."),
+) -> None:
+    """Read preference data into the pairs table; print a JSON summary of what was kept."""
+    from dpo_eval.data.pairs import read_pairs
+
+    spec = dataset_spec(dataset, fmt, columns, seed=seed, valid_fraction=valid_fraction, limit=limit)
+    table, report = read_pairs(spec)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.write_parquet(out)
+    print(json.dumps(report.to_dict(), indent=2))
+
+
+def generate(
+    base: str = BaseOpt,
+    adapter: Optional[str] = AdapterOpt,
+    reference_adapter: Optional[str] = ReferenceAdapterOpt,
+    dataset: str = DatasetOpt,
+    fmt: str = FormatOpt,
+    columns: Optional[str] = ColumnsOpt,
+    limit: Optional[int] = LimitOpt,
+    quantization: str = QuantOpt,
+    compute_dtype: str = DtypeOpt,
+    max_new_tokens: int = spec_option(GenerationSpec, "max_new_tokens", "--max-new-tokens"),
+    batch_size: Optional[int] = spec_option(GenerationSpec, "batch_size", "--batch-size"),
+    engine: str = spec_option(GenerationSpec, "engine", "--engine"),
+    merge: bool = typer.Option(False, "--merge/--no-merge", help=field_help(GenerationSpec, "merge")),
+    prompt_template: Optional[str] = TemplateOpt,
+    out: Path = typer.Option(..., "--out", help="Where to write answers.parquet."),
+) -> None:
+    """Generate base (and, with an adapter, tuned) answers to every prompt; 'base' is base + the reference
+    adapter where there is one."""
+    spec = model_spec(base=base, adapter=adapter, reference_adapter=reference_adapter, quantization=quantization,
+                      compute_dtype=compute_dtype, prompt_template=prompt_template)
+    gen = build(GenerationSpec, {"max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size",
+                                 "engine": "--engine", "merge": "--merge"},
+                max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine, merge=merge)
+    data = dataset_spec(dataset, fmt, columns, limit=limit)
+    from dpo_eval.preflight import check_model
+
+    check_model(spec)
+    import polars as pl
+
+    from dpo_eval.data.pairs import load_pairs
+    from dpo_eval.generation.models import load_model
+    from dpo_eval.reference import reference_label
+
+    pairs_table = load_pairs(data)
+    loaded = load_model(spec, engine=gen.engine, merge=gen.merge)
+    answers = _generate_with_progress(loaded, pairs_table, gen)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    answers.write_parquet(out)
+    print(json.dumps({"answers": answers.height, "models": sorted(set(answers["model"])),
+                      "fingerprint": loaded.fingerprint, "base_fingerprint": loaded.base_fingerprint,
+                      "base_side": reference_label(spec), "engine": gen.engine, "merge": gen.merge,
+                      "truncated_prompts": int(answers.filter(pl.col("model") == "base")["truncated"].sum()),
+                      "repairs": loaded.repairs}, indent=2))
+
+
+def diagnose(
+    base: str = BaseOpt,
+    adapter: Optional[str] = AdapterOpt,
+    dataset: str = DatasetOpt,
+    limit: int = typer.Option(8, "--limit", help="Pairs used for the logit comparisons."),
+    out: Path = typer.Option(..., "--out", help="Folder for diagnostics.json and diagnostics.html."),
+) -> None:
+    """Quantization, merge and tokenizer diagnostics: pass/warn/fail with numbers."""
+    from dpo_eval.data.pairs import load_pairs
+    from dpo_eval.studies.diagnostics import diagnose as run_diagnose
+    from dpo_eval.preflight import check_model
+
+    spec = model_spec(base=base, adapter=adapter)
+    check_model(spec)
+    checks = run_diagnose(spec, load_pairs(dataset_spec(dataset, limit=limit)), out)
+    for check in checks:
+        print(f"[{check.status:4s}] {check.name}: {check.explanation}")
+    print(f"diagnostics: {out / 'diagnostics.json'}")
+
+
+def analyze(
+    features: Path = typer.Option(..., "--features", help="features.parquet (pair_id, split, role, features)."),
+    out: Path = typer.Option(..., "--out", help="Folder for stats.*, summary.json, report.html, plots/."),
+    alpha: float = spec_option(AnalysisSpec, "alpha", "--alpha"),
+    bootstrap: int = spec_option(AnalysisSpec, "bootstrap", "--bootstrap"),
+    seed: int = spec_option(AnalysisSpec, "seed", "--seed"),
+) -> None:
+    """Paired statistics and the report from a features table."""
+    import polars as pl
+
+    from dpo_eval.stats.analysis import run_analysis
+    from dpo_eval.report.page import write_outputs
+
+    if not features.is_file():
+        raise DpoEvalError(f"--features {features}: no such file")
+    spec = build(AnalysisSpec, {"alpha": "--alpha", "bootstrap": "--bootstrap", "seed": "--seed"},
+                 alpha=alpha, bootstrap=bootstrap, seed=seed)
+    try:
+        table = pl.read_parquet(features)
+    except Exception as exc:  # polars raises several types for unreadable files
+        raise DpoEvalError(f"--features {features}: cannot read as parquet ({exc})") from exc
+    result = run_analysis(table, spec)
+    summary = write_outputs(result.stats, result.summary, out)
+    print("\n".join(summary["sentences"]))
+    print(f"report: {out / 'report.html'}")
+
+
+def trend(
+    runs: list[Path] = typer.Argument(..., help="Run directories of evaluated checkpoints."),
+    out: Path = typer.Option(Path("."), "--out", help="Folder for trend.csv, trend.json, trend.png."),
+    split: str = typer.Option("valid", "--split", help="Split whose figures are plotted: train|valid."),
+) -> None:
+    """Evaluation curves across checkpoints: sign agreement, significant features, reward accuracy."""
+    from dpo_eval.preflight import check_run_dir
+    from dpo_eval.studies.trend import write_trend
+
+    for run in runs:
+        check_run_dir(run)
+    table = write_trend(runs, out, split)
+    print(table.drop("run", "adapter"))
+    print(f"trend: {out / 'trend.png'}")
+
+
+def _generate_with_progress(loaded, pairs, gen):
+    """generate_both with a bar on a terminal that advances after every batch."""
+    from dpo_eval.generation.generate import generate_both
+    from dpo_eval.progress import StageProgress
+
+    models = 2 if loaded.has_adapter else 1
+    with StageProgress("generation", pairs.height * models, "answers") as progress:
+        return generate_both(loaded, pairs, gen, on_batch=progress.advance)
+
+
+def compare(
+    a: str = typer.Argument(..., help="System A: a run directory (its tuned answers), RUN:tuned or RUN:base."),
+    b: str = typer.Argument(..., help="System B, compared with A on the pairs both answered."),
+    out: Path = typer.Option(..., "--out", help="Folder for features.parquet, stats.*, summary.json, report.html."),
+) -> None:
+    """A/B comparison of two runs on the same prompts: B - A beside A's chosen - rejected."""
+    from dpo_eval.studies.compare import compare_runs
+
+    summary = compare_runs(a, b, out)
+    print(summary["compare"]["note"])
+    print("\n".join(summary["sentences"]))
+    print(f"report: {out / 'report.html'}")

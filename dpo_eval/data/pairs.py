@@ -1,0 +1,144 @@
+"""Read any common shape of DPO preference data into one table, and split it.
+
+The table has the columns of `pairs.parquet` (design.md): `pair_id`, `split`, `system`, `prompt`,
+`chosen`, `rejected`, plus `messages`: the prompt's turns as JSON (system excluded), which the
+generation stage renders through a chat template.
+
+A data set of questions without labels (the `prompts` format: a user's own questions) gives the same
+table with `chosen` and `rejected` null; its records are the valid split unless they name a split
+(never trained on, they are held out by nature).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from dpo_eval.config import DatasetSpec
+from dpo_eval.errors import DpoEvalError
+from dpo_eval.data.formats import Pair, detect_format, normalise
+from dpo_eval.data.sources import read_records
+
+PAIR_COLUMNS = ["pair_id", "split", "system", "prompt", "chosen", "rejected", "messages"]
+SPLIT_NAMES = {
+    "train": "train", "training": "train",
+    "valid": "valid", "validation": "valid", "val": "valid", "eval": "valid", "test": "valid", "dev": "valid",
+}
+
+
+@dataclass
+class LoadReport:
+    """What loading did: records read, the format, duplicates and records left out (with reasons)."""
+
+    source: str
+    format: str
+    records: int = 0
+    duplicates: int = 0
+    left_out: dict[str, int] = field(default_factory=dict)
+    pairs: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "format": self.format, "records": self.records,
+                "duplicates": self.duplicates, "left_out": dict(self.left_out),
+                "left_out_total": sum(self.left_out.values()), "pairs": dict(self.pairs),
+                "total": sum(self.pairs.values())}
+
+
+def pair_id(system: str, prompt: str, chosen: str, rejected: str) -> str:
+    """A content hash of (system, prompt, chosen, rejected): stable across runs, machines and row order."""
+    payload = json.dumps([system, prompt, chosen, rejected], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def hash_split(pid: str, seed: int, valid_fraction: float) -> str:
+    """'valid' for a `valid_fraction` share of ids, decided by hash(seed, pair_id) alone."""
+    digest = hashlib.sha256(f"{seed}:{pid}".encode()).digest()
+    return "valid" if int.from_bytes(digest[:8], "big") / 2**64 < valid_fraction else "train"
+
+
+def load_pairs(spec: DatasetSpec | str) -> pl.DataFrame:
+    """The preference pairs of `spec` as a table (see the module docstring)."""
+    return read_pairs(spec)[0]
+
+
+def read_pairs(spec: DatasetSpec | str) -> tuple[pl.DataFrame, LoadReport]:
+    """The pairs table and a LoadReport of what was kept, merged and left out."""
+    if isinstance(spec, str):
+        spec = DatasetSpec(source=spec)
+    raw = read_records(spec.source, spec.revision, spec.hub_split)
+    fmt = spec.format
+    if fmt == "auto":
+        fmt = "columns" if spec.columns else _detect(raw, spec.source)
+    report = LoadReport(source=spec.source, format=fmt, records=len(raw))
+    left_out: Counter[str] = Counter()
+    seen: set[str] = set()
+    rows = []
+    for index, (record, source_split) in enumerate(raw, start=1):
+        where = f"{spec.source}, record {index}"
+        pair = normalise(record, fmt, spec.columns, where)
+        reason = _leave_out_reason(pair, labeled=fmt != "prompts")
+        if reason:
+            left_out[reason] += 1
+            continue
+        prompt = pair.prompt
+        pid = pair_id(pair.system, prompt, pair.chosen, pair.rejected)
+        if pid in seen:
+            report.duplicates += 1
+            continue
+        seen.add(pid)
+        given = pair.split or source_split
+        split = "valid" if given is None and fmt == "prompts" else _split_of(given, pid, spec, where)
+        rows.append({"pair_id": pid, "split": split, "system": pair.system, "prompt": prompt,
+                     "chosen": pair.chosen, "rejected": pair.rejected,
+                     "messages": json.dumps([{"role": r, "content": c} for r, c in pair.turns],
+                                            ensure_ascii=False)})
+        if spec.limit is not None and len(rows) >= spec.limit:
+            break
+    table = pl.DataFrame(rows, schema={c: pl.String for c in PAIR_COLUMNS})
+    report.left_out = dict(left_out)
+    report.pairs = {s: int((table["split"] == s).sum()) for s in ("train", "valid")}
+    return table, report
+
+
+def _detect(raw, source: str) -> str:
+    if not raw:
+        raise DpoEvalError(f"{source}: holds no records")
+    return detect_format(raw[0][0], f"{source}, record 1")
+
+
+def is_labeled(pairs: pl.DataFrame) -> bool:
+    """Whether the pairs carry chosen and rejected answers (a `prompts` data set does not)."""
+    return pairs.height > 0 and bool(pairs["chosen"].is_not_null().any())
+
+
+def _leave_out_reason(pair: Pair, labeled: bool = True) -> str | None:
+    if not labeled:
+        return None if pair.prompt.strip() else "empty prompt"
+    if pair.chosen is None or not pair.chosen.strip():
+        return "empty or missing chosen"
+    if pair.rejected is None or not pair.rejected.strip():
+        return "empty or missing rejected"
+    if pair.chosen == pair.rejected:
+        return "chosen identical to rejected"
+    if not pair.prompt.strip():
+        return "empty prompt"
+    return None
+
+
+def _split_of(given: str | None, pid: str, spec: DatasetSpec, where: str) -> str:
+    if given is None:
+        return hash_split(pid, spec.seed, spec.valid_fraction)
+    name = SPLIT_NAMES.get(given.strip().lower())
+    if name is None:
+        raise DpoEvalError(f"{where}: split '{given}' is neither train nor valid "
+                           f"(known names: {sorted(SPLIT_NAMES)}); rename it or drop the split column")
+    return name
+
+
+def prompt_turns(row: dict) -> list[dict[str, str]]:
+    """The prompt of a pairs row as chat messages, system prompt excluded."""
+    return json.loads(row["messages"]) if row.get("messages") else [{"role": "user", "content": row["prompt"]}]

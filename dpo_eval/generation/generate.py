@@ -1,0 +1,156 @@
+"""Batched generation: prompts sorted by length, left-padded, results back in input order."""
+
+from __future__ import annotations
+
+import hashlib
+
+import polars as pl
+
+from dpo_eval.generation.batch_plan import halved, resolve_batch_size
+from dpo_eval.config import GenerationSpec
+from dpo_eval.data.pairs import prompt_turns
+from dpo_eval.generation.engines import generate_continuous
+from dpo_eval.errors import DpoEvalError
+from dpo_eval.generation.padding import left_padded
+from dpo_eval.generation.prompts import EncodedPrompt, PromptFormatter
+
+ANSWER_SCHEMA = {"pair_id": pl.String, "model": pl.String, "answer": pl.String, "n_prompt_tokens": pl.Int64,
+                 "n_new_tokens": pl.Int64, "finish_reason": pl.String, "truncated": pl.Boolean}
+
+
+def encode_prompts(formatter: PromptFormatter, pairs: pl.DataFrame, max_prompt_tokens: int) -> list[EncodedPrompt]:
+    """Every pair's prompt, rendered and tokenized by `formatter`, cut to `max_prompt_tokens`."""
+    if max_prompt_tokens < 2:
+        raise DpoEvalError(f"--max-new-tokens leaves {max_prompt_tokens} prompt tokens in the model's "
+                           "context; lower it")
+    encoded = [formatter.encode(formatter.render(row["system"], prompt_turns(row)), max_prompt_tokens)
+               for row in pairs.iter_rows(named=True)]
+    formatter.record_counts(max_prompt_tokens)
+    return encoded
+
+
+def generate_answers(model, tokenizer, pairs: pl.DataFrame, spec: GenerationSpec | None = None, *,
+                     label: str = "tuned", prompts: list[EncodedPrompt] | None = None,
+                     context_length: int | None = None, repairs: list[str] | None = None,
+                     on_batch=None, halvings: int = 0) -> pl.DataFrame:
+    """Answers of `model` to every prompt of `pairs`, as rows of answers.parquet labelled `label`;
+    `on_batch(n)` after each batch of n prompts; the batch size halved `halvings` times (OOM retries)."""
+    spec = spec or GenerationSpec()
+    if prompts is None:
+        context = context_length or int(getattr(model.config, "max_position_embeddings", 2048))
+        prompts = encode_prompts(PromptFormatter(tokenizer, repairs=repairs), pairs, context - spec.max_new_tokens)
+    outputs = _generate(model, tokenizer, [p.ids for p in prompts], spec,
+                        [prompt_seed(spec.seed, pid) for pid in pairs["pair_id"].to_list()], on_batch, halvings)
+    return pl.DataFrame({
+        "pair_id": pairs["pair_id"].to_list(), "model": [label] * len(prompts),
+        "answer": [o[0] for o in outputs], "n_prompt_tokens": [len(p.ids) for p in prompts],
+        "n_new_tokens": [o[1] for o in outputs], "finish_reason": [o[2] for o in outputs],
+        "truncated": [p.truncated for p in prompts],
+    }, schema=ANSWER_SCHEMA)
+
+
+def generate_both(loaded, pairs: pl.DataFrame, spec: GenerationSpec | None = None,
+                  models: tuple[str, ...] = ("tuned", "base"), on_batch=None, halvings: int = 0) -> pl.DataFrame:
+    """Tuned (adapter on) and base (adapter disabled) answers from one load; base only without adapter;
+    `on_batch(n)` after each batch of n prompts (a progress bar's step)."""
+    spec = spec or GenerationSpec()
+    if spec.engine != loaded.engine or spec.merge != loaded.merge:
+        raise ValueError(f"generation asks for engine {spec.engine} (merge {spec.merge}) but the model was "
+                         f"loaded for {loaded.engine} (merge {loaded.merge}): load_model(..., engine, merge)")
+    formatter = PromptFormatter(loaded.tokenizer, loaded.spec.prompt_template, loaded.repairs)
+    prompts = encode_prompts(formatter, pairs, loaded.context_length - spec.max_new_tokens)
+    frames = []
+    for label in models:
+        if label == "tuned" and not loaded.has_adapter:
+            continue
+        with loaded.base_context() if label == "base" else loaded.tuned_context():
+            frames.append(generate_answers(loaded.model, loaded.tokenizer, pairs, spec, label=label,
+                                           prompts=prompts, on_batch=on_batch, halvings=halvings))
+    return pl.concat(frames) if frames else pl.DataFrame(schema=ANSWER_SCHEMA)
+
+
+def prompt_seed(seed: int, pair_id: str) -> int:
+    """The sampling seed of one prompt: from the run's seed and the pair, never from its batch position,
+    so a retry with another batch size (or another shard layout) samples the same answer."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{pair_id}".encode()).digest()[:8], "big") >> 1
+
+
+def per_prompt_sampler(seeds: list[int], device):
+    """A logits processor that draws each row's next token from that row's own seeded generator.
+
+    It runs after generate()'s temperature / top-k / top-p warpers and leaves only the drawn token
+    possible, so generate()'s own (batch-wide) draw can only pick it.
+    """
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class PerPromptSampler(LogitsProcessor):
+        def __init__(self):
+            self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+        def __call__(self, input_ids, scores):
+            probs = torch.softmax(scores.float(), dim=-1)
+            drawn = torch.stack([torch.multinomial(probs[row], 1, generator=g)
+                                 for row, g in enumerate(self.generators)])
+            return torch.full_like(scores, float("-inf")).scatter(1, drawn, 0.0)
+
+    return LogitsProcessorList([PerPromptSampler()])
+
+
+def check_batch_budget(n_prompts: int, width: int, spec: GenerationSpec) -> None:
+    """Raise torch's out-of-memory error, before generating, for a batch over `spec.max_batch_tokens`."""
+    import torch
+
+    tokens = n_prompts * (width + spec.max_new_tokens)
+    if spec.max_batch_tokens is not None and tokens > spec.max_batch_tokens:
+        raise torch.OutOfMemoryError(f"out of memory: a batch of {n_prompts} prompts x {width + spec.max_new_tokens} "
+                                     f"tokens = {tokens} exceeds max_batch_tokens={spec.max_batch_tokens}")
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+def _finished(tokenizer, new: list[int], eos: set[int]) -> tuple[str, int, str]:
+    """(answer, n_new_tokens, finish_reason) of one prompt's new tokens, cut at the first EOS."""
+    stop = next((k for k, t in enumerate(new) if t in eos), None)
+    tokens = new if stop is None else new[:stop]
+    return (tokenizer.decode(tokens, skip_special_tokens=True), len(tokens) + (0 if stop is None else 1),
+            "length" if stop is None else "eos")
+
+
+def _generate(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec,
+              seeds: list[int], on_batch=None, halvings: int = 0) -> list[tuple[str, int, str]]:
+    """(answer, n_new_tokens, finish_reason) per prompt, in input order; `seeds[i]` seeds prompt i's sampling;
+    `on_batch(n)` after each batch of n prompts (progress); the batch size halved `halvings` times."""
+    import torch
+
+    eos = _eos_ids(model, tokenizer)
+    if spec.engine == "continuous":
+        outputs = generate_continuous(model, tokenizer, prompts, spec.max_new_tokens, eos)
+        if on_batch is not None:
+            on_batch(len(prompts))
+        return [_finished(tokenizer, new, eos) for new in outputs]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    device = next(model.parameters()).device
+    batch_size = halved(resolve_batch_size(model, prompts, spec.batch_size, spec.max_new_tokens), halvings)
+    results: dict[int, tuple[str, int, str]] = {}
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        ids, mask = left_padded([prompts[i] for i in batch], tokenizer.pad_token_id)
+        width = ids.shape[1]
+        check_batch_budget(len(batch), width, spec)
+        sampling = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p,
+                    "logits_processor": per_prompt_sampler([seeds[i] for i in batch], device)} \
+            if spec.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=sorted(eos) or None, **sampling)
+        for row, i in enumerate(batch):
+            results[i] = _finished(tokenizer, out[row, width:].tolist(), eos)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return [results[i] for i in range(len(prompts))]

@@ -1,0 +1,207 @@
+"""Judge calls over an OpenAI-compatible chat API: the client, the content cache, and bounded parallel calls.
+
+Retries are the openai client's own (`max_retries`, `timeout`): it retries 408, 409, 429, 5xx, timeouts and
+lost connections with exponential backoff (0.5 s doubling to 8 s, with jitter; a Retry-After header up to
+60 s is honoured). `max_calls` counts calls, not their retries. The API key is read from the environment
+when the client is built and kept only inside it: no identity, cache row, table or log line holds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from dpo_eval.config import JudgeSpec, default_cache_dir
+from dpo_eval.errors import DpoEvalError
+from dpo_eval.judges.prompt import JudgeTemplate, p_first, parse_verdict
+from dpo_eval.sqlite_table import open_table
+
+log = logging.getLogger(__name__)
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+LOCAL_PLACEHOLDER_KEY = "dpo-eval-local-server"  # local servers take any key; the openai client needs one
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What one judge call returned (or what the cache kept of it)."""
+
+    raw: str
+    p_first: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_s: float
+    cached: bool = False
+
+
+@dataclass
+class Outcome:
+    """The replies by request key, the calls this run made, the requests left without a reply, and why."""
+
+    replies: dict[str, Reply] = field(default_factory=dict)
+    calls: int = 0
+    pending: int = 0
+    stopped: str | None = None  # the budget stopped the run
+    failure: str | None = None  # a call failed after its retries
+
+
+def judge_identity(spec: JudgeSpec, template: JudgeTemplate) -> dict:
+    """Everything that can change a verdict: model name, template hash, decoding and cutting settings.
+    The base_url and the key are left out: the same model behind another URL is the same judge."""
+    return {"kind": spec.kind, "model": spec.model, "template_sha": template.sha, "temperature": spec.temperature,
+            "max_tokens": spec.max_tokens, "logprobs": spec.logprobs, "context_chars": spec.context_chars,
+            "answer_share": spec.answer_share}
+
+
+def judge_id(identity: dict) -> str:
+    """`openai:<model>:<12 hex digits of the identity's sha256>`."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{identity['kind']}:{identity['model']}:{digest}"
+
+
+def request_key(judge: str, messages: list[dict]) -> str:
+    """Content key of one judgment: sha256 of the judge id and the exact messages (prompt, both answers as
+    cut, and their order)."""
+    return hashlib.sha256(json.dumps([judge, messages], sort_keys=True).encode()).hexdigest()
+
+
+def is_local(base_url: str | None) -> bool:
+    """True for a base_url on this machine (localhost, 127.x, ::1)."""
+    host = urlparse(base_url).hostname if base_url else None
+    return host is not None and (host in LOCAL_HOSTS or host.startswith("127."))
+
+
+def api_key(spec: JudgeSpec) -> str:
+    """The key from the environment variable `spec.api_key_env`; a placeholder for a local server."""
+    key = os.environ.get(spec.api_key_env)
+    if key:
+        return key
+    if is_local(spec.base_url):
+        log.info("%s is unset: sending a placeholder key to the local server %s", spec.api_key_env, spec.base_url)
+        return LOCAL_PLACEHOLDER_KEY
+    raise DpoEvalError(f"--api-key-env {spec.api_key_env}: the variable is unset; set it to the API key of "
+                       f"{spec.base_url or 'the OpenAI API'} (the key is never written anywhere)")
+
+
+class JudgmentCache:
+    """Replies keyed by request_key in one SQLite file; safe across threads and processes."""
+
+    def __init__(self, folder: Path | None = None):
+        self.path = Path(folder or default_cache_dir() / "judge") / "judgments.sqlite"
+
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, judge TEXT, raw TEXT, "
+              "p_first REAL, prompt_tokens INTEGER, completion_tokens INTEGER, latency_s REAL)")
+
+    def _connect(self):
+        return open_table(self.path, self.SCHEMA)
+
+    def get_many(self, keys: list[str]) -> dict[str, Reply]:
+        found: dict[str, Reply] = {}
+        with self._connect() as db:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                rows = db.execute("SELECT key, raw, p_first, prompt_tokens, completion_tokens, latency_s FROM "
+                                  f"replies WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+                for key, *values in rows:
+                    found[key] = Reply(*values, cached=True)
+        return found
+
+    def put(self, key: str, judge: str, reply: Reply) -> None:
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (key, judge, reply.raw, reply.p_first, reply.prompt_tokens, reply.completion_tokens,
+                        reply.latency_s))
+
+
+class ChatJudge:
+    """One judge model behind an OpenAI-compatible endpoint; `call` is safe from several threads."""
+
+    def __init__(self, spec: JudgeSpec):
+        from openai import OpenAI
+
+        self.spec = spec
+        self.client = OpenAI(base_url=spec.base_url, api_key=api_key(spec), max_retries=spec.max_retries,
+                             timeout=spec.timeout_s)
+
+    def call(self, messages: list[dict]) -> Reply:
+        """One chat completion at the spec's decoding settings; the reply text, p_first and usage."""
+        extra = {"logprobs": True, "top_logprobs": 5} if self.spec.logprobs else {}
+        start = time.perf_counter()
+        response = self.client.chat.completions.create(
+            model=self.spec.model, messages=messages, temperature=self.spec.temperature,
+            max_tokens=self.spec.max_tokens, n=1, **extra)
+        latency = time.perf_counter() - start
+        choice = response.choices[0]
+        raw = choice.message.content or ""
+        content = getattr(choice.logprobs, "content", None) or []
+        tokens = [position.model_dump() for position in content]
+        usage = response.usage
+        return Reply(raw, p_first(tokens, parse_verdict(raw)), getattr(usage, "prompt_tokens", None),
+                     getattr(usage, "completion_tokens", None), latency)
+
+
+def describe_failure(exc: Exception, spec: JudgeSpec) -> str:
+    """One line for a call that failed after its retries (never holding the key)."""
+    import openai
+
+    where = spec.base_url or "the OpenAI API"
+    if isinstance(exc, openai.AuthenticationError):
+        return f"{where} refused the key in {spec.api_key_env} (401): set the variable to a valid key"
+    if isinstance(exc, openai.APITimeoutError):
+        return f"{where} did not answer within {spec.timeout_s} s, {spec.max_retries} retries included"
+    if isinstance(exc, openai.APIConnectionError):
+        return f"cannot reach {where} ({spec.max_retries} retries): no server answers at that URL"
+    if isinstance(exc, openai.APIStatusError):
+        body = str(getattr(exc, "body", None) or exc.message)[:300]
+        return f"{where} answered {exc.status_code} for model {spec.model!r}: {body}"
+    return f"judge call to {where} failed: {type(exc).__name__}: {exc}"
+
+
+def run_calls(judge: ChatJudge, requests: dict[str, list[dict]], cache: JudgmentCache, judge_name: str, *,
+              max_calls: int | None, concurrency: int) -> Outcome:
+    """Replies to every request (key -> messages): cached ones read, the rest called with at most
+    `concurrency` in flight and at most `max_calls` calls; each reply is cached as it arrives, so a stop (the
+    budget, a call that failed after its retries, an interrupt) keeps everything made so far."""
+    outcome = Outcome(replies=cache.get_many(list(requests)))
+    todo = [key for key in requests if key not in outcome.replies]
+    allowed = todo if max_calls is None else todo[:max_calls]
+    outcome.pending = len(todo) - len(allowed)
+    if outcome.pending:
+        outcome.stopped = (f"the budget of {max_calls} calls (--max-calls) does not cover the "
+                           f"{len(todo)} judgments still to make")
+    log.info("judge %s: %d cached, %d to call now, %d over budget", judge_name, len(outcome.replies),
+             len(allowed), outcome.pending)
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
+    queue, running, submitting = iter(allowed), {}, True
+    try:
+        while True:
+            while submitting and len(running) < concurrency:
+                key = next(queue, None)
+                if key is None:
+                    submitting = False
+                else:
+                    running[pool.submit(judge.call, requests[key])] = key
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                key = running.pop(future)
+                try:
+                    reply = future.result()
+                except Exception as exc:  # openai raises one of several types once its retries are spent
+                    outcome.failure = outcome.failure or describe_failure(exc, judge.spec)
+                    submitting = False  # the calls in flight finish and are kept
+                    continue
+                cache.put(key, judge_name, reply)
+                outcome.replies[key] = reply
+                outcome.calls += 1
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    outcome.pending = sum(key not in outcome.replies for key in requests)
+    return outcome

@@ -1,0 +1,188 @@
+"""The pairwise LLM judge on a run directory: judgments.parquet and summary.json's `judge` block.
+
+`judge_run` reads pairs.parquet and answers.parquet (features.parquet for the answers' n_tokens lengths),
+judges tuned vs base answers and the data set's chosen vs rejected (the judge's calibration), each pair in
+both orders (ab: the comparison's first role shown as A; ba: swapped), and summarises the verdicts with
+dpo_eval.judges.statistics. Judgments come from the content cache where it has them; a stop (the --max-calls
+budget, a call that fails after its retries) writes what was made and raises DpoEvalError, and a later run
+continues from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import polars as pl
+
+from dpo_eval.config import JudgeSpec
+from dpo_eval.errors import DpoEvalError
+from dpo_eval.judges.api import ChatJudge, JudgmentCache, judge_id, judge_identity, request_key, run_calls
+from dpo_eval.judges.prompt import load_template, parse_verdict, render
+from dpo_eval.judges.statistics import ROLES, judge_summary
+from dpo_eval.jsonsafe import jsonable
+
+log = logging.getLogger(__name__)
+SCHEMA = {"pair_id": pl.String, "split": pl.String, "comparison": pl.String, "judge": pl.String,
+          "order": pl.String, "shown_first": pl.String, "verdict": pl.String, "winner": pl.String,
+          "p_first": pl.Float64, "raw": pl.String, "truncated": pl.Boolean, "prompt_tokens": pl.Int64,
+          "completion_tokens": pl.Int64, "latency_s": pl.Float64, "cached": pl.Boolean}
+
+
+def read_table(run_dir: Path, name: str) -> pl.DataFrame:
+    path = run_dir / name
+    if not path.is_file():
+        raise DpoEvalError(f"{path}: no such file; judge a run directory written by `dpo-eval evaluate`")
+    try:
+        return pl.read_parquet(path)
+    except Exception as exc:  # polars raises several types for unreadable files
+        raise DpoEvalError(f"{path}: cannot read as parquet ({exc})") from exc
+
+
+def select_pairs(pairs: pl.DataFrame, spec: JudgeSpec) -> pl.DataFrame:
+    """The pairs of spec.split (all: every split), the first spec.limit of them in table order."""
+    chosen = pairs if spec.split == "all" else pairs.filter(pl.col("split") == spec.split)
+    return chosen.head(spec.limit) if spec.limit else chosen
+
+
+def comparison_rows(pairs: pl.DataFrame, answers: pl.DataFrame | None, comparisons: tuple[str, ...]) -> list[dict]:
+    """One row per pair and comparison: pair_id, split, comparison, system, prompt and the two roles' texts.
+    chosen_vs_rejected skips pairs without labels; tuned_vs_base needs both answers of a pair."""
+    texts = pairs.select("pair_id", "split", system=pl.col("system").fill_null(""), prompt="prompt",
+                         chosen="chosen", rejected="rejected")
+    if "tuned_vs_base" in comparisons:
+        models = set(answers["model"].unique().to_list())
+        if not {"tuned", "base"} <= models:
+            raise DpoEvalError(f"answers.parquet holds answers of {sorted(models)}, not of both tuned and base: "
+                               "judge chosen_vs_rejected only (--comparisons chosen_vs_rejected)")
+        wide = answers.filter(pl.col("model").is_in(["tuned", "base"])).pivot(
+            on="model", index="pair_id", values="answer", aggregate_function="first")
+        texts = texts.join(wide, on="pair_id", how="left")
+    rows = []
+    for pair in texts.iter_rows(named=True):
+        for comparison in comparisons:
+            first, second = ROLES[comparison]
+            if pair.get(first) is None or pair.get(second) is None:
+                continue
+            rows.append({"pair_id": pair["pair_id"], "split": pair["split"], "comparison": comparison,
+                         "system": pair["system"], "prompt": pair["prompt"], "roles": (first, second),
+                         "texts": (pair[first], pair[second])})
+    return rows
+
+
+def build_requests(rows: list[dict], spec: JudgeSpec, template, judge: str) -> list[dict]:
+    """Per comparison row, its ab and ba judgments: metadata, messages, key and the truncated flag."""
+    requests = []
+    for row in rows:
+        for order, (i, j) in (("ab", (0, 1)), ("ba", (1, 0))):
+            rendered = render(template, row["system"], row["prompt"], row["texts"][i], row["texts"][j],
+                              context_chars=spec.context_chars, answer_share=spec.answer_share)
+            requests.append({"pair_id": row["pair_id"], "split": row["split"], "comparison": row["comparison"],
+                             "order": order, "shown_first": row["roles"][i], "shown_second": row["roles"][j],
+                             "messages": rendered.messages, "truncated": rendered.truncated,
+                             "key": request_key(judge, rendered.messages)})
+    return requests
+
+
+def judgment_table(requests: list[dict], replies: dict, judge: str) -> pl.DataFrame:
+    """The judgments.parquet rows of the requests that have a reply (contract columns, in request order).
+    cached: the reply came from the cache, or from a call made for an earlier row with the same messages
+    (e.g. tuned and base answers equal to chosen and rejected), so calls + cached = rows."""
+    rows, seen = [], set()
+    for req in requests:
+        reply = replies.get(req["key"])
+        if reply is None:
+            continue
+        cached = reply.cached or req["key"] in seen
+        seen.add(req["key"])
+        verdict = parse_verdict(reply.raw)
+        winner = {"first": req["shown_first"], "second": req["shown_second"]}.get(verdict, verdict)
+        rows.append({"pair_id": req["pair_id"], "split": req["split"], "comparison": req["comparison"],
+                     "judge": judge, "order": req["order"], "shown_first": req["shown_first"], "verdict": verdict,
+                     "winner": winner, "p_first": reply.p_first, "raw": reply.raw, "truncated": req["truncated"],
+                     "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                     "latency_s": reply.latency_s, "cached": cached})
+    return pl.DataFrame(rows, schema=SCHEMA)
+
+
+def answer_lengths(run_dir: Path, answers: pl.DataFrame | None, pairs: pl.DataFrame) -> pl.DataFrame | None:
+    """`pair_id, split, role, length` of base and tuned answers: features.parquet's n_tokens, else
+    answers.parquet's n_new_tokens; None where neither is there."""
+    features = run_dir / "features.parquet"
+    if features.is_file():
+        table = pl.read_parquet(features)
+        if "n_tokens" in table.columns:
+            return table.filter(pl.col("role").is_in(["base", "tuned"])).select(
+                "pair_id", "split", "role", length=pl.col("n_tokens").cast(pl.Float64))
+    if answers is not None and "n_new_tokens" in answers.columns:
+        return answers.filter(pl.col("model").is_in(["base", "tuned"])).join(
+            pairs.select("pair_id", "split"), on="pair_id").select(
+            "pair_id", "split", role="model", length=pl.col("n_new_tokens").cast(pl.Float64))
+    return None
+
+
+def update_summary(run_dir: Path, block: dict) -> None:
+    """Set summary.json's `judge` to `block`, keeping every other key (a new file where there is none)."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary["judge"] = jsonable(block)
+    path.write_text(json.dumps(summary, indent=2, allow_nan=False))
+
+
+def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
+    """Judge the run in `run_dir` with `spec`: write judgments.parquet, set summary.json's `judge`, return it.
+
+    summary `judge` = {id, kind, model, template_sha, calls (API calls this run; hf: judgments computed by
+    forward passes), cached (judgments read from the cache), invalid (per-order verdicts), tokens {prompt,
+    completion} (this run's calls), truncated (judgments with a cut text), complete, pending, incomplete,
+    ci_method, lc_method, splits} with splits from judge_stats.judge_summary; kind hf adds `hf` (rendering,
+    labels, tie rule, forward passes, repairs: dpo_eval.judges.local). spec.kind picks the judge: openai (an
+    OpenAI-compatible API, dpo_eval.judges.api) or hf (a local model, dpo_eval.judges.local); both share the
+    judgment cache. Raises DpoEvalError after writing both when the run stopped early.
+    """
+    run_dir = Path(run_dir)
+    pairs = select_pairs(read_table(run_dir, "pairs.parquet"), spec)
+    needs_answers = "tuned_vs_base" in spec.comparisons or (run_dir / "answers.parquet").is_file()
+    answers = read_table(run_dir, "answers.parquet") if needs_answers else None
+    template = load_template(spec.template)
+    rows = comparison_rows(pairs, answers, spec.comparisons)
+    if spec.kind == "hf":  # a local HF judge (dpo_eval.judges.local): cut in tokens, verdicts from log-probs
+        from dpo_eval.judges.local import HFJudge
+
+        local = HFJudge(spec, template)
+        judge = judge_id(local.identity)
+        requests = local.build_requests(rows, judge)
+    else:
+        judge = judge_id(judge_identity(spec, template))
+        requests = build_requests(rows, spec, template, judge)
+    if not requests:
+        raise DpoEvalError(f"{run_dir}: nothing to judge for split {spec.split!r} and comparisons "
+                           f"{list(spec.comparisons)}")
+    if spec.kind == "hf":
+        outcome = local.run(requests, JudgmentCache(spec.cache_dir), judge, max_calls=spec.max_calls)
+    else:
+        by_key = {req["key"]: req["messages"] for req in requests}
+        outcome = run_calls(ChatJudge(spec), by_key, JudgmentCache(spec.cache_dir), judge,
+                            max_calls=spec.max_calls, concurrency=spec.concurrency)
+    table = judgment_table(requests, outcome.replies, judge)
+    table.write_parquet(run_dir / "judgments.parquet")
+    stats = (judge_summary(table, answer_lengths(run_dir, answers, pairs)) if table.height
+             else {"invalid": 0, "incomplete": 0, "splits": {}})
+    fresh = table.filter(~pl.col("cached"))
+    block = {"id": judge, "kind": spec.kind, "model": spec.model, "template_sha": template.sha,
+             "calls": outcome.calls, "cached": int(table["cached"].sum()), "invalid": stats.pop("invalid"),
+             "tokens": {"prompt": int(fresh["prompt_tokens"].sum()),
+                        "completion": int(fresh["completion_tokens"].sum())},
+             "truncated": int(table["truncated"].sum()), "complete": outcome.pending == 0,
+             "pending": outcome.pending, **stats, **getattr(outcome, "extra", {})}
+    update_summary(run_dir, block)
+    log.info("judge %s: %d judgments (%d calls, %d cached), %d pending", judge, table.height, outcome.calls,
+             block["cached"], outcome.pending)
+    reason = outcome.failure or outcome.stopped
+    if reason:
+        again = "with a larger --max-calls " if outcome.failure is None else ""
+        raise DpoEvalError(f"judging stopped: {reason}. {table.height} of {len(requests)} judgments are made and "
+                           f"kept ({outcome.calls} calls this run), {outcome.pending} left; run `dpo-eval judge` "
+                           f"again {again}to continue from the cache")
+    return block
