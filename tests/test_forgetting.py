@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from scipy import stats as sps
 
-from dpo_eval.forgetting.harness import harness as forgetting
+from dpo_eval.forgetting import harness as forgetting
 from dpo_eval.config import ModelSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.forgetting.harness import (ForgettingSpec, correctness, load_tasks, mcnemar_exact, newcombe_paired_ci,

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dpo_eval.scoring.scorer import scorer as scoring
+from dpo_eval.scoring import scorer as scoring
 from dpo_eval.config import ScoringSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.scoring.features import FAMILIES

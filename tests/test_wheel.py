@@ -8,6 +8,7 @@ into a fresh venv outside the repository whose only other packages are the test 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,8 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def installed(tmp_path_factory):
     """(the wheel, the fresh venv's bin folder, an environment without the repository on any path)."""
     work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"  # a copy: an in-tree build/ would be left in the checkout and reused by later builds
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", ".lock-venv", "runs", "build", "*.egg-info",
+                                                                "__pycache__", ".pytest_cache", "tests", "benchmarks"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                            "-w", str(work / "dist"), str(ROOT)], capture_output=True, text=True, timeout=600)
+                            "-w", str(work / "dist"), str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     (wheel,) = (work / "dist").glob("dpo_eval-*.whl")
     venv = work / "venv"

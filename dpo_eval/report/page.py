@@ -113,7 +113,7 @@ def render_page(sections: list[Section], stats: pl.DataFrame | None = None, summ
     inlined as data: URIs, the chart as inline SVG, the table's sorting and filters as inline JavaScript)."""
     import jinja2
 
-    from dpo_eval.report.page import view as report_view
+    from dpo_eval.report import view as report_view
     from dpo_eval.report.examples import examples
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True,
