@@ -29,8 +29,11 @@ install: $(STAMP)
 demo: install
 	$(BIN)/dpo-eval demo --out runs/demo
 
+# Two workers, one test file each at a time (--dist loadfile keeps a module's fixtures, trained models and
+# evaluated runs in one process); TEST_WORKERS=0 runs the suite in this process alone.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The newest releases that pyproject's ranges admit, resolved in a fresh venv and written as exact pins.
 # Run the whole suite (`make test`) after it and commit the lock only when it passes.

@@ -271,7 +271,14 @@ class JudgeSpec(Spec):
                        "identity; transformers serve names a model by the folder path it was started with); for "
                        "hf a local model folder or a Hugging Face Hub id (identified by its files).")
     base_url: str | None = Field(None, description="API base URL, e.g. http://127.0.0.1:8000/v1; None: OpenAI's. "
-                                 "Not part of the judge identity: the same model behind another URL hits the cache.")
+                                 "Part of the judge identity (normalised): two servers that serve different weights "
+                                 "under one model name never share verdicts.")
+    revision: str | None = Field(None, description="openai: a label of the served weights that you choose (a "
+                                 "commit, a date); part of the judge identity, so changing it asks every judgment "
+                                 "again. None: the model name and base_url alone identify the judge.")
+    max_invalid_share: float = Field(0.2, ge=0, le=1, description="A run whose share of invalid verdicts (replies "
+                                     "with no readable verdict) is above this is not complete, and its headline "
+                                     "says so. Invalid replies are never cached: a later run asks again.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key; the key "
                              "itself is never stored. Unset with a local base_url: a placeholder is sent.")
     comparisons: tuple[Literal["tuned_vs_base", "chosen_vs_rejected"], ...] = Field(
@@ -324,11 +331,13 @@ class JudgeSpec(Spec):
             raise ValueError(f"{info.field_name} applies to the hf judge (kind hf) only")
         return value
 
-    @field_validator("base_url")
+    @field_validator("base_url", "revision")
     @classmethod
     def _openai_only(cls, value, info):
         if info.data.get("kind") == "hf" and value is not None:
-            raise ValueError("base_url applies to the openai judge only; the hf judge runs in this process")
+            why = ("the hf judge runs in this process" if info.field_name == "base_url" else
+                   "the hf judge is identified by its files' digests")
+            raise ValueError(f"{info.field_name} applies to the openai judge only; {why}")
         return value
 
 

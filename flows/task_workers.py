@@ -32,22 +32,33 @@ def serve_shards(limit: int = 1) -> None:
         raise DpoEvalError("dpo-eval worker needs PREFECT_API_URL: the Prefect server that the evaluation's flow "
                            "also uses (e.g. http://HOST:4200/api); a worker on a private ephemeral server gets no work")
     import asyncio
+    import signal
 
     from prefect.task_worker import StopTaskWorker
 
     from dpo_eval.tasks.evaluation import generate_answers_task, score_texts_task
 
-    async def run() -> None:  # a TaskWorker is made inside its event loop
-        await shard_worker_class()(generate_answers_task, score_texts_task, limit=limit).astart()
+    def stop(signum, frame):  # SIGTERM ends the worker as Ctrl-C does, without a traceback
+        raise StopTaskWorker
 
+    async def run() -> None:  # a TaskWorker is made inside its event loop
+        await ShardWorker(generate_answers_task, score_texts_task, limit=limit).astart()
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         asyncio.run(run())
-    except (KeyboardInterrupt, StopTaskWorker):  # Ctrl-C, or SIGTERM (Prefect's handler stops the worker)
+    except (KeyboardInterrupt, StopTaskWorker):  # Ctrl-C, or SIGTERM
         pass
 
 
-def shard_worker_class():
-    """Prefect's TaskWorker, taking a task run off the server only when it has room to run it.
+# What ShardWorker uses of Prefect, all public: TaskWorker(*tasks, limit), `async with` it, its client_id and
+# task_keys, and execute_task_run(task_run); Subscription (prefect.client.subscriptions) on the REST route that
+# Prefect's own worker reads. tests/test_prefect_api.py pins each of them and names what changed on an upgrade.
+SCHEDULED_ROUTE = "/task_runs/subscriptions/scheduled"
+
+
+class ShardWorker:
+    """A Prefect TaskWorker that takes a task run off the server only when it has room to run it.
 
     Prefect 3.9's worker acknowledges every task run the server sends as soon as it arrives and only then
     waits for a free slot: a busy worker holds one more shard than it runs, and when that worker dies the
@@ -55,38 +66,58 @@ def shard_worker_class():
     Scheduled, with no lease to lapse). This worker waits for a slot first, then reads (and acknowledges) the
     next task run; a shard sent to it but not yet read goes back to the server's queue when it dies, and the
     server gives it to another worker. A task run it has read gets a lease at once, renewed until the run is
-    done here (tasks/leases.py), so dying before starting it or between retries is noticed too. The rest
-    (engine, results, cache) is Prefect's own.
+    done here (tasks/leases.py), so dying before starting it or between retries is noticed too. Running the task
+    run (engine, results, cache) is Prefect's own: TaskWorker.execute_task_run. Nothing here overrides a method
+    of Prefect's.
     """
-    from prefect.client.schemas.objects import TaskRun
-    from prefect.client.subscriptions import Subscription
-    from prefect.settings import get_current_settings
-    from prefect.task_worker import TaskWorker
 
-    class ShardWorker(TaskWorker):
-        async def _subscribe_to_task_scheduling(self):
-            subscription = Subscription(model=TaskRun, path="/task_runs/subscriptions/scheduled",
-                                        keys=self.task_keys, client_id=self.client_id,
-                                        base_url=get_current_settings().api.url)
-            slot = object()
-            while True:
-                await self._limiter.acquire_on_behalf_of(slot)  # room to run one more: only now read one
-                self._limiter.release_on_behalf_of(slot)
-                task_run = await subscription.__anext__()
-                if await self._acquire_token(task_run.id):
-                    self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, task_run)
+    def __init__(self, *tasks, limit: int = 1):
+        from prefect.task_worker import TaskWorker
 
-        async def _safe_submit_scheduled_task_run(self, task_run):
-            import anyio
+        self.limit = limit
+        self.worker = TaskWorker(*tasks, limit=limit)
+        self._scope = None
+        self._in_flight: set = set()  # task run ids running here: one delivered twice runs (and is leased) once
 
+    async def astart(self) -> None:
+        import anyio
+        from prefect.client.schemas.objects import TaskRun
+        from prefect.client.subscriptions import Subscription
+        from prefect.settings import get_current_settings
+
+        slots = anyio.Semaphore(self.limit)  # taken by the reading loop, given back by the run's own task
+        subscription = Subscription(model=TaskRun, path=SCHEDULED_ROUTE, keys=self.worker.task_keys,
+                                    client_id=self.worker.client_id, base_url=get_current_settings().api.url)
+        with anyio.CancelScope() as self._scope:
+            async with self.worker, anyio.create_task_group() as group:
+                while True:
+                    await slots.acquire()  # room to run one more: only now read one
+                    task_run = await anext(subscription)
+                    group.start_soon(self._run, task_run, slots)
+
+    async def _run(self, task_run, slots) -> None:
+        import anyio
+
+        try:
+            if task_run.id in self._in_flight:  # the server sent it again (a missed acknowledgement): running here
+                return
+            self._in_flight.add(task_run.id)
             # taken off the server: a lease that lapses if this process dies, renewed until the run is done here
             await anyio.to_thread.run_sync(start_worker_lease, task_run.id)
             try:
-                await super()._safe_submit_scheduled_task_run(task_run)
+                await self.worker.execute_task_run(task_run)
             finally:
-                await anyio.to_thread.run_sync(end_worker_lease, task_run.id)
+                with anyio.CancelScope(shield=True):  # ended on stop() too, not left to lapse
+                    await anyio.to_thread.run_sync(end_worker_lease, task_run.id)
+                self._in_flight.discard(task_run.id)
+        finally:
+            slots.release()
 
-    return ShardWorker
+    async def stop(self) -> None:
+        """Stop reading task runs and cancel the ones in flight here; their leases are ended, so the flow takes
+        them for lost once worker_lease_s passes without a renewal and submits them again."""
+        if self._scope is not None:
+            self._scope.cancel()
 
 
 @dataclass
@@ -132,8 +163,8 @@ def _leases(client, task_run_ids: list) -> dict:
     """The lease value of each of these task runs that has one, by task run id."""
     names, leases = {lease_name(i): i for i in task_run_ids}, {}
     for page in _pages(list(names)):
-        response = client._client.post("/variables/filter", json={"variables": {"name": {"any_": page}},
-                                                                   "limit": len(page)})
+        response = client.request("POST", "/variables/filter", json={"variables": {"name": {"any_": page}},
+                                                                      "limit": len(page)})
         response.raise_for_status()
         leases.update({names[v["name"]]: v["value"] for v in response.json() if v["name"] in names})
     return leases
@@ -218,7 +249,8 @@ def _warn_without_workers(client, task, logger) -> None:
     """A run waits for workers that may come later; say so where none is connected now."""
     if logger is None:
         return
-    response = client._client.post("/task_workers/filter", json={"task_worker_filter": {"task_keys": [task.task_key]}})
+    response = client.request("POST", "/task_workers/filter",
+                              json={"task_worker_filter": {"task_keys": [task.task_key]}})
     if response.status_code == 200 and not response.json():
         logger.warning("no dpo-eval worker is connected for %s: shards wait until one starts (`dpo-eval worker` "
                        "with this PREFECT_API_URL and the shared result storage)", task.name)

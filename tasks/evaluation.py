@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dpo_eval import stages
+from dpo_eval.errors import is_out_of_memory
 from dpo_eval.generation.batch_plan import halved
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.generation.engines import reports_each_batch
@@ -20,17 +23,47 @@ def _generation_key(context, parameters) -> str:
         stages.content_hash(parameters["shard"])])
 
 
-def batch_for_attempt(batch_size: int, run_count: int) -> int:
-    """The batch size of attempt `run_count` (1 = first): halved on every retry, at least 1."""
-    return halved(batch_size, run_count - 1)
+# Out-of-memory failures of each task run in this process (Prefect runs a task run's retries in the process that
+# ran it): a retry halves the batch once per out-of-memory failure, never for a lost connection or a timeout.
+OOM_FAILURES: dict[str, int] = {}
+
+
+def batch_for_attempt(batch_size: int, halvings: int) -> int:
+    """The batch size after `halvings` out-of-memory failures: halved each time, at least 1."""
+    return halved(batch_size, halvings)
+
+
+@contextmanager
+def oom_halvings():
+    """Yield how many times this task run ran out of memory so far; count one more when the body does."""
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    if context is None:  # called outside a task run: no retry to count for
+        yield 0
+        return
+    key = str(context.task_run.id)
+    halvings = OOM_FAILURES.get(key, 0)
+    try:
+        yield halvings
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            halvings += 1
+        if (context.task_run.run_count or 1) > context.task.retries:  # the last attempt: no retry reads it
+            OOM_FAILURES.pop(key, None)
+        else:
+            OOM_FAILURES[key] = halvings  # a retry after another failure keeps the batch the last one had
+        raise
+    OOM_FAILURES.pop(key, None)
 
 
 def _is_oom(task, task_run, state) -> bool:
-    """Retry on CUDA out-of-memory (with half the batch, see generate_answers_task) and transient errors."""
+    """Retry on an accelerator out of memory (with half the batch, see oom_halvings) and on transient errors
+    (the same batch again)."""
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - the state carries any exception
-        return "out of memory" in str(exc).lower() or isinstance(exc, (ConnectionError, TimeoutError))
+        return is_out_of_memory(exc) or isinstance(exc, (ConnectionError, TimeoutError))
     return False
 
 
@@ -70,14 +103,13 @@ def generate_answers_task(spec: ModelSpec, generation: GenerationSpec, shard: pl
     has finished within stall_s (tasks/leases.py)."""
     from prefect.runtime import task_run
 
-    halvings = (task_run.run_count or 1) - 1  # a retry after an out-of-memory error: half the batch each time
-    if halvings:
-        stages.release_models()  # and a clean slate: what the failed attempt held is given back
+    if (task_run.run_count or 1) > 1:
+        stages.release_models()  # a retry starts from a clean slate: what the failed attempt held is given back
     if not reports_each_batch(generation.engine):
         stall_s = None  # no progress to watch until the shard is done
-    with held_lease(lease_s, stall_s) as lease:
+    with oom_halvings() as halvings, held_lease(lease_s, stall_s) as lease:  # half the batch per out-of-memory
         return stages.generate_shard(spec, generation, shard, model, key, halvings,
-                                       on_batch=lambda n: lease.progress())
+                                     on_batch=lambda n: lease.progress())
 
 
 @task(name="score-texts", cache_policy=NO_CACHE, retries=1)

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from dpo_eval import stages
 from dpo_eval.config import ModelSpec
 from dpo_eval.forgetting.harness import ForgettingSpec
-from dpo_eval.tasks.evaluation import _is_oom, batch_for_attempt
+from dpo_eval.tasks.evaluation import _is_oom, batch_for_attempt, oom_halvings
 
 
 @task(name="compare-benchmarks", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30],
@@ -23,15 +23,13 @@ from dpo_eval.tasks.evaluation import _is_oom, batch_for_attempt
 def compare_benchmarks_task(model: ModelSpec, spec: ForgettingSpec, out: Path) -> dict:
     """lm-eval tasks on base and tuned from one load, paired per question: forgetting.parquet and
     forgetting.json in `out`; returns the result."""
-    from prefect.runtime import task_run
-
     from dpo_eval.forgetting.harness import run_forgetting, write_forgetting
 
-    batch = batch_for_attempt(spec.batch_size, task_run.run_count or 1)
-    if batch != spec.batch_size:
-        stages.release_models()
-        spec = spec.model_copy(update={"batch_size": batch})
-    pairs, result = run_forgetting(model, spec, load=stages.cached_model)
+    with oom_halvings() as halvings:  # half the batch per out-of-memory failure, not per retry
+        if halvings:
+            stages.release_models()
+            spec = spec.model_copy(update={"batch_size": batch_for_attempt(spec.batch_size, halvings)})
+        pairs, result = run_forgetting(model, spec, load=stages.cached_model)
     write_forgetting(out, pairs, result)
     return result
 

@@ -18,8 +18,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from dpo_eval.config import JudgeSpec
-from dpo_eval.errors import DpoEvalError
-from dpo_eval.tasks.evaluation import batch_for_attempt
+from dpo_eval.errors import DpoEvalError, is_out_of_memory
+from dpo_eval.tasks.evaluation import batch_for_attempt, oom_halvings
 
 DEFAULT_LIMIT = "dpo-eval-judge"  # the global concurrency limit that judge API calls share by default
 
@@ -44,7 +44,7 @@ def _transient(task, task_run, state) -> bool:
     except DpoEvalError:
         return False
     except Exception as exc:  # noqa: BLE001 - the state carries any exception
-        return ("out of memory" in str(exc).lower()
+        return (is_out_of_memory(exc)
                 or isinstance(exc, (ConnectionError, TimeoutError, httpx.TransportError, sqlite3.OperationalError)))
     return False
 
@@ -105,11 +105,10 @@ def judge_answers_task(run_dir: Path, spec: JudgeSpec, limit_name: str | None = 
       retry_condition_fn=_transient)
 def score_rewards_task(run_dir: Path, reward_model: str, batch_size: int = 8) -> dict:
     """Reward-model scores as the feature reward_model, statistics re-run, summary.json's reward_model block."""
-    from prefect.runtime import task_run
-
     from dpo_eval.studies.reward_scores import reward_judge_run
 
-    return reward_judge_run(run_dir, reward_model, batch_size=batch_for_attempt(batch_size, task_run.run_count or 1))
+    with oom_halvings() as halvings:  # half the batch per out-of-memory failure, not per retry
+        return reward_judge_run(run_dir, reward_model, batch_size=batch_for_attempt(batch_size, halvings))
 
 
 @task(name="report-judgments", cache_policy=NO_CACHE)

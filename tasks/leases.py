@@ -80,7 +80,7 @@ class Renewal:
                 pass
 
 
-# Leases the worker process holds, by task run id (flows/task_workers.ShardWorker starts and ends them).
+# Leases the worker process holds, by task run id (dpo_eval.flows.task_workers.ShardWorker starts and ends them).
 WORKER_LEASES: dict = {}
 RECEIVED_EVERY_S = 1.0  # renewal of a received run until its task sets the lease's own interval
 

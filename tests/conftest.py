@@ -56,3 +56,13 @@ def harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def scripted_judge():
+    """A scripted OpenAI-compatible judge on 127.0.0.1 (tests/scripted_judge.py): the longer answer wins, equal
+    lengths tie, so every verdict is valid and known. {"url", "model", "server"}."""
+    from tests.scripted_judge import ScriptedJudge, longer_rule
+
+    with ScriptedJudge(longer_rule()) as judge:
+        yield {"url": judge.url, "model": judge.model, "server": judge}

@@ -133,6 +133,19 @@ def test_unreadable_data_set_before_any_prefect_import(stories260k, adapter, tmp
     assert status["code"] != 0 and status["orchestration_modules"] == []
 
 
+@pytest.mark.parametrize("command", ["evaluate", "pairs"])
+def test_a_data_set_whose_every_record_is_left_out_is_one_line_before_any_prefect_import(stories260k, adapter,
+                                                                                       tmp_path, command):
+    data = tmp_path / "same.jsonl"  # chosen == rejected everywhere: every record is left out
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "same", "rejected": "same"}) + "\n"
+                            for i in range(3)))
+    model = ["--base", stories260k, "--adapter", adapter] if command == "evaluate" else []
+    result, status = run_main(command, *model, "--dataset", data, "--out", tmp_path / "out")
+    assert_one_line(result, data, "no usable pair: 3 records read")
+    assert "3 chosen identical to rejected" in result.stderr
+    assert status["code"] != 0 and status["orchestration_modules"] == []  # no server, no model
+
+
 def test_trend_on_a_folder_that_is_not_a_run(tmp_path):
     result = run_cli("trend", tmp_path, "--out", tmp_path / "trend")
     assert_one_line(result, tmp_path, "not a dpo-eval run directory")

@@ -231,3 +231,24 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" in debug.stderr
     bad = run_cli("pairs", "--dataset", str(path), "--valid-fraction", "2", "--out", str(tmp_path / "o.parquet"))
     assert bad.returncode == 2 and "--valid-fraction" in bad.stderr
+
+
+def test_a_utf8_byte_order_mark_is_read_in_jsonl_and_csv(tmp_path):
+    record = {"prompt": "Why?", "chosen": "Because.", "rejected": "No."}
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + (json.dumps(record) + "\n").encode())
+    csv = tmp_path / "bom.csv"
+    csv.write_bytes(b"\xef\xbb\xbfprompt,chosen,rejected\nWhy?,Because.,No.\n")
+    for path in (jsonl, csv):
+        table, report = read_pairs(str(path))
+        assert table.height == 1 and table["prompt"][0] == "Why?" and report.left_out == {}, path
+
+
+def test_every_record_left_out_is_an_error_naming_the_file_and_the_reasons(tmp_path):
+    from dpo_eval.errors import DpoEvalError
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "same", "rejected": "same"},
+                                              {"prompt": "p", "chosen": "", "rejected": "r"}])
+    with pytest.raises(DpoEvalError, match=r"d.jsonl: no usable pair: 2 records read.*1 chosen identical to "
+                                           r"rejected.*1 empty or missing chosen"):
+        read_pairs(str(path))

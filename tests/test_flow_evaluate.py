@@ -176,12 +176,18 @@ def test_retry_condition_and_batch_halving():
 
     from dpo_eval.tasks.evaluation import _is_oom, batch_for_attempt
 
+    from dpo_eval.errors import is_out_of_memory
+
     oom = Failed(data=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert _is_oom(None, None, oom)
-    assert _is_oom(None, None, Failed(data=ConnectionError("connection reset")))
+    assert _is_oom(None, None, Failed(data=ConnectionError("connection reset")))  # retried, but not halved:
+    assert not is_out_of_memory(ConnectionError("out of memory on the proxy"))  # the type decides, not the text
+    assert not is_out_of_memory(RuntimeError("CUDA out of memory"))
+    assert is_out_of_memory(torch.AcceleratorError("CUDA error: out of memory")) if hasattr(torch, "AcceleratorError") \
+        else True
     assert not _is_oom(None, None, Failed(data=ValueError("bad prompt")))
     assert not _is_oom(None, None, Completed(data=1))
-    assert [batch_for_attempt(16, n) for n in (1, 2, 3, 6)] == [16, 8, 4, 1]
+    assert [batch_for_attempt(16, n) for n in (0, 1, 2, 5)] == [16, 8, 4, 1]
 
 
 def small(orca, base, adapter, out, cache, **generation) -> EvalConfig:
@@ -227,6 +233,40 @@ def test_generation_cache_follows_the_model_identity(harness, storage, orca_json
     pairs = pl.read_parquet(storage / "r5" / "pairs.parquet")
     fresh = generate_both(load_model(rewritten.model), pairs, rewritten.generation, models=("tuned",))
     assert answers.sort("pair_id")["answer"].equals(fresh.sort("pair_id")["answer"])
+
+
+def test_only_out_of_memory_failures_halve_the_batch_and_nothing_is_left_behind(harness):
+    """A real task with retries: out of memory halves (1), a lost connection retries with the same batch (still 1),
+    out of memory again halves (2); the count is gone once the task run ends, done or failed for good."""
+    import torch
+    from prefect import task
+
+    from dpo_eval.tasks.evaluation import OOM_FAILURES, oom_halvings
+
+    seen: list[int] = []
+    failures = [torch.OutOfMemoryError("CUDA out of memory"), ConnectionError("connection reset"),
+                torch.OutOfMemoryError("CUDA out of memory")]
+
+    @task(retries=3, retry_delay_seconds=0)
+    def flaky() -> int:
+        with oom_halvings() as halvings:
+            seen.append(halvings)
+            if len(seen) <= len(failures):
+                raise failures[len(seen) - 1]
+            return halvings
+
+    assert flaky() == 2 and seen == [0, 1, 1, 2] and OOM_FAILURES == {}
+
+    @task(retries=1, retry_delay_seconds=0)
+    def hopeless() -> None:
+        with oom_halvings():
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        hopeless()
+    assert OOM_FAILURES == {}  # the last attempt's count is not kept for a retry that never comes
+    with oom_halvings() as outside:  # outside a task run there is nothing to count
+        assert outside == 0
 
 
 def test_out_of_memory_retry_halves_the_batch_and_gives_the_same_answers(harness, storage, orca_jsonl,

@@ -204,6 +204,16 @@ def test_tie_rule_margin_and_exact_equality():
     assert verdict_of(math.log(0.3), math.log(0.1), tie_margin=0.2)[0] == "first"
 
 
+@pytest.mark.parametrize("lp_a, lp_b", [(math.nan, math.nan), (math.nan, -1.0), (-math.inf, -math.inf),
+                                        (-1.0, -math.inf), (math.inf, -1.0)])
+def test_non_finite_log_probs_are_invalid_not_a_verdict(lp_a, lp_b):
+    from dpo_eval.judges.local import raw_text
+
+    verdict, p = verdict_of(lp_a, lp_b)
+    assert verdict == "invalid" and math.isnan(p)  # verdict_of(nan, nan) was "second", a confident verdict
+    assert parse_verdict(raw_text(verdict, lp_a, lp_b, p, ("A", "B"), "Verdict:")) == "invalid"  # read back alike
+
+
 def test_tie_margin_makes_ties_and_is_part_of_the_identity(stories260k, tmp_path):
     run = make_run(tmp_path / "run")
     block = judge_run(run, spec_for(stories260k, tmp_path / "cache", tie_margin=0.5, comparisons=("tuned_vs_base",)))

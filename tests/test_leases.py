@@ -12,7 +12,7 @@ import pytest
 from prefect import task
 from prefect.task_worker import StopTaskWorker
 
-from dpo_eval.flows.task_workers import _leases, _lost, _Watch, run_on_workers, shard_worker_class
+from dpo_eval.flows.task_workers import ShardWorker, _leases, _lost, _Watch, run_on_workers
 from dpo_eval.tasks.leases import RECEIVED, WORKER_LEASES, Renewal, end_worker_lease, held_lease, lease_name, start_worker_lease
 from tests.prefect_server import context_thread
 
@@ -108,7 +108,7 @@ def test_a_shard_taken_by_a_worker_that_died_before_starting_it_goes_to_another(
         loop, started = asyncio.new_event_loop(), {}
 
         async def serve() -> None:  # a TaskWorker is made inside its event loop
-            started["worker"] = shard_worker_class()(doubled, limit=1)
+            started["worker"] = ShardWorker(doubled, limit=1)
             await started["worker"].astart()
 
         serving = context_thread(lambda: loop.run_until_complete(serve()))

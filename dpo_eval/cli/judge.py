@@ -18,7 +18,8 @@ FLAGS = {"kind": "--judge", "model": "--judge-model", "base_url": "--base-url", 
          "concurrency": "--concurrency", "template": "--template", "max_tokens": "--max-tokens",
          "context_chars": "--context-chars", "answer_share": "--answer-share", "logprobs": "--logprobs",
          "quantization": "--quantization", "compute_dtype": "--compute-dtype", "batch_size": "--batch-size",
-         "context_tokens": "--context-tokens", "tie_margin": "--tie-margin"}
+         "context_tokens": "--context-tokens", "tie_margin": "--tie-margin", "revision": "--judge-revision",
+         "max_invalid_share": "--max-invalid-share"}
 
 
 def _option(name: str):
@@ -36,6 +37,8 @@ def judge(
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass of a reward model or of "
                                    "the hf judge."),
     base_url: Optional[str] = _option("base_url"),
+    revision: Optional[str] = _option("revision"),
+    max_invalid_share: float = _option("max_invalid_share"),
     api_key_env: str = _option("api_key_env"),
     comparisons: str = typer.Option(",".join(JudgeSpec.model_fields["comparisons"].default), FLAGS["comparisons"],
                                     help="Comma-separated: " + field_help(JudgeSpec, "comparisons")),
@@ -83,7 +86,8 @@ def judge(
     if kind != "hf":  # an hf-only option given with --judge openai: JudgeSpec's error names it
         local = {name: value for name, value in local.items()
                  if name != "batch_size" and value != JudgeSpec.model_fields[name].default}
-    spec = build(JudgeSpec, FLAGS, kind=kind, model=model, base_url=base_url, api_key_env=api_key_env,
+    spec = build(JudgeSpec, FLAGS, kind=kind, model=model, base_url=base_url, revision=revision,
+                 max_invalid_share=max_invalid_share, api_key_env=api_key_env,
                  comparisons=chosen, split=split, limit=limit, max_calls=max_calls, concurrency=concurrency,
                  template=template, max_tokens=max_tokens, context_chars=context_chars, answer_share=answer_share,
                  logprobs=logprobs, **local)

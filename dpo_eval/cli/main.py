@@ -1,8 +1,8 @@
 """The dpo-eval app: every command registered here, and `main`, which turns user errors into one line.
 
-It lives in the orchestration layer because it is the one place that sees both sides: the Prefect-free
-commands of dpo_eval_cli and the commands that start flows (dpo_eval/cli/flow_commands.py). dpo_eval and
-dpo_eval_cli never import flows/ or tasks/.
+It is the one place that sees both sides: the Prefect-free commands of dpo_eval.cli (core_commands, judge,
+forgetting, reward) and the commands that start flows (dpo_eval.cli.flow_commands). The rest of dpo_eval never
+imports dpo_eval.flows or dpo_eval.tasks (tests/test_layout.py).
 """
 
 from __future__ import annotations

@@ -101,6 +101,11 @@ def read_pairs(spec: DatasetSpec | str) -> tuple[pl.DataFrame, LoadReport]:
     table = pl.DataFrame(rows, schema={c: pl.String for c in PAIR_COLUMNS})
     report.left_out = dict(left_out)
     report.pairs = {s: int((table["split"] == s).sum()) for s in ("train", "valid")}
+    if table.height == 0:
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(left_out.items())) or "none of them a preference record"
+        raise DpoEvalError(f"{spec.source}: no usable pair: {report.records} records read as format {fmt!r}, every "
+                           f"one left out ({reasons}). Check the file, or name its format and columns "
+                           "(--format, --columns prompt=...,chosen=...,rejected=...)")
     return table, report
 
 

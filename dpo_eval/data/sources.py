@@ -49,9 +49,11 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _open_text(path: Path):
+    # utf-8-sig: a UTF-8 byte-order mark at the start (as some editors and Windows tools write) is read, not
+    # taken for part of the first record; a file without one reads as plain UTF-8.
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _read_jsonl(path: Path) -> list[Record]:

@@ -43,7 +43,7 @@ import polars as pl
 from scipy import stats as sps
 
 from dpo_eval.config import ForgettingSpec, ModelSpec, default_cache_dir
-from dpo_eval.errors import DpoEvalError
+from dpo_eval.errors import DpoEvalError, is_out_of_memory
 from dpo_eval.identity import DigestStore, ModelIdentity, model_identity
 from dpo_eval.stats.paired import benjamini_hochberg, wilson
 from dpo_eval.jsonsafe import jsonable
@@ -316,7 +316,7 @@ def _evaluate_one(lm, task, side, spec, path, per_side, cache, failed) -> None:
     try:
         frame = evaluate_task(lm, task, side, spec)
     except Exception as exc:  # noqa: BLE001 - one task's error must not lose the others
-        if "out of memory" in str(exc).lower():
+        if is_out_of_memory(exc):
             raise  # the caller's retry with a smaller batch
         failed[task.name] = (f"task {task.name}: lm-eval failed on the {side} model ({type(exc).__name__}: "
                              f"{str(exc)[:200]}); check the task's YAML (doc_to_text, doc_to_choice, "

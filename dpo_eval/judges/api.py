@@ -2,7 +2,10 @@
 
 Retries are the openai client's own (`max_retries`, `timeout`): it retries 408, 409, 429, 5xx, timeouts and
 lost connections with exponential backoff (0.5 s doubling to 8 s, with jitter; a Retry-After header up to
-60 s is honoured). `max_calls` counts calls, not their retries. The API key is read from the environment
+60 s is honoured). `max_calls` counts calls, not their retries. A request the server refuses for good (any
+other 4xx but 401 and 403, e.g. 400 for a prompt too long for it) is a failed judgment of that pair, kept with
+the server's message; the other requests go on. A reply without a readable verdict is used in this run's table
+(as invalid) but not cached, so a later run asks again. The API key is read from the environment
 when the client is built and kept only inside it: no identity, cache row, table or log line holds it.
 """
 
@@ -26,6 +29,7 @@ from dpo_eval.sqlite_table import open_table
 log = logging.getLogger(__name__)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 LOCAL_PLACEHOLDER_KEY = "dpo-eval-local-server"  # local servers take any key; the openai client needs one
+REFUSALS_TO_STOP = 4  # this many refusals in a row from the first call on stop the run: nothing would be judged
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Reply:
     completion_tokens: int | None
     latency_s: float
     cached: bool = False
+    error: str | None = None  # the server refused the request (a non-retryable 4xx): no verdict, never cached
 
 
 @dataclass
@@ -51,10 +56,30 @@ class Outcome:
     failure: str | None = None  # a call failed after its retries
 
 
+def normalised_url(base_url: str | None) -> str:
+    """The server a judge is reached at, as one string: scheme and host lower-cased, the scheme's default port
+    dropped, no trailing slash; "" for OpenAI's own API (base_url None)."""
+    if not base_url:
+        return ""
+    parts = urlparse(base_url.strip())
+    host = (parts.hostname or "").lower()
+    try:
+        port_number = parts.port
+    except ValueError as exc:  # urllib's words: "Port out of range 0-65535", "Port could not be cast ..."
+        raise DpoEvalError(f"--base-url {base_url}: {exc}; give a URL like http://127.0.0.1:8000/v1") from None
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        raise DpoEvalError(f"--base-url {base_url}: not an http(s) URL with a host; give one like "
+                           "http://127.0.0.1:8000/v1")
+    default = {"http": 80, "https": 443}[parts.scheme.lower()]
+    port = f":{port_number}" if port_number and port_number != default else ""
+    return f"{parts.scheme.lower()}://{host}{port}{parts.path.rstrip('/')}"
+
+
 def judge_identity(spec: JudgeSpec, template: JudgeTemplate) -> dict:
-    """Everything that can change a verdict: model name, template hash, decoding and cutting settings.
-    The base_url and the key are left out: the same model behind another URL is the same judge."""
-    return {"kind": spec.kind, "model": spec.model, "template_sha": template.sha, "temperature": spec.temperature,
+    """Everything that can change a verdict: model name, where it is served (normalised base_url) and the
+    user's revision label, template hash, decoding and cutting settings. The key is left out."""
+    return {"kind": spec.kind, "model": spec.model, "base_url": normalised_url(spec.base_url),
+            "revision": spec.revision, "template_sha": template.sha, "temperature": spec.temperature,
             "max_tokens": spec.max_tokens, "logprobs": spec.logprobs, "context_chars": spec.context_chars,
             "answer_share": spec.answer_share}
 
@@ -96,7 +121,8 @@ class JudgmentCache:
         self.path = Path(folder or default_cache_dir() / "judge") / "judgments.sqlite"
 
     SCHEMA = ("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, judge TEXT, raw TEXT, "
-              "p_first REAL, prompt_tokens INTEGER, completion_tokens INTEGER, latency_s REAL)")
+              "p_first REAL, prompt_tokens INTEGER, completion_tokens INTEGER, latency_s REAL); "
+              "CREATE TABLE IF NOT EXISTS asked (key TEXT PRIMARY KEY, judge TEXT)")
 
     def _connect(self):
         return open_table(self.path, self.SCHEMA)
@@ -110,6 +136,21 @@ class JudgmentCache:
                                   f"replies WHERE key IN ({','.join('?' * len(chunk))})", chunk)
                 for key, *values in rows:
                     found[key] = Reply(*values, cached=True)
+        return found
+
+    def mark_asked(self, key: str, judge: str) -> None:
+        """Remember a request that was asked and got no verdict (not its reply: that is asked again)."""
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO asked VALUES (?, ?)", (key, judge))
+
+    def asked(self, keys: list[str]) -> set[str]:
+        """Those of `keys` asked before without a verdict."""
+        found: set[str] = set()
+        with self._connect() as db:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                found |= {k for (k,) in db.execute(f"SELECT key FROM asked WHERE key IN ({','.join('?' * len(chunk))})",
+                                                   chunk)}
         return found
 
     def put(self, key: str, judge: str, reply: Reply) -> None:
@@ -163,13 +204,36 @@ def describe_failure(exc: Exception, spec: JudgeSpec) -> str:
     return f"judge call to {where} failed: {type(exc).__name__}: {exc}"
 
 
+def refused(exc: Exception) -> bool:
+    """A request the server will refuse however often it is sent: a 4xx other than 401/403 (the key), 404 (no such
+    model or route: every request would get it), 408 and 409 (retried by the client) and 429 (rate limits): e.g.
+    400 for a prompt longer than its context."""
+    import openai
+
+    return (isinstance(exc, openai.APIStatusError) and 400 <= exc.status_code < 500
+            and exc.status_code not in (401, 403, 404, 408, 409, 429))  # 404: a wrong model or path, for every request
+
+
+def keep(cache: "JudgmentCache", key: str, judge_name: str, reply: Reply) -> None:
+    """Cache a reply that holds a verdict; an unreadable one (invalid) or a refusal is asked again next run, after
+    the requests never asked (JudgmentCache.asked), so a --max-calls budget is not spent on them first."""
+    if reply.error is None and parse_verdict(reply.raw) != "invalid":
+        cache.put(key, judge_name, reply)
+    else:
+        cache.mark_asked(key, judge_name)
+
+
 def run_calls(judge: ChatJudge, requests: dict[str, list[dict]], cache: JudgmentCache, judge_name: str, *,
               max_calls: int | None, concurrency: int) -> Outcome:
     """Replies to every request (key -> messages): cached ones read, the rest called with at most
-    `concurrency` in flight and at most `max_calls` calls; each reply is cached as it arrives, so a stop (the
-    budget, a call that failed after its retries, an interrupt) keeps everything made so far."""
+    `concurrency` in flight and at most `max_calls` calls; each reply with a verdict is cached as it arrives,
+    so a stop (the budget, a call that failed after its retries, an interrupt) keeps everything made so far,
+    replies that finish while the pool shuts down included. A refused request (`refused`) becomes a Reply with
+    `error` set, and the run goes on."""
     outcome = Outcome(replies=cache.get_many(list(requests)))
     todo = [key for key in requests if key not in outcome.replies]
+    again = cache.asked(todo)
+    todo = [key for key in todo if key not in again] + [key for key in todo if key in again]  # never asked first
     allowed = todo if max_calls is None else todo[:max_calls]
     outcome.pending = len(todo) - len(allowed)
     if outcome.pending:
@@ -179,6 +243,29 @@ def run_calls(judge: ChatJudge, requests: dict[str, list[dict]], cache: Judgment
              len(allowed), outcome.pending)
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
     queue, running, submitting = iter(allowed), {}, True
+
+    refusals = []
+
+    def take(future, key) -> None:
+        nonlocal submitting
+        try:
+            reply = future.result()
+        except Exception as exc:  # openai raises one of several types once its retries are spent
+            if not refused(exc):
+                outcome.failure = outcome.failure or describe_failure(exc, judge.spec)
+                submitting = False  # the calls in flight finish and are kept
+                return
+            reply = Reply("", None, None, None, 0.0, error=describe_failure(exc, judge.spec))
+            refusals.append(reply.error)
+            if len(refusals) >= REFUSALS_TO_STOP and len(refusals) == outcome.calls + 1:
+                # every call so far refused: the server refuses this judge, not these prompts
+                outcome.failure = outcome.failure or (f"the first {len(refusals)} requests were all refused "
+                                                      f"({reply.error})")
+                submitting = False
+        keep(cache, key, judge_name, reply)
+        outcome.replies[key] = reply
+        outcome.calls += 1
+
     try:
         while True:
             while submitting and len(running) < concurrency:
@@ -191,17 +278,12 @@ def run_calls(judge: ChatJudge, requests: dict[str, list[dict]], cache: Judgment
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                key = running.pop(future)
-                try:
-                    reply = future.result()
-                except Exception as exc:  # openai raises one of several types once its retries are spent
-                    outcome.failure = outcome.failure or describe_failure(exc, judge.spec)
-                    submitting = False  # the calls in flight finish and are kept
-                    continue
-                cache.put(key, judge_name, reply)
-                outcome.replies[key] = reply
-                outcome.calls += 1
+                take(future, running.pop(future))
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: the calls in flight finish here
+        for future, key in list(running.items()):  # ... and their paid replies are kept
+            if future.done() and not future.cancelled():
+                take(future, key)
+            running.pop(future, None)
     outcome.pending = sum(key not in outcome.replies for key in requests)
     return outcome

@@ -21,7 +21,8 @@ Verdict. One forward pass gives the next-token log-softmax at the last position;
 log-probabilities of the two labels' first tokens, p_first = P(A) / (P(A) + P(B)) = 1 / (1 + exp(lp_b - lp_a)).
 Tie rule: a tie when |p_first - 0.5| <= tie_margin (JudgeSpec.tie_margin, default 0: a tie only when the
 two labels are exactly equally probable); otherwise the more probable label (first for A, second for B).
-A verdict is never invalid. The raw text records it in the parseable form ([[A]], [[B]] or [[tie]]) with
+A verdict is invalid only where a label's log-probability is not finite (broken logits: NaN or an infinity);
+it is then not cached. The raw text records every other verdict in the parseable form ([[A]], [[B]] or [[tie]]) with
 both log-probabilities, so judge.judgment_table reads the same verdict from a fresh or a cached reply.
 
 Cutting. The whole input (rendered prompt plus reply prefix) must fit the token budget: the judge's
@@ -55,7 +56,7 @@ from pathlib import Path
 from dpo_eval.config import JudgeSpec, ModelSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import DigestStore, model_identity
-from dpo_eval.judges.api import JudgmentCache, Outcome, Reply, request_key
+from dpo_eval.judges.api import JudgmentCache, Outcome, Reply, keep, request_key
 from dpo_eval.judges.prompt import MIN_ROOM, JudgeTemplate, parse_verdict, prompt_chars, render
 from dpo_eval.locations import is_local_path
 from dpo_eval.generation.models import load_model, load_tokenizer
@@ -79,7 +80,11 @@ class HFOutcome(Outcome):
 
 
 def verdict_of(lp_a: float, lp_b: float, tie_margin: float = 0.0) -> tuple[str, float]:
-    """(verdict, p_first) from the two labels' log-probabilities (see the module docstring's tie rule)."""
+    """(verdict, p_first) from the two labels' log-probabilities (see the module docstring's tie rule); invalid
+    with p_first NaN where either is not finite (NaN or an infinity: a log-softmax of finite logits never gives one,
+    so the model's logits broke and there is no verdict to read)."""
+    if not (math.isfinite(lp_a) and math.isfinite(lp_b)):
+        return "invalid", float("nan")
     p = 1.0 / (1.0 + math.exp(lp_b - lp_a)) if lp_b - lp_a < 700 else 0.0
     if abs(p - 0.5) <= tie_margin:
         return "tie", p
@@ -88,6 +93,9 @@ def verdict_of(lp_a: float, lp_b: float, tie_margin: float = 0.0) -> tuple[str, 
 
 def raw_text(verdict: str, lp_a: float, lp_b: float, p: float, labels: tuple[str, str], prefix: str) -> str:
     """The judgment's raw text: the verdict in the parser's form, then the numbers it came from."""
+    if verdict == "invalid":  # no mark, so parse_verdict reads it as invalid too
+        return (f"no verdict: log-probabilities not finite after the reply prefix {prefix!r}: "
+                f"log P({labels[0]!r}) = {lp_a}, log P({labels[1]!r}) = {lp_b}")
     text = (f"{MARKS[verdict]} from next-token log-probabilities after the reply prefix {prefix!r}: "
             f"log P({labels[0]!r}) = {lp_a:.6f}, log P({labels[1]!r}) = {lp_b:.6f}, p_first = {p:.6f}")
     if parse_verdict(text) != verdict:  # a label that looks like a verdict mark: keep the numbers only
@@ -302,7 +310,7 @@ class HFJudge:
                 verdict, p = verdict_of(lp_a, lp_b, self.spec.tie_margin)
                 reply = Reply(raw_text(verdict, lp_a, lp_b, p, self.labels, self.prefix), p, len(by_key[key]), 0,
                               share)
-                cache.put(key, judge, reply)
+                keep(cache, key, judge, reply)  # an invalid verdict is computed again next run
                 outcome.replies[key] = reply
                 outcome.calls += 1
         outcome.pending = sum(key not in outcome.replies for key in by_key)

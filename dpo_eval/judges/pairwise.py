@@ -18,7 +18,8 @@ import polars as pl
 
 from dpo_eval.config import JudgeSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.judges.api import ChatJudge, JudgmentCache, judge_id, judge_identity, request_key, run_calls
+from dpo_eval.judges.api import (ChatJudge, JudgmentCache, judge_id, judge_identity, normalised_url, request_key,
+                                  run_calls)
 from dpo_eval.judges.prompt import load_template, parse_verdict, render
 from dpo_eval.judges.statistics import ROLES, judge_summary
 from dpo_eval.jsonsafe import jsonable
@@ -96,11 +97,13 @@ def judgment_table(requests: list[dict], replies: dict, judge: str) -> pl.DataFr
             continue
         cached = reply.cached or req["key"] in seen
         seen.add(req["key"])
-        verdict = parse_verdict(reply.raw)
+        failed = getattr(reply, "error", None)
+        verdict = "failed" if failed else parse_verdict(reply.raw)
         winner = {"first": req["shown_first"], "second": req["shown_second"]}.get(verdict, verdict)
         rows.append({"pair_id": req["pair_id"], "split": req["split"], "comparison": req["comparison"],
                      "judge": judge, "order": req["order"], "shown_first": req["shown_first"], "verdict": verdict,
-                     "winner": winner, "p_first": reply.p_first, "raw": reply.raw, "truncated": req["truncated"],
+                     "winner": winner, "p_first": reply.p_first, "raw": failed or reply.raw,
+                     "truncated": req["truncated"],
                      "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                      "latency_s": reply.latency_s, "cached": cached})
     return pl.DataFrame(rows, schema=SCHEMA)
@@ -168,17 +171,32 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
     table = judgment_table(requests, outcome.replies, judge)
     table.write_parquet(run_dir / "judgments.parquet")
     stats = (judge_summary(table, answer_lengths(run_dir, answers, pairs)) if table.height
-             else {"invalid": 0, "incomplete": 0, "splits": {}})
+             else {"invalid": 0, "failed": 0, "incomplete": 0, "splits": {}})
     fresh = table.filter(~pl.col("cached"))
-    block = {"id": judge, "kind": spec.kind, "model": spec.model, "template_sha": template.sha,
-             "calls": outcome.calls, "cached": int(table["cached"].sum()), "invalid": stats.pop("invalid"),
-             "tokens": {"prompt": int(fresh["prompt_tokens"].sum()),
-                        "completion": int(fresh["completion_tokens"].sum())},
-             "truncated": int(table["truncated"].sum()), "complete": outcome.pending == 0,
+    invalid, failed = stats.pop("invalid"), stats.pop("failed")
+    invalid_share = invalid / table.height if table.height else 0.0
+    problems = []
+    if invalid_share > spec.max_invalid_share:
+        problems.append(f"{invalid} of {table.height} verdicts ({invalid_share:.0%}) could not be read (invalid), "
+                        f"more than max_invalid_share {spec.max_invalid_share:.0%}: the judge does not answer in the "
+                        "template's form; invalid replies are not cached, so a run with a fixed template or judge "
+                        "asks them again")
+    if failed:
+        first = table.filter(pl.col("verdict") == "failed")["raw"][0]
+        problems.append(f"{failed} judgments were refused by the server (e.g. {first}); they are asked again on the "
+                        "next run")
+    block = {"id": judge, "kind": spec.kind, "model": spec.model, "base_url": normalised_url(spec.base_url) or None,
+             "revision": spec.revision, "template_sha": template.sha,
+             "calls": outcome.calls, "cached": int(table["cached"].sum()), "invalid": invalid,
+             "invalid_share": invalid_share, "failed": failed,
+             "tokens": {"prompt": int(fresh["prompt_tokens"].fill_null(0).sum()),
+                        "completion": int(fresh["completion_tokens"].fill_null(0).sum())},
+             "truncated": int(table["truncated"].sum()),
+             "complete": outcome.pending == 0 and not problems, "problems": problems,
              "pending": outcome.pending, **stats, **getattr(outcome, "extra", {})}
     update_summary(run_dir, block)
-    log.info("judge %s: %d judgments (%d calls, %d cached), %d pending", judge, table.height, outcome.calls,
-             block["cached"], outcome.pending)
+    log.info("judge %s: %d of %d judgments made (%d calls, %d cached, %d invalid, %d refused), %d pending", judge,
+             table.height, len(requests), outcome.calls, block["cached"], invalid, failed, outcome.pending)
     reason = outcome.failure or outcome.stopped
     if reason:
         again = "with a larger --max-calls " if outcome.failure is None else ""

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +56,7 @@ TRAINING_METADATA = "dpo_eval_reward_training.json"  # written by reward_trainin
 SCORES_FILE = "reward_scores.parquet"
 ACCURACY_METHOD = ("share of pairs with score(chosen) > score(rejected); ties (equal scores) count as not "
                    "correct and are stated; Wilson score CI (a bootstrap of 29 correct of 29 would give [1, 1])")
-WIN_METHOD = ("share of pairs with score(tuned) > score(base), ties half; percentile bootstrap CI over pairs; "
+WIN_METHOD = ("share of pairs with score(tuned) > score(base), ties half; Wilson score CI on wins + ties/2; "
               "two-sided sign test of wins vs losses (scipy.stats.binomtest, p = 1/2), ties excluded")
 
 
@@ -328,11 +327,6 @@ def add_feature(features: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
     return joined.with_columns(pl.col(FEATURE).fill_null(float("nan")))
 
 
-def _rng(seed: int, split: str, purpose: str) -> np.random.Generator:
-    key = [int(seed) % 2**64, zlib.crc32(split.encode()), zlib.crc32(f"reward_model:{purpose}".encode())]
-    return np.random.default_rng(np.random.SeedSequence(key))
-
-
 def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci_level: float = 0.95,
                 column: str = FEATURE) -> dict:
     """{split: block} from a `pair_id, split, role, <column>` table (features.parquet's shape), for the
@@ -342,9 +336,10 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
     rejected; ties (d_cr = 0) count as not correct and are given. win_rate = (wins + win_ties / 2) / win_n
     over the win_n pairs with finite tuned and base scores, d_tb = tuned - base; p_value = two-sided sign
     test of wins vs losses (ties excluded). CIs at `ci_level`: accuracy, a Wilson score interval (never
-    zero-width at 0 or n correct); win rate, a percentile bootstrap over pairs, n_boot resamples, seeded.
+    zero-width at 0 or n correct); win rate, the same Wilson interval on k = wins + win_ties / 2 (a percentile
+    bootstrap collapses to [1, 1] when every pair is a win). n_boot is kept for the callers and not used.
     """
-    from dpo_eval.judges.statistics import bootstrap_ci, sign_test
+    from dpo_eval.judges.statistics import sign_test
     from dpo_eval.stats.paired import wilson
 
     wide = features.select("pair_id", "split", "role", column).pivot(on="role", index=["pair_id", "split"],
@@ -352,7 +347,6 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
     for role in ROLES:
         if role not in wide.columns:
             wide = wide.with_columns(pl.lit(None, dtype=pl.Float64).alias(role))
-    alpha = 1 - ci_level
     out = {}
     for split in sorted(set(wide["split"].to_list()), key=lambda s: (s not in ("train", "valid"), s)):
         part = wide.filter(pl.col("split") == split)
@@ -367,7 +361,7 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
         low, high = wilson(int(correct.sum()), int(cr.size), ci_level)
         wins, losses, ties = int((tb > 0).sum()), int((tb < 0).sum()), int((tb == 0).sum())
         win_scores = np.where(tb > 0, 1.0, np.where(tb == 0, 0.5, 0.0))
-        win_low, win_high = bootstrap_ci(win_scores, n_boot, alpha, _rng(seed, split, "win_rate"))
+        win_low, win_high = wilson(float(win_scores.sum()), int(win_scores.size), ci_level)
         out[split] = {"accuracy": float(correct.mean()) if cr.size else float("nan"), "ci_low": low, "ci_high": high,
                       "ties": int((cr == 0).sum()), "n": int(cr.size),
                       "win_rate": float(win_scores.mean()) if tb.size else float("nan"),

@@ -15,7 +15,6 @@ characters or words of a linear scale give the same LC win rate.
 from __future__ import annotations
 
 import warnings
-import zlib
 
 import numpy as np
 import polars as pl
@@ -25,17 +24,22 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.stats.paired import resample_counts
+from dpo_eval.stats.paired import wilson
 
 ROLES = {"tuned_vs_base": ("tuned", "base"), "chosen_vs_rejected": ("chosen", "rejected")}
 ORDERS = ("ab", "ba")
-VERDICTS = ("first", "second", "tie", "invalid")
+VERDICTS = ("first", "second", "tie", "invalid", "failed")  # failed: the server refused the request (a 4xx)
 REQUIRED = ("pair_id", "split", "comparison", "judge", "order", "shown_first", "verdict", "winner")
 KEYS = ["judge", "split", "comparison", "pair_id"]
 SIGN_TEST = "two-sided binomial sign test of wins vs losses (scipy.stats.binomtest, p = 1/2), ties excluded"
-CI_METHOD = "percentile bootstrap over pairs"
-LC_METHOD = ("logistic regression (scikit-learn, unpenalised) of the per-order outcome (tuned win 1, loss 0, "
-             "tie 1/2 on each) on tanh(length difference / its sd) plus an intercept, predicted at difference 0")
+CI_METHOD = ("Wilson score interval on k = wins + ties/2 of the n valid pairs (a tie counted as half a success "
+             "with a success's variance, so with many ties the interval is conservative)")
+LC_METHOD = ("logistic regression (scikit-learn, unpenalised) of the combined per-pair outcome (tuned win 1, loss 0, "
+             "tie 1/2 on each), one row per pair counted in n, on tanh(length difference / its sd) plus an "
+             "intercept, predicted at difference 0")
+# The LC win rate is a prediction at zero length difference; where fewer than this share of the pairs lie on one
+# side of zero, that prediction is an extrapolation beyond the data and is flagged (lc_extrapolated).
+LC_SIDE_SHARE = 0.1
 
 
 def check_judgments(judgments: pl.DataFrame) -> None:
@@ -78,16 +82,17 @@ def combine_orders(judgments: pl.DataFrame) -> pl.DataFrame:
     `consistent`.
 
     winner = the common winner where both orders agree (a role or tie); tie where they disagree (one tie and
-    one role included); invalid where either order is invalid (counted, never turned into a tie);
-    incomplete where an order is missing (a budget stop). consistent = winner_ab == winner_ba, null unless
+    one role included); failed where either order was refused by the server; invalid where either order is
+    invalid (counted, never turned into a tie); incomplete where an order is missing (a budget stop). consistent = winner_ab == winner_ba, null unless
     both orders are valid.
     """
     check_judgments(judgments)
     wide = judgments.group_by(KEYS, maintain_order=True).agg(
         [pl.col("winner").filter(pl.col("order") == o).first().alias(f"winner_{o}") for o in ORDERS])
     ab, ba = pl.col("winner_ab"), pl.col("winner_ba")
-    both = ab.is_not_null() & ba.is_not_null() & (ab != "invalid") & (ba != "invalid")
-    winner = (pl.when((ab == "invalid") | (ba == "invalid")).then(pl.lit("invalid"))
+    both = ab.is_not_null() & ba.is_not_null() & ~ab.is_in(["invalid", "failed"]) & ~ba.is_in(["invalid", "failed"])
+    winner = (pl.when((ab == "failed") | (ba == "failed")).then(pl.lit("failed"))
+              .when((ab == "invalid") | (ba == "invalid")).then(pl.lit("invalid"))
               .when(ab.is_null() | ba.is_null()).then(pl.lit("incomplete"))
               .when(ab == ba).then(ab).otherwise(pl.lit("tie")))
     return wide.with_columns(winner=winner, consistent=pl.when(both).then(ab == ba))
@@ -103,26 +108,8 @@ def position_consistency(combined: pl.DataFrame) -> float:
 def first_position_rate(judgments: pl.DataFrame) -> float:
     """Share of `first` among the valid per-order verdicts: #{first} / #{first, second, tie}. An unbiased
     judge gives about the share of decided verdicts over 2; a judge that always answers A gives 1."""
-    valid = judgments.filter(pl.col("verdict") != "invalid")
+    valid = judgments.filter(pl.col("verdict").is_in(["first", "second", "tie"]))
     return float((valid["verdict"] == "first").mean()) if valid.height else float("nan")
-
-
-def judge_rng(seed: int, split: str, comparison: str) -> np.random.Generator:
-    """The bootstrap stream of one split and comparison: numpy SeedSequence([seed mod 2^64, crc32(split),
-    crc32(comparison), crc32("judge")]); the last key keeps it apart from stats.rng_for's streams."""
-    key = [int(seed) % 2**64] + [zlib.crc32(s.encode()) for s in (split, comparison, "judge")]
-    return np.random.default_rng(np.random.SeedSequence(key))
-
-
-def bootstrap_ci(scores: np.ndarray, n_boot: int, alpha: float, rng: np.random.Generator) -> tuple[float, float]:
-    """Percentile bootstrap CI of mean(scores): pairs resampled with replacement n_boot times, the
-    alpha/2 and 1 - alpha/2 quantiles of the resampled means. NaN where n_boot = 0 or there are no scores."""
-    scores = np.asarray(scores, dtype=float)
-    if n_boot == 0 or scores.size == 0:
-        return float("nan"), float("nan")
-    means = np.concatenate([counts @ scores / scores.size for counts in resample_counts(scores.size, n_boot, rng)])
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -143,8 +130,8 @@ def lc_win_rate(outcome: np.ndarray, length_diff: np.ndarray) -> tuple[float, st
     """Length-controlled win rate in the manner of AlpacaEval 2 (without its instruction-difficulty term):
     (rate, reason), the reason empty when the fit is regular.
 
-    Per valid per-order verdict, outcome y = 1 (tuned wins), 0 (base wins) or 1/2 (tie: one row of each
-    outcome, weight 1/2 each) and x = tanh(d / sd(d)), d = length(tuned) - length(base), sd over the same
+    Per valid pair (its two orders combined, as the win rate counts it), outcome y = 1 (tuned wins), 0 (base
+    wins) or 1/2 (tie: one row of each outcome, weight 1/2 each) and x = tanh(d / sd(d)), d = length(tuned) - length(base), sd over the same
     rows (ddof 0; d is scaled, not centred, so x = 0 is still equal length). Fit P(y = 1) =
     sigmoid(a + b x) by unpenalised maximum likelihood (scikit-learn LogisticRegression); the LC win rate
     is sigmoid(a), the prediction at zero length difference. NaN with a reason where the fit does not
@@ -155,12 +142,12 @@ def lc_win_rate(outcome: np.ndarray, length_diff: np.ndarray) -> tuple[float, st
     """
     y, d = np.asarray(outcome, dtype=float), np.asarray(length_diff, dtype=float)
     ok = np.isfinite(d) & np.isfinite(y)
-    notes = [f"{int((~ok).sum())} verdict(s) without lengths left out"] if (~ok).any() else []
+    notes = [f"{int((~ok).sum())} pair(s) without lengths left out"] if (~ok).any() else []
     y, d = y[ok], d[ok]
     if y.size == 0:
-        return float("nan"), "no valid tuned-vs-base verdict with both answers' lengths"
+        return float("nan"), "no valid tuned-vs-base pair with both answers' lengths"
     if np.all(y == 1) or np.all(y == 0):
-        return float("nan"), f"every valid verdict is a {'win' if y[0] == 1 else 'loss'} for tuned: no finite fit"
+        return float("nan"), f"every valid pair is a {'win' if y[0] == 1 else 'loss'} for tuned: no finite fit"
     sd = d.std()
     if sd == 0:
         return float("nan"), "no length variation: the length effect cannot be told from the intercept"
@@ -203,42 +190,75 @@ def _counts(combined: pl.DataFrame, roles: tuple[str, str]) -> dict:
     winner = combined["winner"]
     return {"n": int(winner.is_in([*roles, "tie"]).sum()), "wins": int((winner == roles[0]).sum()),
             "losses": int((winner == roles[1]).sum()), "ties": int((winner == "tie").sum()),
-            "invalid": int((winner == "invalid").sum()), "incomplete": int((winner == "incomplete").sum())}
+            "invalid": int((winner == "invalid").sum()), "incomplete": int((winner == "incomplete").sum()),
+            "failed": int((winner == "failed").sum())}
+
+
+def _valid(combined: pl.DataFrame) -> pl.DataFrame:
+    """The pairs counted in n: both orders made and valid."""
+    return combined.filter(~pl.col("winner").is_in(["invalid", "incomplete", "failed"]))
 
 
 def _scores(combined: pl.DataFrame, first_role: str) -> np.ndarray:
     """Per valid pair: 1 where the first role wins, 1/2 for a tie, 0 where the other role wins."""
-    valid = combined.filter(~pl.col("winner").is_in(["invalid", "incomplete"]))
+    valid = _valid(combined)
     return np.where(valid["winner"] == first_role, 1.0, np.where(valid["winner"] == "tie", 0.5, 0.0))
 
 
 def comparison_summary(judgments: pl.DataFrame, comparison: str, diffs: pl.DataFrame | None, *, seed: int,
                        n_boot: int, alpha: float) -> dict:
     """The summary block of one split and comparison (judgments already filtered to them)."""
-    split = judgments["split"][0]
     combined = combine_orders(judgments)
     roles = ROLES[comparison]
     counts, scores = _counts(combined, roles), _scores(combined, roles[0])
     rate = float(scores.mean()) if scores.size else float("nan")
-    low, high = bootstrap_ci(scores, n_boot, alpha, judge_rng(seed, split, comparison))
+    # Wilson, not a bootstrap: a percentile bootstrap collapses to [1, 1] at 29 of 29 (coverage 0.78 at a true
+    # 0.95, n = 30, in the audit's simulation); Wilson never does. seed and n_boot are kept for the callers.
+    low, high = wilson(float(scores.sum()), int(scores.size), 1 - alpha)
     common = {"ci_low": low, "ci_high": high, "position_consistency": position_consistency(combined),
               "first_position_rate": first_position_rate(judgments),
-              "invalid": counts["invalid"], "incomplete": counts["incomplete"]}
+              "invalid": counts["invalid"], "incomplete": counts["incomplete"], "failed": counts["failed"]}
     if comparison == "chosen_vs_rejected":
         return {"n": counts["n"], "agreement": rate, **common}
-    lc, why = split_lc_win_rate(judgments, diffs)
+    lc, why, side = split_lc_win_rate(combined, diffs)
     return {"n": counts["n"], "wins": counts["wins"], "losses": counts["losses"], "ties": counts["ties"],
             "win_rate": rate, **common, "p_value": sign_test(counts["wins"], counts["losses"]),
-            "sign_test": SIGN_TEST, "lc_win_rate": lc, "lc_reason": why}
+            "sign_test": SIGN_TEST, "lc_win_rate": lc, "lc_reason": why, **side}
 
 
-def split_lc_win_rate(judgments: pl.DataFrame, diffs: pl.DataFrame | None) -> tuple[float, str]:
-    """lc_win_rate over the valid tuned-vs-base per-order verdicts of one split, lengths joined by pair."""
+def length_sides(d: np.ndarray) -> dict:
+    """Where the length differences lie: the share of pairs with tuned longer, shorter, equal, their range, and
+    whether a prediction at difference 0 is an extrapolation: fewer than LC_SIDE_SHARE of the pairs at or on one
+    side of 0 (pairs of equal length are data at 0 itself)."""
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return {"lc_extrapolated": None, "length_diff": None}
+    longer, shorter = float((d > 0).mean()), float((d < 0).mean())
+    at_or_above, at_or_below = float((d >= 0).mean()), float((d <= 0).mean())
+    return {"lc_extrapolated": bool(min(at_or_above, at_or_below) < LC_SIDE_SHARE),
+            "length_diff": {"share_tuned_longer": longer, "share_tuned_shorter": shorter,
+                            "share_equal": float((d == 0).mean()), "min": float(d.min()), "max": float(d.max())}}
+
+
+def split_lc_win_rate(combined: pl.DataFrame, diffs: pl.DataFrame | None) -> tuple[float, str, dict]:
+    """(lc_win_rate, reason, length_sides) over the valid tuned-vs-base pairs of one split (the rows the win rate
+    counts), lengths joined by pair. An extrapolated rate keeps its value and says so in the reason."""
     if diffs is None:
-        return float("nan"), "no answer lengths given"
-    rows = judgments.filter(pl.col("verdict") != "invalid").join(diffs, on=["pair_id", "split"], how="left")
+        return float("nan"), "no answer lengths given", {"lc_extrapolated": None, "length_diff": None}
+    rows = _valid(combined).join(diffs, on=["pair_id", "split"], how="left")
     outcome = np.where(rows["winner"] == "tuned", 1.0, np.where(rows["winner"] == "tie", 0.5, 0.0))
-    return lc_win_rate(outcome, rows["length_diff"].to_numpy().astype(float))
+    d = rows["length_diff"].to_numpy().astype(float)
+    rate, reason = lc_win_rate(outcome, d)
+    side = length_sides(d)
+    if not np.isfinite(rate):  # no rate to call an extrapolation
+        side["lc_extrapolated"] = None
+    if side["lc_extrapolated"]:
+        spread = side["length_diff"]
+        note = (f"an extrapolation: {spread['share_tuned_longer']:.0%} of pairs have the tuned answer longer and "
+                f"{spread['share_tuned_shorter']:.0%} shorter (differences {spread['min']:g} to {spread['max']:g}), "
+                "so the rate at equal length lies outside the data; do not read it as the judge's preference")
+        reason = "; ".join(filter(None, [reason, note]))
+    return rate, reason, side
 
 
 def judge_summary(judgments: pl.DataFrame, lengths: pl.DataFrame | None = None, *, seed: int = 0,
@@ -246,12 +266,14 @@ def judge_summary(judgments: pl.DataFrame, lengths: pl.DataFrame | None = None, 
     """`summary.json`'s judge statistics for one judge: {invalid, incomplete, ci_method, lc_method, splits:
     {split: {comparison: block}}}, comparisons present in the table only.
 
-    tuned_vs_base: n (valid pairs), wins, losses, ties, win_rate = (wins + ties/2) / n, its bootstrap CI
-    (ci_low, ci_high at level 1 - alpha, seeded per split and comparison), p_value (sign test, ties
-    excluded), lc_win_rate (lc_win_rate; NaN with lc_reason), position_consistency, first_position_rate.
-    chosen_vs_rejected: n, agreement = (#chosen + #ties/2) / n with its CI, position_consistency,
-    first_position_rate. Both carry invalid (pairs with an invalid verdict, outside n) and incomplete
-    (pairs missing an order, outside n). Top-level invalid counts invalid per-order verdicts.
+    tuned_vs_base: n (valid pairs), wins, losses, ties, win_rate = (wins + ties/2) / n, its Wilson CI on
+    k = wins + ties/2 (ci_low, ci_high at level 1 - alpha), p_value (sign test, ties excluded), lc_win_rate
+    (lc_win_rate on the same per-pair rows; NaN with lc_reason), lc_extrapolated and length_diff
+    (length_sides), position_consistency, first_position_rate.
+    chosen_vs_rejected: n, agreement = (#chosen + #ties/2) / n with its Wilson CI, position_consistency,
+    first_position_rate. Both carry invalid (pairs with an invalid verdict, outside n), failed (pairs the
+    server refused, outside n) and incomplete (pairs missing an order, outside n). Top-level invalid and failed
+    count per-order verdicts.
     """
     check_judgments(judgments)
     judges = judgments["judge"].unique().to_list()
@@ -264,6 +286,7 @@ def judge_summary(judgments: pl.DataFrame, lengths: pl.DataFrame | None = None, 
         splits.setdefault(split, {})[comparison] = comparison_summary(
             part, comparison, diffs, seed=seed, n_boot=n_boot, alpha=alpha)
     incomplete = sum(block["incomplete"] for blocks in splits.values() for block in blocks.values())
-    return {"invalid": int((judgments["verdict"] == "invalid").sum()), "incomplete": incomplete,
-            "ci_method": f"{CI_METHOD}, {n_boot} resamples, level {1 - alpha:g}", "lc_method": LC_METHOD,
+    return {"invalid": int((judgments["verdict"] == "invalid").sum()),
+            "failed": int((judgments["verdict"] == "failed").sum()), "incomplete": incomplete,
+            "ci_method": f"{CI_METHOD}, level {1 - alpha:g}", "lc_method": LC_METHOD,
             "splits": splits}

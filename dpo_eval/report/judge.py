@@ -22,7 +22,7 @@ from dpo_eval.jsonsafe import finite, jsonable
 
 SECTION_IDS = ("judge", "judge_examples")
 EXAMPLE_CHARS = 400  # characters of each text shown in the examples table
-OUTCOMES = ("tuned", "base", "tie", "invalid", "incomplete")  # one example of each, where there is one
+OUTCOMES = ("tuned", "base", "tie", "invalid", "failed", "incomplete")  # one example of each, where there is one
 STRONG = 0.7  # agreement with the labels from which a judge's win rate is called informative
 MIN_PAIRS = 10  # fewer calibration pairs than this say nothing either way (a bootstrap CI of 2 pairs is a point)
 
@@ -94,21 +94,27 @@ def _llm_headline(block: dict, judgments: pl.DataFrame | None, labeled: bool = T
     for split, blocks in (block.get("splits") or {}).items():
         tb = blocks.get("tuned_vs_base")
         if tb and tb["n"]:
+            lc = (f"length-controlled {_f(tb['lc_win_rate'])}, an extrapolation: the answers' lengths do not reach "
+                  "equal length" if tb.get("lc_extrapolated") else f"length-controlled {_f(tb['lc_win_rate'])}")
             said.append(f"on {split} tuned beats base in {_f(tb['win_rate'])} [{_f(tb['ci_low'])}, "
                         f"{_f(tb['ci_high'])}] of {tb['n']} pairs (ties half; sign test p = {_p(tb['p_value'])}; "
-                        f"length-controlled {_f(tb['lc_win_rate'])})")
+                        f"{lc})")
         elif tb:
             said.append(f"on {split} no tuned-vs-base pair has a valid verdict ({tb['invalid']} with an invalid "
-                        f"one, {tb['incomplete']} not judged in both orders)")
+                        f"one, {tb.get('failed', 0)} refused by the server, {tb['incomplete']} not judged in both "
+                        "orders)")
     text = f"LLM judge {block.get('model')}: " + ("; ".join(said) if said else "no tuned-vs-base pair judged") + ". "
     cal = pooled_calibration(block, judgments)
     unchecked = (NO_LABELS if cal is None and not labeled else "no chosen-vs-rejected pair judged" if cal is None else
-                 f"none of its {cal['invalid'] + cal['incomplete']} chosen-vs-rejected pairs has a valid verdict")
+                 f"none of its {cal['invalid'] + cal.get('failed', 0) + cal['incomplete']} chosen-vs-rejected pairs has "
+                 "a valid verdict")
     cal = cal or {}
     text += trust_sentence("This judge", cal.get("agreement"), cal.get("ci_low"), cal.get("ci_high"), cal.get("n", 0),
                            unchecked)
-    if not block.get("complete", True):
+    if block.get("pending"):
         text += f" Judging is incomplete: {block.get('pending')} judgments are still to make (run again to continue)."
+    for problem in block.get("problems") or ():
+        text += f" Not complete: {problem}."
     return text
 
 

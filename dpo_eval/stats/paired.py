@@ -49,13 +49,24 @@ def rank_biserial(d: np.ndarray) -> float:
     return float((w_plus - w_minus) / (w_plus + w_minus))
 
 
-def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of k successes in n (scipy.stats.binomtest); NaN without trials. Never zero-width
-    at k = 0 or n, where a percentile bootstrap over the trials is."""
+def wilson(k: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of k successes in n; NaN without trials. Never zero-width at k = 0 or n, where a
+    percentile bootstrap over the trials is.
+
+    With p = k / n and z the normal quantile at (1 + level) / 2: centre (p + z^2 / 2n) / (1 + z^2 / n),
+    half-width z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / 4n^2). k may be fractional (a tie counted as
+    half a success, as win rates and judge agreement count it); for whole k this is scipy.stats.binomtest's
+    proportion_ci(method="wilson").
+    """
     if n == 0:
         return float("nan"), float("nan")
-    ci = sps.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
-    return float(ci.low), float(ci.high)
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson: k = {k} successes outside 0..n = {n}")
+    z = float(sps.norm.ppf((1 + level) / 2))
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def wilcoxon(d: np.ndarray, alpha: float = 0.05) -> tuple[float, float, str]:
