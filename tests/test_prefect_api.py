@@ -47,8 +47,13 @@ def test_the_subscription_to_scheduled_task_runs():
         assert name in params, f"Subscription() lost its {name!r} parameter: {RELIED_ON}"
     assert hasattr(Subscription, "__anext__"), f"Subscription is no longer an async iterator: {RELIED_ON}"
     routes = set(typing.get_args(ServerRoutes))
-    for route in (SCHEDULED_ROUTE, "/variables/filter", "/task_workers/filter"):
+    for route in ("/variables/filter", "/task_workers/filter"):
         assert route in routes, f"Prefect {prefect.__version__} has no REST route {route}: {RELIED_ON}"
+    # the websocket route is not among ServerRoutes: it must be the one Prefect's own task worker subscribes to
+    from prefect.task_worker import TaskWorker
+
+    assert f'"{SCHEDULED_ROUTE}"' in inspect.getsource(TaskWorker), \
+        f"Prefect {prefect.__version__}'s TaskWorker no longer subscribes to {SCHEDULED_ROUTE}: {RELIED_ON}"
 
 
 def test_the_clients_public_request_and_calls():
