@@ -164,6 +164,22 @@ def check_evaluation(config: EvalConfig) -> None:
         pairs = read_pairs(config.dataset)[0]
     reference = read_pairs(config.reference_dataset)[0] if config.reference_dataset is not None else None
     check_labels(pairs, reference, config)
+    check_judges(config)
+
+
+def check_judges(config: EvalConfig) -> None:
+    """The judges a run is configured with, checked before any model loads (not after an hour of generation): an
+    API judge's URL and key variable, a local judge's or reward model's folder."""
+    judge = config.judge
+    if judge is not None and judge.kind == "openai":
+        from dpo_eval.judges.api import api_key, normalised_url
+
+        normalised_url(judge.base_url)  # a malformed URL is one error naming it
+        api_key(judge)  # the key's variable is set (or the server is local)
+    for option, name in (("judge.model (hf judge)", judge.model if judge is not None and judge.kind == "hf" else None),
+                         ("reward_model", config.reward_model)):
+        if name and is_local_path(name) and not Path(name).expanduser().exists():
+            raise DpoEvalError(f"{option} {name}: no such folder; give the model's folder or its hub id")
 
 
 def check_run_dir(run: Path) -> None:

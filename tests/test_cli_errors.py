@@ -146,6 +146,24 @@ def test_a_data_set_whose_every_record_is_left_out_is_one_line_before_any_prefec
     assert status["code"] != 0 and status["orchestration_modules"] == []  # no server, no model
 
 
+@pytest.mark.parametrize("judges, named", [
+    ({"judge": {"model": "some-judge", "api_key_env": "DPO_EVAL_TEST_NEVER_SET"}},
+     "--api-key-env DPO_EVAL_TEST_NEVER_SET: the variable is unset"),
+    ({"judge": {"kind": "hf", "model": "./no-such-judge"}}, "judge.model (hf judge) ./no-such-judge: no such folder"),
+    ({"reward_model": "./no-such-reward-model"}, "reward_model ./no-such-reward-model: no such folder"),
+])
+def test_judges_in_the_config_are_checked_before_any_prefect_import(stories260k, adapter, trl_jsonl, tmp_path,
+                                                                    judges, named):
+    import yaml
+
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"dataset": {"source": str(trl_jsonl)},
+                                      "model": {"base": str(stories260k), "adapter": str(adapter)}, **judges}))
+    result, status = run_main("evaluate", "--config", config, "--out", tmp_path / "run")
+    assert_one_line(result, named)
+    assert status["code"] != 0 and status["orchestration_modules"] == []  # before any server, model or generation
+
+
 def test_trend_on_a_folder_that_is_not_a_run(tmp_path):
     result = run_cli("trend", tmp_path, "--out", tmp_path / "trend")
     assert_one_line(result, tmp_path, "not a dpo-eval run directory")

@@ -113,6 +113,24 @@ def test_a_folder_that_is_not_a_run_is_named(runs, tmp_path):
         compare_runs(runs["a"], runs["b"], runs["b"])
 
 
+def test_out_onto_a_third_runs_folder_is_refused_and_an_earlier_comparison_reused(runs, tmp_path):
+    import shutil
+
+    third = tmp_path / "third"
+    shutil.copytree(runs["b"], third)  # an evaluation, neither A nor B
+    before = {p.name: p.read_bytes() for p in third.iterdir() if p.is_file()}
+    with pytest.raises(DpoEvalError, match=f"--out {third} holds an evaluation run, not an earlier comparison"):
+        compare_runs(runs["a"], runs["b"], third)
+    assert {p.name: p.read_bytes() for p in third.iterdir() if p.is_file()} == before  # untouched
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(DpoEvalError, match="holds other files"):
+        compare_runs(runs["a"], runs["b"], tmp_path / "notes")
+    compare_runs(runs["a"], runs["b"], tmp_path / "cmp")
+    summary = compare_runs(runs["a"], runs["b"], tmp_path / "cmp")  # an earlier comparison: reused
+    assert summary["compare"]["matched"] > 0
+
+
 def test_a_comparison_can_be_judged_b_against_a(runs, stories260k, tmp_path):
     """compare writes A's side as 'base' and B's as 'tuned' answers of the matched pairs: the judge (a real
     local HF judge on stories260k) judges B against A there."""

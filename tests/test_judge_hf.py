@@ -73,7 +73,9 @@ def check_table(run: Path, block: dict) -> pl.DataFrame:
     assert table["p_first"].is_not_null().all() and table["p_first"].is_between(0, 1).all()
     expected = pl.when(pl.col("p_first") > 0.5).then(pl.lit("first")).otherwise(pl.lit("second"))
     assert table.select((pl.col("verdict") == expected).all()).item()
-    assert table["verdict"].to_list() == [parse_verdict(raw) for raw in table["raw"]]
+    # the stored raw text carries the verdict's mark, so a cached reply reads back the same verdict
+    marks = {"first": "[[A]]", "second": "[[B]]"}
+    assert all(raw.startswith(marks[v]) for v, raw in zip(table["verdict"], table["raw"]))
     # Both orders of every pair and comparison, the roles swapped between them.
     for (_, comparison), part in table.group_by("pair_id", "comparison"):
         assert sorted(part["order"]) == ["ab", "ba"]

@@ -12,13 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module may import its own layer and the layers before it, never a later one. The foundation is the
-# plain modules at dpo_eval's top that every stage shares; `stages` and `preflight` hold the run directory's stages
-# and the checks before a run, above the stages they call.
+# plain modules at dpo_eval's top that every stage shares; `stages` holds the run directory's stages, above the
+# stages it calls, and `preflight` the checks before a run, above every stage whose input it checks.
 FOUNDATION = ("dpo_eval.errors", "dpo_eval.config", "dpo_eval.jsonsafe", "dpo_eval.progress", "dpo_eval.locations",
               "dpo_eval.checkpoint_meta", "dpo_eval.reference", "dpo_eval.sqlite_table", "dpo_eval.identity",
               "dpo_eval.__init__", "dpo_eval.__main__")
 LAYERS = [FOUNDATION, ("dpo_eval.data",), ("dpo_eval.generation",), ("dpo_eval.scoring",), ("dpo_eval.stats",),
-          ("dpo_eval.stages", "dpo_eval.preflight"), ("dpo_eval.judges",), ("dpo_eval.forgetting",),
+          ("dpo_eval.stages",), ("dpo_eval.judges",), ("dpo_eval.forgetting",), ("dpo_eval.preflight",),
           ("dpo_eval.training",), ("dpo_eval.report",), ("dpo_eval.studies",), ("dpo_eval.tasks",),
           ("dpo_eval.flows",), ("dpo_eval.cli",)]
 

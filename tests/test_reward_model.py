@@ -95,14 +95,18 @@ def run_dir(tmp_path_factory, stories260k, orca_jsonl):
 
 @pytest.fixture(scope="module")
 def judged(run_dir, reward_model, cache_dir):
-    """The run before and after the reward model judged it, and the summary block."""
+    """The run before and after the reward model judged it, the summary block, and the reward model's folder."""
     before = pl.read_parquet(run_dir / "features.parquet")
     block = reward_judge_run(run_dir, reward_model, cache_dir=cache_dir)
-    return before, block
+    return before, block, reward_model
+
+
+def reward_model_folder(judged) -> Path:
+    return judged[2]
 
 
 def test_valid_accuracy_is_reported_whatever_it_is(judged, run_dir):
-    _, block = judged
+    _, block, _ = judged
     pairs = pl.read_parquet(run_dir / "pairs.parquet")
     valid = block["splits"]["valid"]
     print(f"\ntiny reward model calibration on the valid split: accuracy {valid['accuracy']:.3f} "
@@ -110,6 +114,11 @@ def test_valid_accuracy_is_reported_whatever_it_is(judged, run_dir):
           f"train split: {block['splits']['train']['accuracy']:.3f} (n = {block['splits']['train']['n']})")
     assert valid["n"] == (pairs["split"] == "valid").sum()
     assert 0.0 <= valid["accuracy"] <= 1.0 and valid["ci_low"] <= valid["accuracy"] <= valid["ci_high"]
+    # trained by train-reward on this data set's train split: the train row is in-sample, the valid row is not
+    trained = set(json.loads((reward_model_folder(judged) / "dpo_eval_reward_training.json").read_text())["train_pair_ids"])
+    assert block["splits"]["train"]["in_sample"] is True
+    assert block["splits"]["train"]["trained_on"] == len(trained & set(pairs.filter(pl.col("split") == "train")["pair_id"]))
+    assert (valid["in_sample"], valid["trained_on"]) == (False, 0)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["reward_model"]["id"] == block["id"]
     assert set(summary["reward_model"]["splits"]["valid"]) >= {"accuracy", "ci_low", "ci_high", "ties", "n", "win_rate",
@@ -121,7 +130,7 @@ def test_valid_accuracy_is_reported_whatever_it_is(judged, run_dir):
 
 
 def test_feature_joins_and_the_existing_analysis_applies(judged, run_dir):
-    before, _ = judged
+    before, _, _ = judged
     after = pl.read_parquet(run_dir / "features.parquet")
     assert after.columns == before.columns + [FEATURE]
     assert after.drop(FEATURE).equals(before)  # the original columns' values, identical
@@ -146,7 +155,7 @@ def test_feature_joins_and_the_existing_analysis_applies(judged, run_dir):
 
 
 def test_zero_adapter_gives_d_tb_exactly_zero(judged, run_dir):
-    _, block = judged
+    _, block, _ = judged
     features = pl.read_parquet(run_dir / "features.parquet")
     wide = features.pivot(on="role", index="pair_id", values=FEATURE).drop_nulls()
     assert wide.height == ANSWERED
@@ -162,7 +171,7 @@ def test_zero_adapter_gives_d_tb_exactly_zero(judged, run_dir):
 
 
 def test_rerun_scores_nothing_and_a_new_checkpoint_only_its_new_answers(judged, run_dir, reward_model, cache_dir):
-    _, first = judged
+    _, first, _ = judged
     assert first["scored"] > 0
     scorer = RewardScorer(reward_model, cache_dir=cache_dir)
     block = reward_judge_run(run_dir, reward_model, scorer=scorer)

@@ -122,8 +122,10 @@ def _reward_headline(block: dict) -> str:
     splits = block.get("splits") or {}
     said = [f"on {s} tuned beats base in {_f(b['win_rate'])} [{_f(b['win_ci_low'])}, {_f(b['win_ci_high'])}] of "
             f"{b['win_n']} pairs (ties half; sign test p = {_p(b['p_value'])})" for s, b in splits.items() if b.get("win_n")]
-    # The valid split is the reward model's honest calibration: one trained here saw the train split.
-    name = "valid" if (splits.get("valid") or {}).get("n") else next((s for s, b in splits.items() if b.get("n")), None)
+    # The valid split is the reward model's honest calibration: one trained here saw the train split. A split it
+    # was trained on (in_sample) is never read as its calibration.
+    honest = {s: b for s, b in splits.items() if b.get("n") and not b.get("in_sample")}
+    name = "valid" if "valid" in honest else next(iter(honest), None)
     cal = splits.get(name) or {}
     subject = f"On {name} this reward model" if name else "This reward model"
     reference = block.get("reference_splits") or {}
@@ -131,8 +133,10 @@ def _reward_headline(block: dict) -> str:
         name = "valid" if (reference.get("valid") or {}).get("n") else next(
             (s for s, b in reference.items() if b.get("n")), None)
         cal, subject = reference.get(name) or {}, f"On the reference data set's {name} split this reward model"
+    unchecked = ("every scored chosen-vs-rejected pair is one it was trained on" if not name and splits else
+                 "no chosen-vs-rejected pair scored; questions without labels have none")
     trust = trust_sentence(subject, cal.get("accuracy"), cal.get("ci_low"), cal.get("ci_high"), cal.get("n", 0),
-                           "no chosen-vs-rejected pair scored; questions without labels have none")
+                           unchecked)
     trust = trust.replace("agreement with the labels", "accuracy on chosen vs rejected")
     return f"Reward model {block.get('model')}: " + ("; ".join(said) or "no tuned-vs-base pair scored") + ". " + trust
 

@@ -103,6 +103,22 @@ def comparison_answers(a: Side, b: Side, matched: set[str]) -> tuple[pl.DataFram
     return pairs, answers
 
 
+def refuse_occupied(out: Path) -> None:
+    """`out` must be new, empty, or an earlier comparison (its summary.json has a `compare` block): writing a
+    comparison over an evaluation's folder would replace its features, pairs and answers and delete its judgments."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    summary = out / "summary.json"
+    try:
+        earlier = "compare" in json.loads(summary.read_text())
+    except (OSError, ValueError, TypeError):
+        earlier = False
+    if not earlier:
+        what = "an evaluation run" if (out / "answers.parquet").is_file() or summary.is_file() else "other files"
+        raise DpoEvalError(f"--out {out} holds {what}, not an earlier comparison: the comparison would overwrite it; "
+                           "give a new or empty folder")
+
+
 def compare_runs(a: str | Path, b: str | Path, out: Path, spec: AnalysisSpec | None = None) -> dict:
     """The paired analysis of B - A beside A's chosen - rejected, written to `out` (features.parquet, stats.*,
     summary.json with a `compare` block, report.html; with both runs' answers, pairs.parquet and answers.parquet
@@ -118,6 +134,7 @@ def compare_runs(a: str | Path, b: str | Path, out: Path, spec: AnalysisSpec | N
         if out.resolve() == side.run.resolve():
             raise DpoEvalError(f"--out {out} is run {side.label} itself: the comparison would overwrite that run's "
                                "tables; give another folder")
+    refuse_occupied(out)
     features, report = comparison_features(side_a, side_b)
     out.mkdir(parents=True, exist_ok=True)
     features.write_parquet(out / "features.parquet")

@@ -13,8 +13,8 @@ from pathlib import Path
 import polars as pl
 
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.judges.reward_model import (ACCURACY_METHOD, SCORES_FILE, TRUNCATION, WIN_METHOD, RewardScorer, add_feature,
-                                         calibration, role_items, score_roles)
+from dpo_eval.judges.reward_model import (ACCURACY_METHOD, FEATURE, SCORES_FILE, TRAINING_METADATA, TRUNCATION,
+                                          WIN_METHOD, RewardScorer, add_feature, calibration, role_items, score_roles)
 from dpo_eval.report.page import Section, read_sections, write_outputs
 from dpo_eval.stages import REFERENCE_FEATURES, REFERENCE_PAIRS, run_analysis_spec
 from dpo_eval.stats.analysis import run_analysis
@@ -74,6 +74,7 @@ def reward_judge_run(run_dir: Path | str, reward_model: str | Path, *, revision:
              "truncated": int(scores["truncated"].sum()), "scored": result.misses, "cached": result.hits,
              "repairs": result.repairs, "accuracy_method": ACCURACY_METHOD, "win_method": WIN_METHOD,
              "splits": calibration(features, seed=spec.seed, n_boot=spec.bootstrap, ci_level=spec.ci_level)}
+    mark_in_sample(block["splits"], features, trained_pairs(reward_model))
     if reference is not None:  # questions without labels: the calibration is on the reference's labels
         block["reference_splits"] = calibration(reference, seed=spec.seed, n_boot=spec.bootstrap,
                                                 ci_level=spec.ci_level)
@@ -86,6 +87,30 @@ def reward_judge_run(run_dir: Path | str, reward_model: str | Path, *, revision:
     sections = [s for s in read_sections(run_dir) if s.id != "reward_model"] + [_section(block)]
     write_outputs(stats, summary, run_dir, sections)
     return block
+
+
+def trained_pairs(reward_model: str | Path) -> set[str] | None:
+    """The pair_ids a reward model was trained on, from the metadata `dpo-eval train-reward` writes beside it;
+    None where there is none (a hub model, or one trained elsewhere): whether it saw a pair is then unknown."""
+    path = Path(reward_model).expanduser() / TRAINING_METADATA
+    try:
+        return set(json.loads(path.read_text())["train_pair_ids"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def mark_in_sample(splits: dict, features: pl.DataFrame, trained: set[str] | None) -> None:
+    """Per split, `trained_on` (how many of its scored chosen/rejected pairs the reward model was trained on; None:
+    unknown) and `in_sample` (true where any was): an accuracy on pairs it was trained on is not a calibration, and
+    no headline reads it."""
+    for split, block in splits.items():
+        if trained is None:
+            block["trained_on"], block["in_sample"] = None, None
+            continue
+        scored = features.filter((pl.col("split") == split) & (pl.col("role") == "chosen")
+                                 & pl.col(FEATURE).is_not_null() & pl.col(FEATURE).is_not_nan())
+        block["trained_on"] = len(set(scored["pair_id"].to_list()) & trained)
+        block["in_sample"] = block["trained_on"] > 0
 
 
 def _score_reference(run_dir: Path, scorer: RewardScorer) -> pl.DataFrame | None:
@@ -103,7 +128,7 @@ def _score_reference(run_dir: Path, scorer: RewardScorer) -> pl.DataFrame | None
 def _section(block: dict) -> Section:
     blocks = list(block["splits"].items()) + [(f"reference {s}", b)
                                               for s, b in (block.get("reference_splits") or {}).items()]
-    rows = [[split, b["n"], b["accuracy"], b["ci_low"], b["ci_high"], b["ties"], b["win_n"], b["win_rate"],
+    rows = [[f"{split} (in-sample: trained on {b['trained_on']})" if b.get("in_sample") else split, b["n"], b["accuracy"], b["ci_low"], b["ci_high"], b["ties"], b["win_n"], b["win_rate"],
              b["win_ci_low"], b["win_ci_high"], b["wins"], b["losses"], b["win_ties"], b["p_value"]]
             for split, b in blocks]
     paragraphs = [
@@ -112,6 +137,8 @@ def _section(block: dict) -> Section:
         "Calibration first: its accuracy on the data set's own chosen vs rejected pairs. A tuned-vs-base win rate "
         "from a reward model whose accuracy is near 0.5 means little.",
         f"Accuracy: {ACCURACY_METHOD}. Win rate: {WIN_METHOD}.",
+        "A split marked in-sample holds pairs the reward model was trained on (its training metadata says so): its "
+        "accuracy there says how well it fits them, not how well it judges, and no headline reads it.",
         f"{block['truncated']} scored sequences were longer than its context of {block['max_length']} tokens and "
         f"were cut from the left ({block['truncation']}).",
     ]
