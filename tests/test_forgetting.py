@@ -272,6 +272,29 @@ def test_q_values_are_benjamini_hochberg_across_tasks_per_metric():
         assert [result[t][metric]["p_value"] for t in "abc"] == pytest.approx(list(p))
 
 
+def test_the_verdict_reads_one_primary_metric_per_task():
+    from dpo_eval.report.forgetting import headline
+
+    # task a: acc significantly worse (20 of 20 discordant go to base), acc_norm unchanged; task b declares
+    # acc_norm, which is unchanged, while its acc is significantly worse: one look per task, so only a is worse.
+    rows = []
+    for task in ("a", "b"):
+        for metric in ("acc", "acc_norm"):
+            worse = (task, metric) in (("a", "acc"), ("b", "acc"))
+            base = [1] * 20 + [1, 0] * 5
+            tuned = ([0] * 20 if worse else [1] * 20) + [1, 0] * 5
+            rows += [(task, metric, i, b, t) for i, (b, t) in enumerate(zip(base, tuned))]
+    pairs = pl.DataFrame(rows, schema=["task", "metric", "doc_id", "base", "tuned"], orient="row")
+    result = summarize(pairs, {"a": None, "b": "acc_norm"})
+    assert result["a"]["acc"]["primary"] and not result["a"]["acc_norm"]["primary"]  # none declared: acc
+    assert result["b"]["acc_norm"]["primary"] and not result["b"]["acc"]["primary"]  # declared first in its YAML
+    p = np.array([mcnemar_exact(20, 0), mcnemar_exact(0, 0)])  # the two primaries: a's acc, b's acc_norm
+    q = sps.false_discovery_control(p, method="bh")
+    assert [result["a"]["acc"]["q_primary"], result["b"]["acc_norm"]["q_primary"]] == pytest.approx(list(q))
+    said = headline({"tasks": result})
+    assert "worse than its base (q < 0.05) on 1 (a on acc)" in said and "better on none" in said
+
+
 def test_correctness_keeps_binary_metrics_and_names_filters():
     """Samples shaped as lm-eval 0.4.13 logs them: one per question and filter, each metric's value beside it."""
     samples = [{"doc_id": 0, "filter": "none", "metrics": ["acc", "perplexity"], "acc": 1.0, "perplexity": 3.2},

@@ -108,8 +108,26 @@ def paired_summary(base: np.ndarray, tuned: np.ndarray, confidence: float = CONF
             "p_value": mcnemar_exact(base_only, tuned_only)}
 
 
-def summarize(pairs: pl.DataFrame) -> dict[str, dict[str, dict]]:
-    """{task: {metric: paired_summary + q_value}} of per-question rows (task, metric, doc_id, base, tuned)."""
+def primary_metric(task: "BenchmarkTask") -> str | None:
+    """The metric a task declares first in its YAML's metric_list (lm-eval's own order: the one its leaderboards
+    report), or None where it declares none."""
+    listed = getattr(getattr(task.task, "config", None), "metric_list", None) or []
+    names = [m.get("metric") for m in listed if isinstance(m, dict) and isinstance(m.get("metric"), str)]
+    return names[0] if names else None
+
+
+def choose_primary(metrics: list[str], declared: str | None) -> str:
+    """The task's primary metric among those it reported per question: the declared one, else acc, else the first
+    by name. One metric per task decides the forgetting verdict; the others are shown as secondary."""
+    if declared in metrics:
+        return declared
+    return "acc" if "acc" in metrics else sorted(metrics)[0]
+
+
+def summarize(pairs: pl.DataFrame, declared: dict[str, str | None] | None = None) -> dict[str, dict[str, dict]]:
+    """{task: {metric: paired_summary + q_value + primary (+ q_primary)}} of per-question rows (task, metric, doc_id,
+    base, tuned). q_value: BH across the tasks reporting that metric; q_primary, on each task's primary metric only
+    (choose_primary, from `declared` {task: metric}): BH across the tasks' primary metrics, one look per task."""
     rows = []
     for (task, metric), part in pairs.sort("task", "metric", "doc_id").group_by(["task", "metric"], maintain_order=True):
         rows.append((task, metric, paired_summary(part["base"].to_numpy(), part["tuned"].to_numpy())))
@@ -120,6 +138,14 @@ def summarize(pairs: pl.DataFrame) -> dict[str, dict[str, dict]]:
     out: dict[str, dict[str, dict]] = {}
     for task, metric, s in rows:
         out.setdefault(task, {})[metric] = s
+    primaries = []
+    for task, metrics in out.items():
+        primary = choose_primary(list(metrics), (declared or {}).get(task))
+        for metric, s in metrics.items():
+            s["primary"] = metric == primary
+        primaries.append(metrics[primary])
+    for s, q in zip(primaries, benjamini_hochberg(np.array([s["p_value"] for s in primaries]))):
+        s["q_primary"] = float(q)
     return out
 
 
@@ -275,12 +301,14 @@ def run_forgetting(model: ModelSpec, spec: ForgettingSpec, identity: ModelIdenti
         timings[side] = round(time.perf_counter() - begun, 3)
     pairs = _paired(tasks, per_side)
     timings["total"] = round(time.perf_counter() - started, 3)
-    result = {"tasks": summarize(pairs), "failed": failed, "task_configs": {t.name: t.config_hash for t in tasks},
+    result = {"tasks": summarize(pairs, {t.name: primary_metric(t) for t in tasks}), "failed": failed, "task_configs": {t.name: t.config_hash for t in tasks},
               "cache": cache, "timings": timings, "settings": spec.model_dump(mode="json"),
               "lm_eval": version("lm_eval"), "model": {"base_key": identity.base_key, "tuned_key": identity.tuned_key},
               "ci_method": f"Newcombe hybrid score interval for paired proportions (method 10), {CONFIDENCE:.0%}",
               "p_method": "exact McNemar: two-sided binomial test of tuned_only among the discordant questions",
-              "q_family": "Benjamini-Hochberg over the tasks reporting the metric"}
+              "q_family": "Benjamini-Hochberg over the tasks reporting the metric",
+              "primary_rule": ("one metric per task decides: the first in the task's metric_list, else acc; "
+                               "q_primary is Benjamini-Hochberg across the tasks' primary metrics")}
     return pairs, result
 
 

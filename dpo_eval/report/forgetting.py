@@ -22,11 +22,16 @@ COLUMNS = ["task", "metric", "n", "base", "tuned", "delta", "ci_low", "ci_high",
 
 
 def _rows(result: dict) -> list[list]:
+    """One row per task and metric, the task's primary metric first and named so; q is q_primary on a primary row
+    (BH across the tasks' primary metrics) and q_value on a secondary one (BH across the tasks reporting it)."""
     rows = []
     for task, metrics in sorted((result.get("tasks") or {}).items()):
-        for metric, s in sorted(metrics.items()):
-            rows.append([task, metric, s["n"], s["base"], s["tuned"], s["delta"], s["ci_low"], s["ci_high"],
-                         s["base_only"], s["tuned_only"], s["p_value"], s.get("q_value")])
+        for metric, s in sorted(metrics.items(), key=lambda item: (not item[1].get("primary", True), item[0])):
+            primary = s.get("primary", True)  # a result written before primaries: every metric as before
+            name = f"{metric} (primary)" if primary and "primary" in s else metric if primary else f"{metric} (secondary)"
+            q = s.get("q_primary", s.get("q_value")) if primary else s.get("q_value")
+            rows.append([task, name, s["n"], s["base"], s["tuned"], s["delta"], s["ci_low"], s["ci_high"],
+                         s["base_only"], s["tuned_only"], s["p_value"], q, primary])
     return rows
 
 
@@ -35,12 +40,13 @@ def _significant(value) -> bool:
 
 
 def headline(result: dict) -> str:
-    """One sentence: on how many tasks the tuned model is significantly worse / better (q < ALPHA)."""
-    rows = _rows(result)
+    """One sentence: on how many tasks the tuned model is significantly worse / better (q < ALPHA), each task judged
+    on its primary metric alone (one look per task)."""
+    rows = [r for r in _rows(result) if r[12]]
     if not rows:
         return "No benchmark task ran to the end: nothing to compare."
-    worse = sorted({r[0] for r in rows if _significant(r[11]) and r[5] < 0})
-    better = sorted({r[0] for r in rows if _significant(r[11]) and r[5] > 0})
+    worse = sorted({f"{r[0]} on {r[1].removesuffix(' (primary)')}" for r in rows if _significant(r[11]) and r[5] < 0})
+    better = sorted({f"{r[0]} on {r[1].removesuffix(' (primary)')}" for r in rows if _significant(r[11]) and r[5] > 0})
     tasks = len({r[0] for r in rows})
     said = f"Over {tasks} benchmark task(s), the tuned model is significantly worse than its base (q < {ALPHA}) on "
     said += f"{len(worse)} ({', '.join(worse)})" if worse else "none"
@@ -84,12 +90,14 @@ def forgetting_section(result: dict, run_dir: Path) -> Section:
         "Every task runs through lm-evaluation-harness on the base (adapter disabled) and on the tuned model "
         "from one load. Per question both answers are kept, so the comparison is paired: delta = tuned - base "
         f"accuracy; CI: {result.get('ci_method')}; base only / tuned only: questions only that model got right; "
-        f"p: {result.get('p_method')}; q: {result.get('q_family')}.",
+        f"p: {result.get('p_method')}; q: on a task's primary metric, Benjamini-Hochberg across the tasks' primary "
+        f"metrics (the verdict reads only these); on a secondary metric, {result.get('q_family')}. "
+        f"{result.get('primary_rule', '')}",
     ]
     for line in (result.get("failed") or {}).values():
         paragraphs.append("Not run: " + line)
     return Section(SECTION_ID, "Did it forget? Benchmark accuracy, tuned vs base", paragraphs, COLUMNS,
-                   _rows(result), [{"src": PLOT, "alt": "tuned - base accuracy per benchmark task, with CIs"}])
+                   [r[:len(COLUMNS)] for r in _rows(result)], [{"src": PLOT, "alt": "tuned - base accuracy per benchmark task, with CIs"}])
 
 
 def _fmt(value) -> str:
@@ -102,7 +110,7 @@ def forgetting_markdown(result: dict) -> str:
     """The headline and the table as markdown (a Prefect artifact)."""
     lines = ["# dpo-eval: did it forget?", "", headline(result), "", "| " + " | ".join(COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in _rows(result)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row[:len(COLUMNS)]) + " |" for row in _rows(result)]
     lines += [f"\nNot run: {line}" for line in (result.get("failed") or {}).values()]
     return "\n".join(lines)
 
