@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dpo_eval import stages
 from dpo_eval.errors import is_out_of_memory
+from dpo_eval.generation import generate, logprobs
 from dpo_eval.generation.batch_plan import halved
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.generation.engines import reports_each_batch
@@ -20,7 +21,7 @@ def _generation_key(context, parameters) -> str:
     """Model identity (dpo_eval.identity) x generation settings x shard content: never a run id or a path."""
     return "generate-" + "-".join([
         parameters["key"], stages.spec_hash(parameters["generation"]), parameters["model"],
-        stages.content_hash(parameters["shard"])])
+        stages.content_hash(parameters["shard"]), generate.CODE_VERSION])
 
 
 # Out-of-memory failures of each task run in this process (Prefect runs a task run's retries in the process that
@@ -132,7 +133,7 @@ def _rewards_key(context, parameters) -> str:
     """Identity of both sides (pair_key: tuned and the reference; prompt template included) x beta x max_length
     x pairs content."""
     return "rewards-" + "-".join([parameters["key"], str(parameters["beta"]), str(parameters["max_length"]),
-                                  stages.content_hash(parameters["pairs"], ("pair_id", "split"))])
+                                  stages.content_hash(parameters["pairs"], ("pair_id", "split")), logprobs.CODE_VERSION])
 
 
 @task(name="implicit-rewards", cache_key_fn=_rewards_key, persist_result=True, retries=1)

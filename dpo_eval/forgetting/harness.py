@@ -50,6 +50,7 @@ from dpo_eval.jsonsafe import jsonable
 
 log = logging.getLogger(__name__)
 CONFIDENCE = 0.95
+CODE_VERSION = "forgetting-v1"  # bump with a change to the code that computes these values: every value cached before then misses
 SIDES = ("base", "tuned")
 # (side, task) of every lm-eval evaluation this process ran, in order: how a caller (and the tests) see
 # that a cached side was not evaluated again.
@@ -233,7 +234,7 @@ def _unknown_task(name: str, manager, include: Path | None) -> str:
 # ---------------------------------------------------------------- per-model results
 
 def cache_key(model_key: str, task: BenchmarkTask, spec: ForgettingSpec) -> str:
-    payload = [model_key, task.name, task.config_hash, spec.limit, spec.num_fewshot, version("lm_eval")]
+    payload = [model_key, task.name, task.config_hash, spec.limit, spec.num_fewshot, version("lm_eval"), CODE_VERSION]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
 

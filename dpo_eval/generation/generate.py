@@ -14,6 +14,7 @@ from dpo_eval.errors import DpoEvalError
 from dpo_eval.generation.padding import left_padded
 from dpo_eval.generation.prompts import EncodedPrompt, PromptFormatter
 
+CODE_VERSION = "generate-v1"  # bump with a change to the code that computes these values: every value cached before then misses
 ANSWER_SCHEMA = {"pair_id": pl.String, "model": pl.String, "answer": pl.String, "n_prompt_tokens": pl.Int64,
                  "n_new_tokens": pl.Int64, "finish_reason": pl.String, "truncated": pl.Boolean}
 

@@ -19,6 +19,8 @@ from dpo_eval.data.pairs import prompt_turns
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.generation.prompts import PromptFormatter, training_prompt
 
+CODE_VERSION = "logprobs-v1"  # bump with a change to the code that computes these values: every value cached before then misses
+
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 from dpo_eval.config import JudgeSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.judges.prompt import JudgeTemplate, p_first, parse_verdict
+from dpo_eval.judges.prompt import CODE_VERSION, JudgeTemplate, p_first, parse_verdict
 from dpo_eval.sqlite_table import open_table
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def judge_identity(spec: JudgeSpec, template: JudgeTemplate) -> dict:
     return {"kind": spec.kind, "model": spec.model, "base_url": normalised_url(spec.base_url),
             "revision": spec.revision, "template_sha": template.sha, "temperature": spec.temperature,
             "max_tokens": spec.max_tokens, "logprobs": spec.logprobs, "context_chars": spec.context_chars,
-            "answer_share": spec.answer_share}
+            "answer_share": spec.answer_share, "code": CODE_VERSION}
 
 
 def judge_id(identity: dict) -> str:

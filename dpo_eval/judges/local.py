@@ -57,7 +57,7 @@ from dpo_eval.config import JudgeSpec, ModelSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import DigestStore, model_identity
 from dpo_eval.judges.api import JudgmentCache, Outcome, Reply, keep, request_key
-from dpo_eval.judges.prompt import MIN_ROOM, JudgeTemplate, parse_verdict, prompt_chars, render
+from dpo_eval.judges.prompt import CODE_VERSION, MIN_ROOM, JudgeTemplate, parse_verdict, prompt_chars, render
 from dpo_eval.locations import is_local_path
 from dpo_eval.generation.models import load_model, load_tokenizer
 from dpo_eval.generation.prompts import PLAIN_TEMPLATE, PromptFormatter
@@ -155,7 +155,8 @@ class HFJudge:
         self.identity = {"kind": "hf", "model": model, "weights": self.model_identity.base_key,
                          "template_sha": template.sha, "labels": list(self.labels), "reply_prefix": self.prefix,
                          "label_tokens": list(self.label_ids), "tie_margin": spec.tie_margin,
-                         "context_tokens": self.budget, "answer_share": spec.answer_share, "rendering": RENDERING}
+                         "context_tokens": self.budget, "answer_share": spec.answer_share, "rendering": RENDERING,
+                         "code": CODE_VERSION}
         self.loaded = None
         self.forward_passes = 0
 

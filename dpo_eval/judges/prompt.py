@@ -25,6 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from dpo_eval.errors import DpoEvalError
 
+CODE_VERSION = "judge-v1"  # bump with a change to the code that computes these values: every value cached before then misses (cutting, rendering, parsing)
 DEFAULT_TEMPLATE = """\
 {% set judge_system = "You are an impartial judge. You compare two answers to the same user prompt and \
 decide which one is more helpful, correct and appropriate. Ignore the order in which they are shown and \

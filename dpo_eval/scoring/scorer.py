@@ -41,6 +41,7 @@ import polars as pl
 from dpo_eval.config import ScoringSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
 
+CODE_VERSION = "scoring-v1"  # bump with a change to the code that computes these values: every value cached before then misses
 COMPONENTS = ("descriptive_stats", "readability", "dependency_distance", "pos_proportions",
               "coherence", "information_theory", "quality")
 # textdescriptives/quality fails on spaCy 3.8 + confection 1.3 when its tuple defaults come back from
@@ -182,7 +183,8 @@ def fingerprint(spec: ScoringSpec) -> str:
     meta = json.loads((Path(package.__file__).parent / "meta.json").read_text())
     key = {"model": spec.spacy_model, "model_version": meta.get("version"), "spacy": version("spacy"),
            "textdescriptives": version("textdescriptives"), "components": COMPONENTS,
-           "quality_config": QUALITY_CONFIG, "skipped": _FINGERPRINT_SKIPPED, "max_length": spec.max_length}
+           "quality_config": QUALITY_CONFIG, "skipped": _FINGERPRINT_SKIPPED, "max_length": spec.max_length,
+           "code": CODE_VERSION}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
