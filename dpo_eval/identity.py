@@ -41,8 +41,15 @@ def _ignored(name: str) -> bool:
             or name.endswith(".tmp"))
 
 
+# Files below this size are hashed every time: an adapter rewritten within one mtime tick keeps its size (LoRA
+# weights of one shape always have the same size), so (path, size, mtime) could serve the old digest. Larger
+# files (base weights) keep the shortcut: hashing 15 GB on every identity would cost minutes.
+SMALL_FILE = 64 * 2**20
+
+
 class DigestStore:
-    """sha256 of files, remembered on disk by (resolved path, size, mtime_ns); safe across threads and processes."""
+    """sha256 of files: small ones (< SMALL_FILE) read every time, large ones remembered on disk by (resolved path,
+    size, mtime_ns); safe across threads and processes."""
 
     def __init__(self, folder: Path | None = None):
         self.path = Path(folder or default_cache_dir()) / "file-digests.sqlite"
@@ -55,6 +62,9 @@ class DigestStore:
     def digest(self, path: Path) -> str:
         resolved = path.resolve()
         stat = resolved.stat()
+        if stat.st_size < SMALL_FILE:
+            self.hashed += 1
+            return _sha256(resolved)
         key = (str(resolved), stat.st_size, stat.st_mtime_ns)
         with self._lock, open_table(self.path, self.SCHEMA) as db:
             row = db.execute("SELECT sha256 FROM digests WHERE path=? AND size=? AND mtime_ns=?", key).fetchone()
@@ -76,8 +86,17 @@ def _sha256(path: Path) -> str:
 
 
 def folder_files(folder: Path, store: DigestStore) -> dict[str, str]:
-    """{file name: sha256} of the files at the top of `folder` that can change outputs."""
-    return {p.name: store.digest(p) for p in sorted(folder.iterdir()) if p.is_file() and not _ignored(p.name)}
+    """{path relative to `folder`: sha256} of every file in it and its subfolders that can change outputs (a file at
+    the top is keyed by its name, as before); files and folders that cannot (trainer state, docs, hidden) left out,
+    and a trainer's checkpoint-*/ and runs/ subfolders (other adapters, logs: a final adapter saved beside them is
+    not changed by a new checkpoint)."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        nested_run = any(part.startswith("checkpoint-") or part == "runs" for part in relative.parts[:-1])
+        if path.is_file() and not nested_run and not any(_ignored(part) for part in relative.parts):
+            found[relative.as_posix()] = store.digest(path)
+    return found
 
 
 def hub_revision(repo_id: str, revision: str | None) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import shutil
 
@@ -9,7 +11,7 @@ import pytest
 
 from dpo_eval import identity as ident
 from dpo_eval.config import ModelSpec
-from dpo_eval.identity import DigestStore, hub_revision, model_identity
+from dpo_eval.identity import DigestStore, folder_files, hub_revision, model_identity
 from tests.builders import make_adapter
 
 
@@ -95,19 +97,55 @@ def test_trainer_state_files_do_not_change_the_adapter_key(stories260k, adapter,
     assert changed.tuned_key != before.tuned_key and changed.base_key == before.base_key
 
 
-def test_digests_are_persisted_and_rehashed_when_a_file_changes(stories260k, tmp_path):
-    copy = shutil.copytree(stories260k, tmp_path / "base")
-    spec = ModelSpec(base=str(copy))
+def test_large_digests_are_persisted_and_rehashed_when_a_file_changes(tmp_path, monkeypatch):
+    import dpo_eval.identity as identity
+
+    monkeypatch.setattr(identity, "SMALL_FILE", 100)  # files of 100 bytes and more count as large here
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "big.bin").write_bytes(b"x" * 1000)
+    (folder / "small.json").write_text("{}")
     first = DigestStore(tmp_path / "digests")
-    model_identity(spec, first)
-    assert first.hashed == len([p for p in copy.iterdir() if p.name != "README.md"])
+    identity.folder_files(folder, first)
+    assert first.hashed == 2
     again = DigestStore(tmp_path / "digests")  # a new process, the same cache folder
-    model_identity(spec, again)
-    assert again.hashed == 0
-    _edit_json(copy / "config.json", max_position_embeddings=100)
+    identity.folder_files(folder, again)
+    assert again.hashed == 1  # the large file from the table, the small one read again
+    (folder / "big.bin").write_bytes(b"y" * 1001)
     third = DigestStore(tmp_path / "digests")
-    model_identity(spec, third)
-    assert third.hashed == 1
+    assert identity.folder_files(folder, third)["big.bin"] == hashlib.sha256(b"y" * 1001).hexdigest()
+    assert third.hashed == 2  # the changed large file is read again
+
+
+def test_an_adapter_rewritten_in_one_mtime_tick_with_the_same_size_gets_a_new_digest(tmp_path):
+    import os
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(b"a" * 4096)
+    stat = weights.stat()
+    store = DigestStore(tmp_path / "digests")
+    before = folder_files(folder, store)
+    weights.write_bytes(b"b" * 4096)  # same size, and the same mtime as a coarse file system would keep
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_mtime_ns == stat.st_mtime_ns and weights.stat().st_size == stat.st_size
+    assert folder_files(folder, store)["adapter_model.safetensors"] != before["adapter_model.safetensors"]
+
+
+def test_nested_files_are_hashed_but_a_trainers_checkpoints_are_not(tmp_path):
+    folder = tmp_path / "model"
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer" / "vocab.json").write_text('{"a": 1}')
+    store = DigestStore(tmp_path / "digests")
+    before = folder_files(folder, store)
+    assert set(before) == {"config.json", "tokenizer/vocab.json"}
+    (folder / "tokenizer" / "vocab.json").write_text('{"a": 2}')
+    assert folder_files(folder, store)["tokenizer/vocab.json"] != before["tokenizer/vocab.json"]
+    (folder / "checkpoint-20").mkdir()
+    (folder / "checkpoint-20" / "adapter_model.safetensors").write_bytes(b"new checkpoint")
+    assert set(folder_files(folder, store)) == {"config.json", "tokenizer/vocab.json"}
 
 
 def test_hub_revision_is_a_commit_from_the_local_hub_cache_or_unpinned(tmp_path, monkeypatch):
