@@ -229,6 +229,12 @@ def apply_training_split(pairs: pl.DataFrame, adapter: str | None) -> tuple[pl.D
     if not (split["split"] == "train").any():
         return split, ("checkpoint training metadata: none of these pairs was trained on (another data set?), so "
                        "every pair is valid and the scale S_j is the valid split's own std")
+    straddling = (split.group_by("system", "messages").agg(pl.col("split").n_unique().alias("sides"))
+                  .filter(pl.col("sides") > 1).height)
+    if straddling:  # a checkpoint trained before the split was by prompt: used as recorded, and said
+        return split, (f"checkpoint training metadata, as recorded; {straddling} prompt(s) have pairs on both sides "
+                       "(the split was by pair when it was trained), so their valid pairs share a prompt the model "
+                       "was trained on and are not fully held out")
     return split, "checkpoint training metadata"
 
 

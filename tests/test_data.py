@@ -252,3 +252,15 @@ def test_every_record_left_out_is_an_error_naming_the_file_and_the_reasons(tmp_p
     with pytest.raises(DpoEvalError, match=r"d.jsonl: no usable pair: 2 records read.*1 chosen identical to "
                                            r"rejected.*1 empty or missing chosen"):
         read_pairs(str(path))
+
+
+def test_the_pairs_of_one_prompt_fall_in_one_split(tmp_path):
+    # 40 prompts x 3 pairs each; with the split by pair about half of such prompts straddle train and valid
+    records = [{"prompt": f"question {i}", "chosen": f"good answer {i}.{j}", "rejected": f"bad answer {i}.{j}"}
+               for i in range(40) for j in range(3)]
+    path = write_jsonl(tmp_path / "multi.jsonl", records)
+    for seed in range(5):
+        table, _ = read_pairs(DatasetSpec(source=str(path), seed=seed, valid_fraction=0.3))
+        sides = table.group_by("prompt").agg(pl.col("split").n_unique().alias("n"))
+        assert sides["n"].max() == 1, f"seed {seed}: a prompt on both sides"
+        assert set(table["split"]) == {"train", "valid"}

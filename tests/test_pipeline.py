@@ -68,3 +68,19 @@ def test_a_checkpoint_rewritten_at_the_same_path_is_loaded_again(stories260k, tm
     second = second.drop("worker")
     assert second_key != first_key and second.equals(fresh) and not second.equals(first.drop("worker"))
     stages.release_models()
+
+
+def test_a_checkpoint_split_by_pair_is_used_as_recorded_and_its_straddling_prompts_said(tmp_path):
+    from dpo_eval.checkpoint_meta import METADATA
+
+    pairs = pl.DataFrame({"pair_id": ["a1", "a2", "b1", "b2"], "split": ["train"] * 4, "system": [""] * 4,
+                          "prompt": ["A", "A", "B", "B"], "messages": ['[{"role": "user", "content": "A"}]'] * 2
+                          + ['[{"role": "user", "content": "B"}]'] * 2})
+    adapter = tmp_path / "checkpoint-1"
+    adapter.mkdir()
+    (adapter / METADATA).write_text(json.dumps({"train_pair_ids": ["a1", "b1", "b2"]}))  # split by pair: A straddles
+    split, source = stages.apply_training_split(pairs, str(adapter))
+    assert split["split"].to_list() == ["train", "valid", "train", "train"]  # as recorded
+    assert "1 prompt(s) have pairs on both sides" in source
+    (adapter / METADATA).write_text(json.dumps({"train_pair_ids": ["a1", "a2"]}))  # by prompt: nothing to say
+    assert stages.apply_training_split(pairs, str(adapter))[1] == "checkpoint training metadata"

@@ -54,8 +54,16 @@ def pair_id(system: str, prompt: str, chosen: str, rejected: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
+def prompt_key(system: str, turns: list) -> str:
+    """A content hash of a pair's prompt (system prompt and every turn): the unit of the train/valid split, so that
+    the several pairs of one prompt (hh-rlhf has 2, UltraFeedback-style sets 4) fall on one side, never both."""
+    payload = json.dumps([system, turns], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
 def hash_split(pid: str, seed: int, valid_fraction: float) -> str:
-    """'valid' for a `valid_fraction` share of ids, decided by hash(seed, pair_id) alone."""
+    """'valid' for a `valid_fraction` share of ids, decided by hash(seed, id) alone (read_pairs passes the
+    prompt_key, so a prompt's pairs share their split)."""
     digest = hashlib.sha256(f"{seed}:{pid}".encode()).digest()
     return "valid" if int.from_bytes(digest[:8], "big") / 2**64 < valid_fraction else "train"
 
@@ -91,7 +99,8 @@ def read_pairs(spec: DatasetSpec | str) -> tuple[pl.DataFrame, LoadReport]:
             continue
         seen.add(pid)
         given = pair.split or source_split
-        split = "valid" if given is None and fmt == "prompts" else _split_of(given, pid, spec, where)
+        split = ("valid" if given is None and fmt == "prompts" else
+                 _split_of(given, prompt_key(pair.system, pair.turns), spec, where))
         rows.append({"pair_id": pid, "split": split, "system": pair.system, "prompt": prompt,
                      "chosen": pair.chosen, "rejected": pair.rejected,
                      "messages": json.dumps([{"role": r, "content": c} for r, c in pair.turns],
@@ -134,9 +143,9 @@ def _leave_out_reason(pair: Pair, labeled: bool = True) -> str | None:
     return None
 
 
-def _split_of(given: str | None, pid: str, spec: DatasetSpec, where: str) -> str:
+def _split_of(given: str | None, key: str, spec: DatasetSpec, where: str) -> str:
     if given is None:
-        return hash_split(pid, spec.seed, spec.valid_fraction)
+        return hash_split(key, spec.seed, spec.valid_fraction)
     name = SPLIT_NAMES.get(given.strip().lower())
     if name is None:
         raise DpoEvalError(f"{where}: split '{given}' is neither train nor valid "
