@@ -194,6 +194,7 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
                                         "reference_report": reference_report})
     with _timed(timings, "report"):
         summary = analysis.summary | {"left_out": load_report["left_out"], "duplicates": load_report["duplicates"],
+                                      "split_source": split_source,
                                       "timings": timings, "cache": cache,
                                       "workers": stages.worker_account(answers, config.generation_runner, workers),
                                       "reference": {"adapter": reference_adapter(config.model),

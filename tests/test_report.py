@@ -245,3 +245,13 @@ def test_jsonable_and_finite_agree_on_what_json_can_hold():
     json.dumps(jsonable(value), allow_nan=False)  # strict JSON accepts it
     assert [finite(x) for x in (1, 2.5, np.float64(1.0), math.nan, math.inf, np.nan, True, "1", None)] == \
         [True, True, True, False, False, False, False, False, False]
+
+
+def test_the_headline_says_when_a_recorded_split_lets_prompts_straddle(analysis):
+    source = ("checkpoint training metadata, as recorded; 3 prompt(s) have pairs on both sides (the split was by pair "
+              "when it was trained), so their valid pairs share a prompt the model was trained on and are not fully "
+              "held out")
+    first = sentences(dict(analysis.summary, split_source=source), analysis.stats)[0]
+    assert first.startswith("The split is checkpoint training metadata, as recorded; 3 prompt(s) have pairs on both")
+    plain = sentences(dict(analysis.summary, split_source="checkpoint training metadata"), analysis.stats)[0]
+    assert "both sides" not in plain

@@ -222,6 +222,12 @@ def sentences(summary: dict, stats: pl.DataFrame | None = None) -> list[str]:
 
 
 def _scale_note(summary: dict) -> str:
+    split = summary.get("split_source")
+    straddle = f"The split is {split}. " if isinstance(split, str) and "both sides" in split else ""
+    return straddle + _scale_source_note(summary)
+
+
+def _scale_source_note(summary: dict) -> str:
     source = summary.get("scale_source")
     if not isinstance(source, str) or source.startswith("train") or source.startswith("none"):
         return ""
