@@ -170,6 +170,12 @@ class ModelIdentity:
         return asdict(self)
 
     @property
+    def files_key(self) -> str:
+        """The checkpoint's files and how they are loaded, without the library versions: what a watcher remembers as
+        evaluated (an upgrade of peft must not evaluate every checkpoint again; the caches keep the full keys)."""
+        return _key({"base": self.base, "adapter": self.adapter, "reference": self.reference, "loading": self.loading})
+
+    @property
     def unpinned(self) -> list[str]:
         """Hub models whose commit could not be resolved: their cached outputs may be stale."""
         parts = [("base", self.base)] + ([("adapter", self.adapter)] if self.adapter else []) + \

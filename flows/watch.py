@@ -29,6 +29,7 @@ from prefect import flow, get_run_logger
 
 from dpo_eval.config import EvalConfig, ModelSpec
 from dpo_eval.generation.models import fingerprints
+from dpo_eval.identity import model_identity
 from dpo_eval.checkpoint_meta import METADATA, read_metadata
 from dpo_eval.studies.trend import checkpoint_step, write_trend
 from dpo_eval.flows.evaluate import evaluate_checkpoint
@@ -39,8 +40,14 @@ MAX_PASSES = 100  # rescans within one tick, for checkpoints saved while it eval
 
 
 def checkpoint_key(spec: ModelSpec) -> str:
-    """The identity of a checkpoint (base and adapter): the key of evaluated.json, the run folder and the
-    idempotency key. The one place that decides when a checkpoint counts as already evaluated."""
+    """The identity of a checkpoint's files (base, adapter, reference adapter, loading; not the library versions):
+    the key of evaluated.json, the run folder and the idempotency key. The one place that decides when a
+    checkpoint counts as already evaluated: after `pip install -U peft` a checkpoint is still evaluated."""
+    return model_identity(spec).files_key
+
+
+def earlier_key(spec: ModelSpec) -> str:
+    """The key evaluated.json used before (the full tuned key, library versions included), to carry its entries."""
     return fingerprints(spec)[1]
 
 
@@ -181,6 +188,8 @@ def _tick(directory: Path, config: EvalConfig, root: Path, deployment: str | Non
                 continue
             spec = config.model.model_copy(update={"adapter": str(folder)})
             key = checkpoint_key(spec)
+            if key not in entries and (old := earlier_key(spec)) in entries:  # a state file of the earlier format
+                entries[key] = entries.pop(old)
             entry = entries.get(key)
             if entry and entry["status"] == "done":
                 if entry["checkpoint"] != str(folder):

@@ -147,3 +147,18 @@ def test_run_folders_and_keys():
     assert run_folder_name(a, "k") != run_folder_name(b, "k")  # same name, different training runs
     assert run_folder_name(a, "k") != run_folder_name(a, "k2")  # an adapter rewritten at the same path
     assert run_folder_name(a, "k") == run_folder_name(Path("/x/run-a/../run-a/checkpoint-20"), "k")
+
+
+def test_the_watchers_key_follows_the_files_not_the_library_versions(stories260k, tmp_path, monkeypatch):
+    import dpo_eval.identity as identity
+    from dpo_eval.flows.watch import checkpoint_key, earlier_key
+
+    adapter = make_adapter(stories260k, tmp_path / "adapter", zero=False, seed=3)
+    spec = ModelSpec(base=str(stories260k), adapter=str(adapter), quantization="none", compute_dtype="float32")
+    key, full = checkpoint_key(spec), earlier_key(spec)
+    upgraded = dict(identity.library_versions(), peft="99.0.0")  # `pip install -U peft`
+    monkeypatch.setattr(identity, "library_versions", lambda: upgraded)
+    assert earlier_key(spec) != full  # the caches' key follows the upgrade ...
+    assert checkpoint_key(spec) == key  # ... the watcher's record of what it evaluated does not
+    other = make_adapter(stories260k, tmp_path / "other", zero=False, seed=4)
+    assert checkpoint_key(spec.model_copy(update={"adapter": str(other)})) != key  # other files: another checkpoint
