@@ -131,6 +131,32 @@ def test_out_onto_a_third_runs_folder_is_refused_and_an_earlier_comparison_reuse
     assert summary["compare"]["matched"] > 0
 
 
+def test_a_pair_b_was_trained_on_is_not_held_out_in_the_comparison(runs, tmp_path):
+    import shutil
+
+    a, b = tmp_path / "run-a", tmp_path / "run-b"
+    shutil.copytree(runs["a"], a)
+    shutil.copytree(runs["b"], b)
+    shared = sorted(set(pl.read_parquet(a / "features.parquet")["pair_id"]) & set(pl.read_parquet(b / "features.parquet")["pair_id"]))
+    moved = set(shared[:2])  # A holds these out, B's run says it was trained on them
+
+    def set_split(run, split):
+        features = pl.read_parquet(run / "features.parquet")
+        features.with_columns(split=pl.when(pl.col("pair_id").is_in(sorted(moved))).then(pl.lit(split))
+                              .otherwise(pl.col("split"))).write_parquet(run / "features.parquet")
+
+    set_split(a, "valid")
+    set_split(b, "valid")
+    plain = compare_runs(a, b, tmp_path / "plain")["compare"]  # held out by both: compared
+    set_split(b, "train")
+    summary = compare_runs(a, b, tmp_path / "cmp")
+    assert plain["held_out_by_a_trained_by_b"] == 0
+    assert summary["compare"]["held_out_by_a_trained_by_b"] == len(moved)
+    assert summary["compare"]["matched"] == plain["matched"] - len(moved)
+    kept = set(pl.read_parquet(tmp_path / "cmp" / "features.parquet")["pair_id"])
+    assert not kept & moved and "B was trained on are left out" in (tmp_path / "cmp" / "report.html").read_text()
+
+
 def test_a_comparison_can_be_judged_b_against_a(runs, stories260k, tmp_path):
     """compare writes A's side as 'base' and B's as 'tuned' answers of the matched pairs: the judge (a real
     local HF judge on stories260k) judges B against A there."""

@@ -71,11 +71,16 @@ def comparison_features(a: Side, b: Side) -> tuple[pl.DataFrame, dict]:
     side_a = fa.filter(pl.col("role") == a.role)
     side_b = fb.filter(pl.col("role") == b.role)
     answered = set(side_a["pair_id"].to_list()) & set(side_b["pair_id"].to_list())
-    matched = ids_a & ids_b & answered
+    # A pair is held out in the comparison only where it is held out in both runs: one that A holds out (valid)
+    # but B was trained on (train) is dropped, so the comparison's valid split is held out for both systems.
+    valid_a = set(fa.filter(pl.col("split") == "valid")["pair_id"].to_list())
+    train_b = set(fb.filter(pl.col("split") == "train")["pair_id"].to_list())
+    trained_by_b = valid_a & train_b & ids_a & ids_b & answered
+    matched = (ids_a & ids_b & answered) - trained_by_b
     report = {"a": a.label, "b": b.label, "matched": len(matched), "pairs_a": len(ids_a), "pairs_b": len(ids_b),
               "only_in_a": len(ids_a - ids_b), "only_in_b": len(ids_b - ids_a),
-              "not_answered_by_both": len((ids_a & ids_b) - answered), "features": len(names),
-              "features_left_out": left_out}
+              "not_answered_by_both": len((ids_a & ids_b) - answered), "held_out_by_a_trained_by_b": len(trained_by_b),
+              "features": len(names), "features_left_out": left_out}
     if not matched:
         raise DpoEvalError(f"{a.label} and {b.label} share no answered pair (pairs: {len(ids_a)} and {len(ids_b)}, "
                            f"{len(ids_a & ids_b)} in both): compare runs evaluated on the same data set")
@@ -156,6 +161,8 @@ def compare_runs(a: str | Path, b: str | Path, out: Path, spec: AnalysisSpec | N
         f"{report['not_answered_by_both']} in both but not answered by both sides; {report['features']} features "
         "compared" + (f" (left out, in one run only: {', '.join(report['features_left_out'])})"
                       if report["features_left_out"] else "") + ".",
+        f"{report['held_out_by_a_trained_by_b']} pairs that A holds out (valid) but B was trained on are left out: "
+        "a pair counts as held out only where it is held out in both runs, and the splits are A's otherwise.",
         f"`dpo-eval judge {out}` judges B against A on these pairs (its 'tuned vs base' is B vs A)."
         if judgeable is not None else "A run without answers.parquet: this comparison cannot be judged."])
     return write_outputs(analysis.stats, analysis.summary | {"compare": report}, out, [section])
