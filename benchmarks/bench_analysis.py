@@ -14,8 +14,8 @@ import time
 import numpy as np
 import polars as pl
 
-from dpo_eval.stats.analysis import AnalysisSpec, run_analysis
 from dpo_eval.scoring.features import FAMILY_OF
+from dpo_eval.stats.analysis import AnalysisSpec, run_analysis
 from dpo_eval.stats.paired import bootstrap_means
 
 

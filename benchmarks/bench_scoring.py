@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from dpo_eval.scoring import scorer as scoring
 from dpo_eval.config import ScoringSpec
+from dpo_eval.scoring import scorer as scoring
 from dpo_eval.scoring.scorer import build_pipeline, feature_names, score_texts, score_texts_plain
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared/data/orca_dpo_pairs/validation.jsonl"

@@ -21,6 +21,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.prefect_server import prefect_server, stop, wait_for  # noqa: E402 - the tests' real-server helpers
+
 SHARED = ROOT.parent / "shared"
 
 

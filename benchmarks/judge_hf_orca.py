@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 from dpo_eval.config import DatasetSpec, GenerationSpec, JudgeSpec, ModelSpec  # noqa: E402
 from dpo_eval.data.pairs import load_pairs  # noqa: E402
 from dpo_eval.generation.generate import generate_both  # noqa: E402
+from dpo_eval.generation.models import load_model  # noqa: E402
 from dpo_eval.judges.pairwise import jsonable, judge_run  # noqa: E402
 from dpo_eval.judges.statistics import judge_summary  # noqa: E402
-from dpo_eval.generation.models import load_model  # noqa: E402
 from tests.builders import make_adapter  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

@@ -14,16 +14,16 @@ file rewritten in place at the same path misses. File digests are remembered in 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from dpo_eval.config import ModelSpec, default_cache_dir
 from dpo_eval.checkpoint_meta import METADATA
+from dpo_eval.config import ModelSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.jsonsafe import json_key
 from dpo_eval.reference import reference_adapter
 from dpo_eval.sqlite_table import open_table
 
@@ -143,7 +143,7 @@ def library_versions() -> dict[str, str]:
 
 
 def _key(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    return json_key(payload, 20)
 
 
 @dataclass(frozen=True)

@@ -23,3 +23,12 @@ def finite(x) -> bool:
     """Whether `x` is a real number that is neither NaN nor infinite (booleans are not numbers here)."""
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)) \
         and math.isfinite(x)
+
+
+def json_key(payload, length: int | None = None, default=None) -> str:
+    """The one content key of every cache: sha256 of the payload as canonical JSON (keys sorted), hex, cut to
+    `length` characters (None: all 64). `default` converts what JSON cannot hold (json.dumps' own parameter)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=default).encode()).hexdigest()[:length]

@@ -19,6 +19,7 @@ import polars as pl
 from dpo_eval.config import AnalysisSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import ModelIdentity, installed_versions, model_identity
+from dpo_eval.jsonsafe import json_key
 
 ROLES = ("chosen", "rejected", "base", "tuned")
 PACKAGES = ("dpo-eval", "torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "spacy",
@@ -55,7 +56,7 @@ def content_hash(frame: pl.DataFrame, columns: tuple[str, ...] = ("pair_id", "sy
 
 
 def spec_hash(*specs) -> str:
-    return hashlib.sha256(json.dumps([s.model_dump(mode="json") for s in specs], sort_keys=True).encode()).hexdigest()[:16]
+    return json_key([s.model_dump(mode="json") for s in specs], 16)
 
 
 _MODEL: dict[str, object] = {}

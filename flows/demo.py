@@ -11,14 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
+from dpo_eval.flows.evaluate import evaluate_checkpoint
+from dpo_eval.flows.train import train_dpo_flow
+from dpo_eval.flows.watch import find_checkpoints, watch_checkpoints
 from prefect import flow
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.data.demo import reward_verdict, write_demo_dataset
 from dpo_eval.training.dpo import TrainSpec
-from dpo_eval.flows.evaluate import evaluate_checkpoint
-from dpo_eval.flows.train import train_dpo_flow
-from dpo_eval.flows.watch import find_checkpoints, watch_checkpoints
 
 
 class Progress:
@@ -138,8 +138,8 @@ def _append_trend(report: Path) -> None:
 
 def render_summary(root: Path, summary: dict) -> str:
     """The short summary printed at the end of the demo."""
-    from dpo_eval.report.plots import alpha_of, paired
     from dpo_eval.report.page import toward_chosen
+    from dpo_eval.report.plots import alpha_of, paired
 
     stats = pl.read_parquet(root / "stats.parquet")
     alpha = alpha_of(summary)

@@ -8,6 +8,24 @@ import time
 from contextlib import contextmanager
 
 import polars as pl
+from dpo_eval.flows.judge import raise_failures, run_judges
+from dpo_eval.flows.progress import stage_progress
+from dpo_eval.flows.restarts import check_restarts
+from dpo_eval.flows.task_workers import run_on_workers
+from dpo_eval.tasks.evaluation import (
+    analyze_sources_task,
+    compare_features_task,
+    compare_quantizations_task,
+    generate_answers_task,
+    identify_task,
+    implicit_rewards_task,
+    load_pairs_task,
+    load_sources_task,
+    release_models_task,
+    score_texts_task,
+)
+from dpo_eval.tasks.forgetting import compare_benchmarks_task, report_forgetting_task
+from dpo_eval.tasks.judging import DEFAULT_LIMIT
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
@@ -15,23 +33,14 @@ from prefect.futures import as_completed
 from dpo_eval import stages
 from dpo_eval.config import EvalConfig
 from dpo_eval.forgetting.harness import raise_failures as raise_forgetting_failures
+from dpo_eval.generation.logprobs import reward_summary
+from dpo_eval.reference import reference_adapter, reference_label
 from dpo_eval.report.forgetting import forgetting_markdown
 from dpo_eval.report.forgetting import headline as forgetting_headline
 from dpo_eval.report.judge import judge_markdown
-from dpo_eval.generation.logprobs import reward_summary
+from dpo_eval.report.page import rewards_section, stats_table_rows, summary_markdown, write_outputs
 from dpo_eval.studies.per_source import has_sources, source_section
 from dpo_eval.studies.quantization import STUDY_FILE, setting_config
-from dpo_eval.reference import reference_adapter, reference_label
-from dpo_eval.report.page import rewards_section, stats_table_rows, summary_markdown, write_outputs
-from dpo_eval.flows.judge import raise_failures, run_judges
-from dpo_eval.flows.progress import stage_progress
-from dpo_eval.flows.restarts import check_restarts
-from dpo_eval.flows.task_workers import run_on_workers
-from dpo_eval.tasks.evaluation import (analyze_sources_task, compare_features_task, compare_quantizations_task,
-                              generate_answers_task, identify_task, implicit_rewards_task, load_pairs_task,
-                              load_sources_task, release_models_task, score_texts_task)
-from dpo_eval.tasks.forgetting import compare_benchmarks_task, report_forgetting_task
-from dpo_eval.tasks.judging import DEFAULT_LIMIT
 
 SCORE_SHARD = 2000  # texts per scoring task
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpo_eval.tasks.evaluation import release_models_task
+from dpo_eval.tasks.forgetting import compare_benchmarks_task, report_forgetting_task
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from dpo_eval.config import ModelSpec
 from dpo_eval.forgetting.harness import ForgettingSpec, raise_failures
 from dpo_eval.report.forgetting import forgetting_markdown
-from dpo_eval.tasks.evaluation import release_models_task
-from dpo_eval.tasks.forgetting import compare_benchmarks_task, report_forgetting_task
 
 
 @flow(name="forgetting-check", log_prints=True)

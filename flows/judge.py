@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+from dpo_eval.tasks.judging import DEFAULT_LIMIT, judge_answers_task, report_judgments_task, score_rewards_task
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -14,7 +15,6 @@ from dpo_eval.config import JudgeSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.report.judge import judge_markdown
 from dpo_eval.report.page import stats_table_rows, summary_markdown
-from dpo_eval.tasks.judging import DEFAULT_LIMIT, judge_answers_task, report_judgments_task, score_rewards_task
 
 
 def run_judges(run_dir: Path, judge: JudgeSpec | None, reward_model: str | None,

@@ -16,8 +16,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from dpo_eval.errors import DpoEvalError
 from dpo_eval.tasks.leases import end_worker_lease, lease_name, start_worker_lease
+
+from dpo_eval.errors import DpoEvalError
 
 POLL_S = 1.0
 READ_PAGE = 200
@@ -34,9 +35,8 @@ def serve_shards(limit: int = 1) -> None:
     import asyncio
     import signal
 
-    from prefect.task_worker import StopTaskWorker
-
     from dpo_eval.tasks.evaluation import generate_answers_task, score_texts_task
+    from prefect.task_worker import StopTaskWorker
 
     def stop(signum, frame):  # SIGTERM ends the worker as Ctrl-C does, without a traceback
         raise StopTaskWorker
@@ -197,9 +197,8 @@ def run_on_workers(task, calls: list[dict], sizes: list[int], lease_s: float, st
                    logger=None) -> Outcome:
     """Submit `task(**call, lease_s=...)` for every call to the task workers and wait for all; a call whose
     worker is lost is submitted again (the cache key is the same, so work already stored is not redone)."""
-    from prefect import get_client
-
     from dpo_eval.flows.progress import stage_progress
+    from prefect import get_client
 
     futures = {i: task.delay(**call, lease_s=lease_s) for i, call in enumerate(calls)}
     watches: dict = {}

@@ -25,14 +25,15 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dpo_eval.flows.evaluate import evaluate_checkpoint
 from prefect import flow, get_run_logger
 
+from dpo_eval.checkpoint_meta import METADATA, read_metadata
 from dpo_eval.config import EvalConfig, ModelSpec
 from dpo_eval.generation.models import fingerprints
 from dpo_eval.identity import model_identity
-from dpo_eval.checkpoint_meta import METADATA, read_metadata
+from dpo_eval.jsonsafe import json_key
 from dpo_eval.studies.trend import checkpoint_step, write_trend
-from dpo_eval.flows.evaluate import evaluate_checkpoint
 
 STATE = "evaluated.json"
 LOCK = ".watch.lock"
@@ -126,7 +127,7 @@ def _exclusive(path: Path):
 
 
 def _idempotency_key(key: str, parameters: dict, attempt: int) -> str:
-    settings = hashlib.sha256(json.dumps(parameters, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    settings = json_key(parameters, 16, default=str)
     return f"dpo-eval-watch:{key}:{settings}:attempt-{attempt}"
 
 

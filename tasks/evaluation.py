@@ -5,16 +5,16 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import polars as pl
+from dpo_eval.tasks.leases import held_lease
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dpo_eval import stages
+from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import is_out_of_memory
 from dpo_eval.generation import generate, logprobs
 from dpo_eval.generation.batch_plan import halved
-from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.generation.engines import reports_each_batch
-from dpo_eval.tasks.leases import held_lease
 
 
 def _generation_key(context, parameters) -> str:
@@ -88,8 +88,8 @@ def load_sources_task(specs: tuple[DatasetSpec, ...]):
 @task(name="identify-checkpoint", cache_policy=NO_CACHE)
 def identify_task(spec: ModelSpec):
     """The complete identity of the base and the tuned model, taken once per run."""
-    from dpo_eval.identity import model_identity
     from dpo_eval.generation.models import check_paths
+    from dpo_eval.identity import model_identity
 
     check_paths(spec)
     return model_identity(spec)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpo_eval.tasks.evaluation import _is_oom, batch_for_attempt, oom_halvings
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dpo_eval import stages
 from dpo_eval.config import ModelSpec
 from dpo_eval.forgetting.harness import ForgettingSpec
-from dpo_eval.tasks.evaluation import _is_oom, batch_for_attempt, oom_halvings
 
 
 @task(name="compare-benchmarks", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30],

@@ -14,12 +14,12 @@ import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 
+from dpo_eval.tasks.evaluation import batch_for_attempt, oom_halvings
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from dpo_eval.config import JudgeSpec
 from dpo_eval.errors import DpoEvalError, is_out_of_memory
-from dpo_eval.tasks.evaluation import batch_for_attempt, oom_halvings
 
 DEFAULT_LIMIT = "dpo-eval-judge"  # the global concurrency limit that judge API calls share by default
 

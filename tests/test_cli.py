@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import typer.main
 
+from dpo_eval.cli.main import app
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec
 from dpo_eval.training.dpo import TrainSpec
-from dpo_eval.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["evaluate", "pairs", "generate", "analyze", "diagnose", "train", "trend", "serve", "demo", "judge",

@@ -9,9 +9,9 @@ import polars as pl
 import polars.testing
 import pytest
 
-from dpo_eval.studies.compare import compare_runs
 from dpo_eval.config import AnalysisSpec, DatasetSpec, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.studies.compare import compare_runs
 from tests.builders import make_adapter
 
 SPEC = AnalysisSpec(bootstrap=100, permutations=100)
@@ -21,11 +21,11 @@ def build_run(out, stories, adapter, orca, limit, cache, reference=None):
     """A run directory through the core stages (no Prefect): pairs, answers, features, stats, summary;
     `reference`: the reference adapter that makes the run's 'base' side."""
     from dpo_eval import stages
-    from dpo_eval.stats.analysis import run_analysis
     from dpo_eval.data.pairs import read_pairs
     from dpo_eval.generation.generate import generate_both
     from dpo_eval.generation.models import load_model
     from dpo_eval.report.page import write_outputs
+    from dpo_eval.stats.analysis import run_analysis
 
     pairs = read_pairs(DatasetSpec(source=str(orca), limit=limit))[0]
     loaded = load_model(ModelSpec(base=str(stories), adapter=str(adapter), quantization="4bit",

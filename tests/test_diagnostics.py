@@ -10,8 +10,8 @@ import pytest
 
 from dpo_eval.config import DatasetSpec, ModelSpec
 from dpo_eval.data.pairs import read_pairs
-from dpo_eval.studies.diagnostics import _batch, _load, _logits, compare_logits, diagnose
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.studies.diagnostics import _batch, _load, _logits, compare_logits, diagnose
 from tests.builders import make_adapter, tiny_mistral
 
 
@@ -59,8 +59,8 @@ def test_two_full_precision_loads_have_zero_kl(stories260k, pairs):
 
 
 def test_template_rejecting_system_role_is_reported(stories260k, pairs, tmp_path):
-    from dpo_eval.studies.diagnostics import tokenizer_checks
     from dpo_eval.generation.models import load_model
+    from dpo_eval.studies.diagnostics import tokenizer_checks
 
     mistral = tiny_mistral(tmp_path / "tiny-mistral", stories260k)
     loaded = load_model(ModelSpec(base=str(mistral), quantization="none"))

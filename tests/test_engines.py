@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_eval.generation.batch_plan import (ModelShape, halved, kv_bytes_per_token, model_shape, plan_batch_size,
-                                 resolve_batch_size, sequence_bytes)
 from dpo_eval.config import DatasetSpec, GenerationSpec, ModelSpec
 from dpo_eval.data.pairs import read_pairs
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.generation.batch_plan import (
+    ModelShape,
+    halved,
+    kv_bytes_per_token,
+    model_shape,
+    plan_batch_size,
+    resolve_batch_size,
+    sequence_bytes,
+)
 from tests.builders import make_adapter
 
 TOKENS = 32  # greedy tokens per answer: long enough for small numeric differences to change a token
@@ -47,8 +54,8 @@ def _same(a, b) -> int:
 def generated(stories260k, adapter, pairs):
     """Logits (tuned and base, on the chosen answers) and greedy answers of the 4-bit hf engine, the
     dequantized engine and the full-precision model; one load each."""
-    from dpo_eval.studies.diagnostics import _batch, _logits
     from dpo_eval.generation.models import load_model
+    from dpo_eval.studies.diagnostics import _batch, _logits
 
     out = {}
     for name, quantization, engine in (("hf", "4bit", "hf"), ("dequantized", "4bit", "dequantized"),
@@ -84,8 +91,8 @@ def test_merged_into_dequantized_equals_unmerged(stories260k, adapter, pairs, ge
     """Merged tuned logits within 1e-4 of the unmerged adapter's (float32); base weights restored exactly."""
     import torch
 
-    from dpo_eval.studies.diagnostics import _logits, compare_logits
     from dpo_eval.generation.models import load_model
+    from dpo_eval.studies.diagnostics import _logits, compare_logits
 
     reference, batch = generated["dequantized"], generated["dequantized"]["batch"]
     merged = load_model(_spec(stories260k, adapter), engine="dequantized", merge=True)
@@ -109,9 +116,8 @@ def test_merged_into_dequantized_equals_unmerged(stories260k, adapter, pairs, ge
 
 
 def test_continuous_batching_engine_with_adapter_and_disabled_adapter(stories260k, adapter, pairs):
-    from dpo_eval.generation.models import load_model
-
     from dpo_eval.generation.generate import generate_both
+    from dpo_eval.generation.models import load_model
 
     loaded = load_model(_spec(stories260k, adapter), engine="continuous")
     few = pairs.head(4)  # continuous batching's scheduler thread is slow on the CPU: a few short answers
@@ -127,9 +133,9 @@ def test_continuous_batching_engine_with_adapter_and_disabled_adapter(stories260
 
 def test_engine_is_part_of_the_generation_key_and_of_the_model_cache(stories260k, adapter, pairs):
     import bitsandbytes as bnb
+    from dpo_eval.tasks.evaluation import _generation_key
 
     from dpo_eval import stages
-    from dpo_eval.tasks.evaluation import _generation_key
 
     params = {"key": "k", "model": "tuned", "shard": pairs}
     keys = {engine: _generation_key(None, params | {"generation": GenerationSpec(engine=engine)})

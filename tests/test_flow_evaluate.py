@@ -53,10 +53,9 @@ def config(orca, stories, adapter, out, cache, **generation) -> EvalConfig:
 
 
 def test_flow_writes_the_run_directory_and_artifacts(harness, storage, adapters, orca_jsonl, stories260k):
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     out = storage / "run"
     summary = evaluate_checkpoint(config(orca_jsonl, stories260k, adapters["a"], out, storage / "scores"))
@@ -172,9 +171,8 @@ def test_dask_runner_gives_the_same_features(harness, storage, adapters, orca_js
 
 def test_retry_condition_and_batch_halving():
     import torch
-    from prefect.states import Completed, Failed
-
     from dpo_eval.tasks.evaluation import _is_oom, batch_for_attempt
+    from prefect.states import Completed, Failed
 
     from dpo_eval.errors import is_out_of_memory
 
@@ -205,9 +203,10 @@ def test_generation_cache_follows_the_model_identity(harness, storage, orca_json
     rewritten at the same path misses for tuned only and generates with the new weights."""
     import shutil
 
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
+
     from dpo_eval.generation.generate import generate_both
     from dpo_eval.generation.models import load_model
-    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     cache = storage / "scores"
     first, second = shutil.copytree(stories260k, storage / "m1"), shutil.copytree(stories260k, storage / "m2")
@@ -239,9 +238,8 @@ def test_only_out_of_memory_failures_halve_the_batch_and_nothing_is_left_behind(
     """A real task with retries: out of memory halves (1), a lost connection retries with the same batch (still 1),
     out of memory again halves (2); the count is gone once the task run ends, done or failed for good."""
     import torch
-    from prefect import task
-
     from dpo_eval.tasks.evaluation import OOM_FAILURES, oom_halvings
+    from prefect import task
 
     seen: list[int] = []
     failures = [torch.OutOfMemoryError("CUDA out of memory"), ConnectionError("connection reset"),
@@ -273,10 +271,9 @@ def test_out_of_memory_retry_halves_the_batch_and_gives_the_same_answers(harness
                                                                          stories260k):
     """The first attempt's batch of 8 is over the token budget (a real torch.OutOfMemoryError before any
     generation); the retry runs batches of 4 and stores the same answers an unconstrained run gives."""
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     adapter = make_adapter(stories260k, storage / "adapter", zero=False, seed=6)
     budget = 5 * 512  # stories260k's context is 512: 8 x (longest prompt + 6 new) > 2560 >= 4 x 512

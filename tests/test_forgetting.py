@@ -13,11 +13,19 @@ import polars as pl
 import pytest
 from scipy import stats as sps
 
-from dpo_eval.forgetting import harness as forgetting
 from dpo_eval.config import ModelSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.forgetting.harness import (ForgettingSpec, correctness, load_tasks, mcnemar_exact, newcombe_paired_ci,
-                                 paired_summary, run_forgetting, summarize)
+from dpo_eval.forgetting import harness as forgetting
+from dpo_eval.forgetting.harness import (
+    ForgettingSpec,
+    correctness,
+    load_tasks,
+    mcnemar_exact,
+    newcombe_paired_ci,
+    paired_summary,
+    run_forgetting,
+    summarize,
+)
 from tests.builders import make_adapter
 
 TASKS_DIR = Path(__file__).parent / "data" / "forgetting"
@@ -165,9 +173,8 @@ def test_cli_writes_the_files_and_names_the_task_that_failed(stories260k, adapte
 
 def test_forgetting_check_flow(harness, stories260k, adapters, first, tmp_path):
     """The flow under a real Prefect API: the cached sides are reused, the files and the artifact written."""
-    from prefect.client.orchestration import get_client
-
     from dpo_eval.flows.forgetting import forgetting_check
+    from prefect.client.orchestration import get_client
 
     before = len(forgetting.EVALUATIONS)
     out = tmp_path / "flow"
@@ -186,10 +193,10 @@ def test_evaluate_runs_the_forgetting_stage_into_its_own_report(harness, stories
                                                                   tmp_path):
     """EvalConfig.forgetting: the evaluation flow runs the benchmark tasks too (cached sides reused), and the
     summary, the report and the summary artifact carry the result."""
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
     from prefect.client.orchestration import get_client
 
     from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ScoringSpec
-    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     before = len(forgetting.EVALUATIONS)
     out = tmp_path / "run"

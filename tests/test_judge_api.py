@@ -33,8 +33,8 @@ from pydantic import ValidationError
 
 from dpo_eval.config import JudgeSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.judges.pairwise import SCHEMA, judge_run
 from dpo_eval.judges.api import LOCAL_PLACEHOLDER_KEY, api_key, judge_id, judge_identity
+from dpo_eval.judges.pairwise import SCHEMA, judge_run
 from dpo_eval.judges.prompt import CUT_MARK, load_template, p_first, parse_verdict, prompt_chars, render
 from tests.conftest import shared_path
 

@@ -22,10 +22,10 @@ from pydantic import ValidationError
 
 from dpo_eval.config import JudgeSpec, ModelSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.judges.pairwise import SCHEMA, judge_run
-from dpo_eval.judges.local import verdict_of
-from dpo_eval.judges.prompt import load_template, parse_verdict, render
 from dpo_eval.generation.prompts import PLAIN_TEMPLATE
+from dpo_eval.judges.local import verdict_of
+from dpo_eval.judges.pairwise import SCHEMA, judge_run
+from dpo_eval.judges.prompt import load_template, parse_verdict, render
 from tests.builders import copy_model
 from tests.test_judge_api import CHAT_TEMPLATE, PAIRS, make_run, run_cli
 

@@ -9,11 +9,19 @@ import contextlib
 import time
 
 import pytest
+from dpo_eval.flows.task_workers import ShardWorker, _leases, _lost, _Watch, run_on_workers
+from dpo_eval.tasks.leases import (
+    RECEIVED,
+    WORKER_LEASES,
+    Renewal,
+    end_worker_lease,
+    held_lease,
+    lease_name,
+    start_worker_lease,
+)
 from prefect import task
 from prefect.task_worker import StopTaskWorker
 
-from dpo_eval.flows.task_workers import ShardWorker, _leases, _lost, _Watch, run_on_workers
-from dpo_eval.tasks.leases import RECEIVED, WORKER_LEASES, Renewal, end_worker_lease, held_lease, lease_name, start_worker_lease
 from tests.prefect_server import context_thread
 
 

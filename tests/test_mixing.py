@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
-from dpo_eval.errors import DpoEvalError
 from dpo_eval.data.mixing import mix_train, read_sources
+from dpo_eval.errors import DpoEvalError
 
 
 @pytest.fixture(scope="module")

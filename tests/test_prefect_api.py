@@ -37,10 +37,9 @@ def test_task_worker_runs_a_task_run_it_is_handed():
 
 
 def test_the_subscription_to_scheduled_task_runs():
+    from dpo_eval.flows.task_workers import SCHEDULED_ROUTE
     from prefect.client.orchestration.routes import ServerRoutes
     from prefect.client.subscriptions import Subscription
-
-    from dpo_eval.flows.task_workers import SCHEDULED_ROUTE
 
     params = inspect.signature(Subscription).parameters
     for name in ("model", "path", "keys", "client_id", "base_url"):

@@ -17,8 +17,9 @@ N = 8
 
 @pytest.fixture(scope="module")
 def study(harness, tmp_path_factory, stories260k):
-    from dpo_eval.data.demo import write_demo_dataset
     from dpo_eval.flows.evaluate import evaluate_checkpoint
+
+    from dpo_eval.data.demo import write_demo_dataset
 
     root = tmp_path_factory.mktemp("quant")
     adapter = make_adapter(stories260k, root / "adapter", zero=False, seed=3)

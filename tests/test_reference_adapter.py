@@ -18,9 +18,9 @@ from dpo_eval.config import DatasetSpec, GenerationSpec, ModelSpec
 from dpo_eval.data.pairs import read_pairs
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.generation.generate import generate_both
-from dpo_eval.identity import model_identity
 from dpo_eval.generation.logprobs import encode_pair, implicit_rewards, reward_summary
 from dpo_eval.generation.models import load_model
+from dpo_eval.identity import model_identity
 from dpo_eval.preflight import check_model
 from dpo_eval.training.dpo import METADATA, TrainSpec, build_trainer, trl_dataset
 from tests.builders import make_adapter, tiny_mistral
@@ -185,8 +185,8 @@ def test_cli_reference_and_sft_adapter_mistakes_are_one_line(stories260k, orca_j
 
 
 def test_report_and_markdown_say_what_the_base_side_was(tmp_path):
-    from dpo_eval.stats.analysis import AnalysisSpec, run_analysis
     from dpo_eval.report.page import summary_markdown, write_outputs
+    from dpo_eval.stats.analysis import AnalysisSpec, run_analysis
     from tests.test_report import planted_features
 
     result = run_analysis(planted_features(n_train=40, n_valid=10), AnalysisSpec(bootstrap=0, permutations=50))

@@ -11,11 +11,20 @@ import numpy as np
 import polars as pl
 import pytest
 
+from dpo_eval.report.page import (
+    Section,
+    add_section,
+    read_sections,
+    render_page,
+    render_report,
+    rewards_section,
+    sentences,
+    toward_chosen,
+    write_outputs,
+)
+from dpo_eval.report.plots import paired, write_plots
 from dpo_eval.stats.analysis import AnalysisSpec, run_analysis
 from dpo_eval.studies.diagnostics import Check, diagnostics_section
-from dpo_eval.report.plots import paired, write_plots
-from dpo_eval.report.page import (Section, add_section, read_sections, render_page, render_report, rewards_section,
-                             sentences, toward_chosen, write_outputs)
 
 SPEC = AnalysisSpec(bootstrap=0, permutations=200)
 SCRIPT = "<script>alert(1)</script>"
@@ -192,7 +201,6 @@ def test_demo_trend_goes_through_the_template(analysis, tmp_path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from dpo_eval.flows.demo import _append_trend
 
     write_outputs(analysis.stats, analysis.summary, tmp_path)

@@ -47,14 +47,13 @@ def browser():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, orca_jsonl, stories260k) -> Path:
-    from dpo_eval.stats.analysis import run_analysis
     from dpo_eval.config import AnalysisSpec, DatasetSpec, GenerationSpec, ModelSpec, ScoringSpec
     from dpo_eval.data.pairs import read_pairs
-    from dpo_eval.identity import model_identity
     from dpo_eval.generation.logprobs import reward_summary
-    from dpo_eval.stages import (compute_rewards, features_table, generate_shard, release_models, score_frame,
-                                   texts_of)
+    from dpo_eval.identity import model_identity
     from dpo_eval.report.page import rewards_section, write_outputs
+    from dpo_eval.stages import compute_rewards, features_table, generate_shard, release_models, score_frame, texts_of
+    from dpo_eval.stats.analysis import run_analysis
 
     root = tmp_path_factory.mktemp("report-run")
     out = root / "run"

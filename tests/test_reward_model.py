@@ -12,9 +12,9 @@ import polars as pl
 import pytest
 from scipy import stats as sps
 
-from dpo_eval.stats.analysis import run_analysis
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.judges.reward_model import FEATURE, Item, RewardScorer, calibration, encode
+from dpo_eval.stats.analysis import run_analysis
 from dpo_eval.studies.reward_scores import reward_judge_run
 from tests.builders import MISTRAL_LIKE_TEMPLATE, make_adapter
 

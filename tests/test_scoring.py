@@ -15,13 +15,20 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dpo_eval.scoring import scorer as scoring
 from dpo_eval.config import ScoringSpec
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.scoring import scorer as scoring
 from dpo_eval.scoring.features import FAMILIES
-from dpo_eval.scoring.scorer import (SKIPPED_COMPONENTS, build_pipeline, feature_names, resolve_model,
-                              score_texts, score_texts_plain, score_texts_with_stats,
-                              scoring_worker_pids)
+from dpo_eval.scoring.scorer import (
+    SKIPPED_COMPONENTS,
+    build_pipeline,
+    feature_names,
+    resolve_model,
+    score_texts,
+    score_texts_plain,
+    score_texts_with_stats,
+    scoring_worker_pids,
+)
 
 EDGE_CASES = ["", "   \n ", "#", "Hello", "Ceci n'est pas une pipe. C'est une phrase française.",
               "I love this 😀🎉!! Best day ever 🚀.", "Dies ist ein deutscher Satz, ganz ohne Englisch."]

@@ -5,7 +5,6 @@ the crash automation on a really crashed run, the watcher through a deployment, 
 from __future__ import annotations
 
 import importlib
-
 import json
 import os
 import shutil
@@ -254,8 +253,9 @@ def test_crash_automation_reschedules_crashed_runs_until_the_cap(server, on_serv
 def test_watcher_through_a_deployment_runs_each_checkpoint_once(on_server, served_flows, stories260k, tmp_path):
     """The watcher with `deployment`: a failed child run is retried next tick with a new idempotency key; a
     tick that died while waiting re-attaches to its child run instead of starting another."""
-    from dpo_eval.data.demo import write_demo_dataset
     from dpo_eval.flows.watch import watch_checkpoints
+
+    from dpo_eval.data.demo import write_demo_dataset
     from tests.test_watch import make_checkpoint, small_config
 
     api = on_server

@@ -51,9 +51,8 @@ def wait_connected(api: str, procs: list[subprocess.Popen], logs: list[Path]) ->
 
 def evaluate(config: EvalConfig, results: Path) -> dict:
     """The evaluate-checkpoint flow in this process (against the session server) with `results` as storage."""
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-
     from dpo_eval.flows.evaluate import evaluate_checkpoint
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(results)}):
         return evaluate_checkpoint(config)
@@ -170,9 +169,8 @@ def test_the_flow_reads_the_states_of_more_task_runs_than_one_api_page(on_server
     """An evaluation of 160k pairs has thousands of shards: their states are read page by page (200 a page)."""
     from types import SimpleNamespace
 
-    from prefect import get_client
-
     from dpo_eval.flows.task_workers import READ_PAGE, _states
+    from prefect import get_client
 
     ids = [api_json("POST", f"{on_server}/task_runs/", json={"name": f"page-{i}", "task_key": "page-probe",
                                                              "dynamic_key": str(i)})["id"]

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from tests.builders import make_adapter
-from tests.test_report_browser import chromium
 from tests.prefect_server import prefect_server, stop, wait_for
+from tests.test_report_browser import chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")

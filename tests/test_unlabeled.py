@@ -11,10 +11,10 @@ import polars.testing
 import pytest
 from scipy import stats as sps
 
-from dpo_eval.stats.analysis import run_analysis
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, JudgeSpec, ModelSpec, ScoringSpec
 from dpo_eval.data.pairs import is_labeled, read_pairs
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.stats.analysis import run_analysis
 from tests.builders import make_adapter
 
 
@@ -128,10 +128,11 @@ def test_the_flow_runs_questions_alone_and_with_a_reference(harness, tmp_path, q
     """Questions only: generation, features, tuned-vs-base statistics and the judge's win rate, no implicit
     rewards and no calibration, the report saying why; with the reference, sign agreement and the reward
     model's calibration on the reference's labels."""
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
+
     from dpo_eval.report.judge import judge_headline
     from dpo_eval.studies.reward_scores import reward_judge_run
     from dpo_eval.training.reward import train_reward_model
-    from dpo_eval.flows.evaluate import evaluate_checkpoint
 
     adapter = make_adapter(stories260k, tmp_path / "adapter", zero=False, seed=3)
     alone = evaluate_checkpoint(unlabeled_config(

@@ -84,8 +84,9 @@ def test_same_name_in_two_training_runs_gives_two_runs_each_evaluated_once(world
 
 
 def test_checkpoint_without_metadata_waits_and_foreign_adapters_wait_one_tick(world, stories260k, tmp_path):
-    from dpo_eval.data.pairs import read_pairs
     from dpo_eval.flows.watch import watch_checkpoints
+
+    from dpo_eval.data.pairs import read_pairs
 
     ckpt, out = tmp_path / "ckpt", tmp_path / "evals"
     folder = make_checkpoint(stories260k, ckpt / "checkpoint-4", world["data"], 4, seed=3, metadata=False)
@@ -150,8 +151,9 @@ def test_run_folders_and_keys():
 
 
 def test_the_watchers_key_follows_the_files_not_the_library_versions(stories260k, tmp_path, monkeypatch):
-    import dpo_eval.identity as identity
     from dpo_eval.flows.watch import checkpoint_key, earlier_key
+
+    import dpo_eval.identity as identity
 
     adapter = make_adapter(stories260k, tmp_path / "adapter", zero=False, seed=3)
     spec = ModelSpec(base=str(stories260k), adapter=str(adapter), quantization="none", compute_dtype="float32")

@@ -8,12 +8,27 @@ from typing import Optional
 
 import typer
 
+from dpo_eval.cli.options import (
+    AdapterOpt,
+    BaseOpt,
+    ColumnsOpt,
+    DatasetOpt,
+    DtypeOpt,
+    FormatOpt,
+    LimitOpt,
+    QuantOpt,
+    ReferenceAdapterOpt,
+    SeedOpt,
+    TemplateOpt,
+    ValidOpt,
+    build,
+    dataset_spec,
+    field_help,
+    model_spec,
+    spec_option,
+)
 from dpo_eval.config import AnalysisSpec, GenerationSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.cli.options import (AdapterOpt, BaseOpt, ColumnsOpt, DatasetOpt, DtypeOpt, FormatOpt, LimitOpt,
-                                  QuantOpt, ReferenceAdapterOpt, SeedOpt, TemplateOpt, ValidOpt, build, dataset_spec,
-                                  field_help,
-                                  model_spec, spec_option)
 
 
 def pairs(
@@ -90,8 +105,8 @@ def diagnose(
 ) -> None:
     """Quantization, merge and tokenizer diagnostics: pass/warn/fail with numbers."""
     from dpo_eval.data.pairs import load_pairs
-    from dpo_eval.studies.diagnostics import diagnose as run_diagnose
     from dpo_eval.preflight import check_model
+    from dpo_eval.studies.diagnostics import diagnose as run_diagnose
 
     spec = model_spec(base=base, adapter=adapter)
     check_model(spec)
@@ -111,8 +126,8 @@ def analyze(
     """Paired statistics and the report from a features table."""
     import polars as pl
 
-    from dpo_eval.stats.analysis import run_analysis
     from dpo_eval.report.page import write_outputs
+    from dpo_eval.stats.analysis import run_analysis
 
     if not features.is_file():
         raise DpoEvalError(f"--features {features}: no such file")

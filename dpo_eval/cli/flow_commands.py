@@ -14,11 +14,19 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
+from dpo_eval.cli.options import (
+    BaseOpt,
+    ColumnsOpt,
+    LimitOpt,
+    build,
+    field_help,
+    override_option,
+    spec_option,
+    validation_message,
+)
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.training.dpo import TrainSpec
-from dpo_eval.cli.options import BaseOpt, ColumnsOpt, LimitOpt, build, field_help, override_option, spec_option, \
-    validation_message
 
 # evaluate's options: the EvalConfig field each one sets, and its flag.
 EVALUATE_FLAGS = {

@@ -9,9 +9,17 @@ from typing import Optional
 
 import typer
 
+from dpo_eval.cli.options import (
+    BaseOpt,
+    DtypeOpt,
+    QuantOpt,
+    ReferenceAdapterOpt,
+    build,
+    field_help,
+    model_spec,
+    spec_option,
+)
 from dpo_eval.forgetting.harness import ForgettingSpec
-from dpo_eval.cli.options import (BaseOpt, DtypeOpt, QuantOpt, ReferenceAdapterOpt, build, field_help, model_spec,
-                                  spec_option)
 
 FLAGS = {"tasks": "--tasks", "include_path": "--include-path", "limit": "--limit", "num_fewshot": "--num-fewshot",
          "batch_size": "--batch-size"}
@@ -41,8 +49,8 @@ def forgetting(
     per-task block. A task that cannot run is one line on stderr (exit 2) after the others' results are
     written."""
     from dpo_eval.forgetting.harness import jsonable, raise_failures, run_forgetting, write_forgetting
-    from dpo_eval.report.forgetting import write_forgetting_report
     from dpo_eval.generation.models import check_paths
+    from dpo_eval.report.forgetting import write_forgetting_report
 
     names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     spec = build(ForgettingSpec, FLAGS, tasks=names, include_path=str(include_path) if include_path else None,

@@ -9,9 +9,9 @@ from typing import Optional
 
 import typer
 
+from dpo_eval.cli.options import build, field_help, spec_option
 from dpo_eval.config import JudgeSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.cli.options import build, field_help, spec_option
 
 FLAGS = {"kind": "--judge", "model": "--judge-model", "base_url": "--base-url", "api_key_env": "--api-key-env",
          "comparisons": "--comparisons", "split": "--split", "limit": "--limit", "max_calls": "--max-calls",

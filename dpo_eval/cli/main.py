@@ -12,10 +12,9 @@ from typing import Optional
 
 import typer
 
-from dpo_eval.errors import DpoEvalError
-from dpo_eval.cli import core_commands, forgetting, judge, reward
+from dpo_eval.cli import core_commands, flow_commands, forgetting, judge, reward
 from dpo_eval.cli.quiet import quiet
-from dpo_eval.cli import flow_commands
+from dpo_eval.errors import DpoEvalError
 
 app = typer.Typer(
     name="dpo-eval",

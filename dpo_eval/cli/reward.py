@@ -12,9 +12,9 @@ from typing import Optional
 
 import typer
 
+from dpo_eval.cli.options import BaseOpt, DatasetOpt, LimitOpt, build, dataset_spec, spec_option
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.training.reward import RewardTrainSpec
-from dpo_eval.cli.options import BaseOpt, DatasetOpt, LimitOpt, build, dataset_spec, spec_option
 
 TRAIN_FLAGS = {"base": "--base", "dataset": "--dataset", "out": "--out", "steps": "--steps",
                "batch_size": "--batch-size", "learning_rate": "--lr", "max_length": "--max-length", "seed": "--seed"}

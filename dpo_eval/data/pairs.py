@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from dpo_eval.config import DatasetSpec
-from dpo_eval.errors import DpoEvalError
 from dpo_eval.data.formats import Pair, detect_format, normalise
 from dpo_eval.data.sources import read_records
+from dpo_eval.errors import DpoEvalError
 
 PAIR_COLUMNS = ["pair_id", "split", "system", "prompt", "chosen", "rejected", "messages"]
 SPLIT_NAMES = {

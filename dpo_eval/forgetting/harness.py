@@ -45,8 +45,8 @@ from scipy import stats as sps
 from dpo_eval.config import ForgettingSpec, ModelSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError, is_out_of_memory
 from dpo_eval.identity import DigestStore, ModelIdentity, model_identity
+from dpo_eval.jsonsafe import json_key, jsonable
 from dpo_eval.stats.paired import benjamini_hochberg, wilson
-from dpo_eval.jsonsafe import jsonable
 
 log = logging.getLogger(__name__)
 CONFIDENCE = 0.95
@@ -235,7 +235,7 @@ def _unknown_task(name: str, manager, include: Path | None) -> str:
 
 def cache_key(model_key: str, task: BenchmarkTask, spec: ForgettingSpec) -> str:
     payload = [model_key, task.name, task.config_hash, spec.limit, spec.num_fewshot, version("lm_eval"), CODE_VERSION]
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
+    return json_key(payload, 24)  # a list: sorting keys changes nothing, the keys of earlier runs hold
 
 
 def correctness(samples: list[dict]) -> pl.DataFrame:

@@ -6,11 +6,11 @@ import hashlib
 
 import polars as pl
 
-from dpo_eval.generation.batch_plan import halved, resolve_batch_size
 from dpo_eval.config import GenerationSpec
 from dpo_eval.data.pairs import prompt_turns
-from dpo_eval.generation.engines import generate_continuous
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.generation.batch_plan import halved, resolve_batch_size
+from dpo_eval.generation.engines import generate_continuous
 from dpo_eval.generation.padding import left_padded
 from dpo_eval.generation.prompts import EncodedPrompt, PromptFormatter
 

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpo_eval.config import ModelSpec
-from dpo_eval.generation.engines import DEQUANTIZING, MergeSwitch, check_engine, dequantize_in_place
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.generation.engines import DEQUANTIZING, MergeSwitch, check_engine, dequantize_in_place
 from dpo_eval.identity import ModelIdentity, model_identity
 from dpo_eval.locations import is_local_path
 from dpo_eval.reference import REFERENCE_NAME, reference_adapter, reference_option, use_adapter
-
 
 
 @dataclass

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import jinja2
 import jinja2.meta
 
-from dpo_eval.errors import DpoEvalError
 from dpo_eval.data.formats import transcript
+from dpo_eval.errors import DpoEvalError
 
 PLAIN_TEMPLATE = "{% if system %}{{ system }}\n\n{% endif %}{{ prompt }}\n\n"
 

@@ -11,8 +11,6 @@ when the client is built and kept only inside it: no identity, cache row, table 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -23,6 +21,7 @@ from urllib.parse import urlparse
 
 from dpo_eval.config import JudgeSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.jsonsafe import json_key
 from dpo_eval.judges.prompt import CODE_VERSION, JudgeTemplate, p_first, parse_verdict
 from dpo_eval.sqlite_table import open_table
 
@@ -86,14 +85,14 @@ def judge_identity(spec: JudgeSpec, template: JudgeTemplate) -> dict:
 
 def judge_id(identity: dict) -> str:
     """`openai:<model>:<12 hex digits of the identity's sha256>`."""
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    digest = json_key(identity, 12)
     return f"{identity['kind']}:{identity['model']}:{digest}"
 
 
 def request_key(judge: str, messages: list[dict]) -> str:
     """Content key of one judgment: sha256 of the judge id and the exact messages (prompt, both answers as
     cut, and their order)."""
-    return hashlib.sha256(json.dumps([judge, messages], sort_keys=True).encode()).hexdigest()
+    return json_key([judge, messages])
 
 
 def is_local(base_url: str | None) -> bool:

@@ -55,12 +55,12 @@ from pathlib import Path
 
 from dpo_eval.config import JudgeSpec, ModelSpec
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.generation.models import load_model, load_tokenizer
+from dpo_eval.generation.prompts import PLAIN_TEMPLATE, PromptFormatter
 from dpo_eval.identity import DigestStore, model_identity
 from dpo_eval.judges.api import JudgmentCache, Outcome, Reply, keep, request_key
 from dpo_eval.judges.prompt import CODE_VERSION, MIN_ROOM, JudgeTemplate, parse_verdict, prompt_chars, render
 from dpo_eval.locations import is_local_path
-from dpo_eval.generation.models import load_model, load_tokenizer
-from dpo_eval.generation.prompts import PLAIN_TEMPLATE, PromptFormatter
 
 log = logging.getLogger(__name__)
 RENDERING = "hf-judge-v1"  # bump when the rendering, cutting or verdict rule below changes

@@ -18,11 +18,18 @@ import polars as pl
 
 from dpo_eval.config import JudgeSpec
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.judges.api import (ChatJudge, JudgmentCache, judge_id, judge_identity, normalised_url, request_key,
-                                  run_calls)
+from dpo_eval.jsonsafe import jsonable
+from dpo_eval.judges.api import (
+    ChatJudge,
+    JudgmentCache,
+    judge_id,
+    judge_identity,
+    normalised_url,
+    request_key,
+    run_calls,
+)
 from dpo_eval.judges.prompt import load_template, parse_verdict, render
 from dpo_eval.judges.statistics import ROLES, judge_summary
-from dpo_eval.jsonsafe import jsonable
 
 log = logging.getLogger(__name__)
 SCHEMA = {"pair_id": pl.String, "split": pl.String, "comparison": pl.String, "judge": pl.String,

@@ -45,6 +45,7 @@ import polars as pl
 from dpo_eval.config import default_cache_dir
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.identity import DigestStore, folder_files, hub_revision, library_versions
+from dpo_eval.jsonsafe import json_key
 from dpo_eval.sqlite_table import open_table
 
 FEATURE = "reward_model"
@@ -142,7 +143,7 @@ class RewardScorer:
                                     "cache): its cached scores are keyed on the name and may be stale")
         self.identity = {"source": source, "max_length": self.max_length, "truncation": TRUNCATION,
                          "dtype": dtype, "rendering": RENDERING, "versions": library_versions()}
-        self.key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
+        self.key = json_key(self.identity, 20)
         self._model = self._tokenizer = None
         self.loads = 0  # how often weights were loaded (a fully cached run loads none)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import polars as pl
 
+from dpo_eval.jsonsafe import finite, jsonable
 from dpo_eval.judges.statistics import ROLES, combine_orders, judge_summary, sign_test
 from dpo_eval.report.page import Section, add_section, read_sections
-from dpo_eval.jsonsafe import finite, jsonable
 
 SECTION_IDS = ("judge", "judge_examples")
 EXAMPLE_CHARS = 400  # characters of each text shown in the examples table

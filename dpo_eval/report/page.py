@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from dpo_eval.report.plots import Q_FAMILY, Plot, alpha_of, extrapolated, paired, splits_of, write_plots
 from dpo_eval.jsonsafe import finite, jsonable
+from dpo_eval.report.plots import Q_FAMILY, Plot, alpha_of, extrapolated, paired, splits_of, write_plots
 
 SECTIONS_FILE = "report_sections.json"
 POWER_ENOUGH = 0.8  # the usual planning target: below it a real shift of that size is missed too often

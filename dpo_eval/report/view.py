@@ -11,8 +11,8 @@ from pathlib import Path
 
 import polars as pl
 
-from dpo_eval.report.plots import ordered_features, splits_of
 from dpo_eval.jsonsafe import finite
+from dpo_eval.report.plots import ordered_features, splits_of
 
 TABLE_COLUMNS = ["feature", "family", "split", "comparison", "n", "norm_mean_delta", "ci_low", "ci_high", "p_value",
                  "q_value", "effect_size", "sign_agreement", "length_adjusted_norm_delta", "reason"]

@@ -40,6 +40,7 @@ import polars as pl
 
 from dpo_eval.config import ScoringSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.jsonsafe import json_key
 
 CODE_VERSION = "scoring-v1"  # bump with a change to the code that computes these values: every value cached before then misses
 COMPONENTS = ("descriptive_stats", "readability", "dependency_distance", "pos_proportions",
@@ -185,7 +186,7 @@ def fingerprint(spec: ScoringSpec) -> str:
            "textdescriptives": version("textdescriptives"), "components": COMPONENTS,
            "quality_config": QUALITY_CONFIG, "skipped": _FINGERPRINT_SKIPPED, "max_length": spec.max_length,
            "code": CODE_VERSION}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return json_key(key, 16)
 
 
 def text_key(text: str) -> str:

@@ -31,11 +31,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+
 from dpo_eval.config import AnalysisSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.scoring.features import FEATURE_FAMILY, LENGTH_FEATURE
-from dpo_eval.stats.paired import (benjamini_hochberg, bootstrap_means, intercept_at_zero, mean_signs, rank_biserial,
-                            rng_for, sign_agreement_test, wilcoxon, wilcoxon_power)
+from dpo_eval.stats.paired import (
+    benjamini_hochberg,
+    bootstrap_means,
+    intercept_at_zero,
+    mean_signs,
+    rank_biserial,
+    rng_for,
+    sign_agreement_test,
+    wilcoxon,
+    wilcoxon_power,
+)
 
 META = ("pair_id", "split", "role")
 ROLES = ("chosen", "rejected", "base", "tuned")

@@ -128,9 +128,9 @@ def compare_runs(a: str | Path, b: str | Path, out: Path, spec: AnalysisSpec | N
     """The paired analysis of B - A beside A's chosen - rejected, written to `out` (features.parquet, stats.*,
     summary.json with a `compare` block, report.html; with both runs' answers, pairs.parquet and answers.parquet
     too, so `dpo-eval judge OUT` judges B against A); returns the summary."""
-    from dpo_eval.stats.analysis import run_analysis
-    from dpo_eval.stages import run_analysis_spec
     from dpo_eval.report.page import Section, write_outputs
+    from dpo_eval.stages import run_analysis_spec
+    from dpo_eval.stats.analysis import run_analysis
 
     side_a, side_b = parse_side(str(a)), parse_side(str(b))
     spec = spec or run_analysis_spec(side_a.run)

@@ -13,9 +13,9 @@ import polars as pl
 from dpo_eval.config import ModelSpec
 from dpo_eval.data.pairs import prompt_turns
 from dpo_eval.generation.logprobs import encode_pair, right_padded
-from dpo_eval.stages import release_models  # between loads: a 7B base is never held twice
 from dpo_eval.generation.prompts import PromptFormatter, training_prompt
 from dpo_eval.report.page import Section, add_section, render_page
+from dpo_eval.stages import release_models  # between loads: a 7B base is never held twice
 
 KL_WARN, KL_FAIL = 0.01, 0.1  # nats per token
 MERGE_TOLERANCE = 1e-4
@@ -112,10 +112,10 @@ def quantization_checks(spec: ModelSpec, pairs: pl.DataFrame) -> list[Check]:
 
 def merge_checks(spec: ModelSpec, pairs: pl.DataFrame, greedy_tokens: int = 16) -> list[Check]:
     """Unmerged vs merge_and_unload onto the 4-bit base vs merge onto a full-precision base."""
+    import warnings
+
     from dpo_eval.config import GenerationSpec
     from dpo_eval.generation.generate import generate_both
-
-    import warnings
 
     results, answers = {}, {}
     gen = GenerationSpec(max_new_tokens=greedy_tokens, batch_size=8)

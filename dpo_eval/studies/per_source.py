@@ -25,8 +25,8 @@ def per_source(features: pl.DataFrame, pairs: pl.DataFrame, spec: AnalysisSpec,
                rewards: pl.DataFrame | None = None) -> dict:
     """{source: the summary's per-split figures (n_pairs, sign_agreement and its p, significant counts) of the
     analysis of that source's pairs alone, plus implicit_reward per split when `rewards` is given}."""
-    from dpo_eval.stats.analysis import run_analysis
     from dpo_eval.generation.logprobs import reward_summary
+    from dpo_eval.stats.analysis import run_analysis
 
     out = {}
     for source in dict.fromkeys(pairs[SOURCE].to_list()):

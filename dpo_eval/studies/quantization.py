@@ -19,8 +19,8 @@ import numpy as np
 import polars as pl
 
 from dpo_eval.config import EvalConfig
-from dpo_eval.report.page import Section, add_section
 from dpo_eval.jsonsafe import jsonable
+from dpo_eval.report.page import Section, add_section
 
 STUDY_FILE = "quantization.json"
 FOLDER = "quantization"

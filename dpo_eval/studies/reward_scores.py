@@ -13,8 +13,19 @@ from pathlib import Path
 import polars as pl
 
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.judges.reward_model import (ACCURACY_METHOD, FEATURE, SCORES_FILE, TRAINING_METADATA, TRUNCATION,
-                                          WIN_METHOD, RewardScorer, add_feature, calibration, role_items, score_roles)
+from dpo_eval.judges.reward_model import (
+    ACCURACY_METHOD,
+    FEATURE,
+    SCORES_FILE,
+    TRAINING_METADATA,
+    TRUNCATION,
+    WIN_METHOD,
+    RewardScorer,
+    add_feature,
+    calibration,
+    role_items,
+    score_roles,
+)
 from dpo_eval.report.page import Section, read_sections, write_outputs
 from dpo_eval.stages import REFERENCE_FEATURES, REFERENCE_PAIRS, run_analysis_spec
 from dpo_eval.stats.analysis import run_analysis

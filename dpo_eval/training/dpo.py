@@ -27,11 +27,12 @@ from pydantic import Field
 
 from dpo_eval.checkpoint_meta import METADATA
 from dpo_eval.config import DatasetSpec, ModelSpec, Spec
+from dpo_eval.data.mixing import mix_train, read_sources, source_pair_ids
 from dpo_eval.data.pairs import prompt_turns
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.data.mixing import mix_train, read_sources, source_pair_ids
-from dpo_eval.progress import quiet_trainer, terminal
 from dpo_eval.generation.prompts import PromptFormatter, training_prompt
+from dpo_eval.progress import quiet_trainer, terminal
+
 
 class TrainSpec(Spec):
     """A DPO training run: base, data, LoRA and optimisation settings."""

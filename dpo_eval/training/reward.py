@@ -21,8 +21,8 @@ from pydantic import Field
 from dpo_eval.config import DatasetSpec, Spec
 from dpo_eval.data.pairs import read_pairs
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.progress import quiet_trainer, terminal
 from dpo_eval.judges.reward_model import TRAINING_METADATA, TRUNCATION, Item, encode
+from dpo_eval.progress import quiet_trainer, terminal
 
 
 class RewardTrainSpec(Spec):
