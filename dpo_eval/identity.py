@@ -59,10 +59,11 @@ class DigestStore:
     SCHEMA = ("CREATE TABLE IF NOT EXISTS digests (path TEXT, size INTEGER, mtime_ns INTEGER, sha256 TEXT, "
               "PRIMARY KEY (path, size, mtime_ns))")
 
-    def digest(self, path: Path) -> str:
+    def digest(self, path: Path, always: bool = False) -> str:
+        """The file's sha256; `always` reads it whatever its size (adapters: see SMALL_FILE)."""
         resolved = path.resolve()
         stat = resolved.stat()
-        if stat.st_size < SMALL_FILE:
+        if always or stat.st_size < SMALL_FILE:
             self.hashed += 1
             return _sha256(resolved)
         key = (str(resolved), stat.st_size, stat.st_mtime_ns)
@@ -85,7 +86,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def folder_files(folder: Path, store: DigestStore) -> dict[str, str]:
+def folder_files(folder: Path, store: DigestStore, always: bool = False) -> dict[str, str]:
     """{path relative to `folder`: sha256} of every file in it and its subfolders that can change outputs (a file at
     the top is keyed by its name, as before); files and folders that cannot (trainer state, docs, hidden) left out,
     and a trainer's checkpoint-*/ and runs/ subfolders (other adapters, logs: a final adapter saved beside them is
@@ -95,7 +96,7 @@ def folder_files(folder: Path, store: DigestStore) -> dict[str, str]:
         relative = path.relative_to(folder)
         nested_run = any(part.startswith("checkpoint-") or part == "runs" for part in relative.parts[:-1])
         if path.is_file() and not nested_run and not any(_ignored(part) for part in relative.parts):
-            found[relative.as_posix()] = store.digest(path)
+            found[relative.as_posix()] = store.digest(path, always)
     return found
 
 
@@ -120,10 +121,10 @@ def hub_revision(repo_id: str, revision: str | None) -> str:
         return "unpinned"
 
 
-def _source(name: str, revision: str | None, store: DigestStore) -> dict:
+def _source(name: str, revision: str | None, store: DigestStore, always: bool = False) -> dict:
     folder = Path(name).expanduser()
     if folder.is_dir():
-        return {"files": folder_files(folder, store)}
+        return {"files": folder_files(folder, store, always)}
     return {"hub": name, "revision": revision, "commit": hub_revision(name, revision)}
 
 
@@ -188,9 +189,10 @@ def model_identity(spec: ModelSpec, store: DigestStore | None = None) -> ModelId
     store = store or DigestStore()
     try:
         base = _source(spec.base, spec.revision, store)
-        adapter = _source(spec.adapter, None, store) if spec.adapter else None
+        # adapters are read whole every time: a 7B LoRA can pass SMALL_FILE and keeps its size when rewritten
+        adapter = _source(spec.adapter, None, store, always=True) if spec.adapter else None
         reference_name = reference_adapter(spec)
-        reference = _source(reference_name, None, store) if reference_name else None
+        reference = _source(reference_name, None, store, always=True) if reference_name else None
     except OSError as exc:
         raise DpoEvalError(f"cannot read the model files to identify them: {exc}") from None
     loading = {"quantization": spec.quantization, "compute_dtype": spec.compute_dtype,

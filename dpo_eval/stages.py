@@ -234,8 +234,9 @@ def apply_training_split(pairs: pl.DataFrame, adapter: str | None) -> tuple[pl.D
                   .filter(pl.col("sides") > 1).height)
     if straddling:  # a checkpoint trained before the split was by prompt: used as recorded, and said
         return split, (f"checkpoint training metadata, as recorded; {straddling} prompt(s) have pairs on both sides "
-                       "(the split was by pair when it was trained), so their valid pairs share a prompt the model "
-                       "was trained on and are not fully held out")
+                       "(the checkpoint's training split was made by pair, or a training mix drew some of a prompt's "
+                       "pairs), so their valid pairs share a prompt the model was trained on and are not fully held "
+                       "out")
     return split, "checkpoint training metadata"
 
 

@@ -106,16 +106,20 @@ class ShardWorker:
             await anyio.to_thread.run_sync(start_worker_lease, task_run.id)
             try:
                 await self.worker.execute_task_run(task_run)
-            finally:
-                with anyio.CancelScope(shield=True):  # ended on stop() too, not left to lapse
-                    await anyio.to_thread.run_sync(end_worker_lease, task_run.id)
+            except anyio.get_cancelled_exc_class():
+                # stop(): the task's thread may still be computing (Prefect runs a sync task in a thread that a
+                # cancellation does not stop), so the lease keeps being renewed until this process ends
                 self._in_flight.discard(task_run.id)
+                raise
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(end_worker_lease, task_run.id)
+            self._in_flight.discard(task_run.id)
         finally:
             slots.release()
 
     async def stop(self) -> None:
-        """Stop reading task runs and cancel the ones in flight here; their leases are ended, so the flow takes
-        them for lost once worker_lease_s passes without a renewal and submits them again."""
+        """Stop reading task runs. A task run in flight here keeps its lease while this process lives (its thread
+        finishes the shard); once the process is gone the lease lapses and the flow submits the shard again."""
         if self._scope is not None:
             self._scope.cancel()
 

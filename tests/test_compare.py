@@ -126,6 +126,8 @@ def test_out_onto_a_third_runs_folder_is_refused_and_an_earlier_comparison_reuse
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     with pytest.raises(DpoEvalError, match="holds other files"):
         compare_runs(runs["a"], runs["b"], tmp_path / "notes")
+    with pytest.raises(DpoEvalError, match="is a file"):
+        compare_runs(runs["a"], runs["b"], tmp_path / "notes" / "todo.txt")
     compare_runs(runs["a"], runs["b"], tmp_path / "cmp")
     summary = compare_runs(runs["a"], runs["b"], tmp_path / "cmp")  # an earlier comparison: reused
     assert summary["compare"]["matched"] > 0
@@ -149,6 +151,9 @@ def test_a_pair_b_was_trained_on_is_not_held_out_in_the_comparison(runs, tmp_pat
     set_split(b, "valid")
     plain = compare_runs(a, b, tmp_path / "plain")["compare"]  # held out by both: compared
     set_split(b, "train")
+    assert compare_runs(a, b, tmp_path / "unknown")["compare"]["held_out_by_a_trained_by_b"] == 0  # B's split is
+    summary_b = json.loads((b / "summary.json").read_text())  # not known to be its training split: nothing dropped
+    (b / "summary.json").write_text(json.dumps(summary_b | {"split_source": "checkpoint training metadata"}))
     summary = compare_runs(a, b, tmp_path / "cmp")
     assert plain["held_out_by_a_trained_by_b"] == 0
     assert summary["compare"]["held_out_by_a_trained_by_b"] == len(moved)

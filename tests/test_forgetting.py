@@ -300,6 +300,11 @@ def test_the_verdict_reads_one_primary_metric_per_task():
     assert [result["a"]["acc"]["q_primary"], result["b"]["acc_norm"]["q_primary"]] == pytest.approx(list(q))
     said = headline({"tasks": result})
     assert "worse than its base (q < 0.05) on 1 (a on acc)" in said and "better on none" in said
+    # a declared metric that lm-eval reports per filter: its first filter, in lm-eval's order, not by name
+    from dpo_eval.forgetting.harness import choose_primary
+
+    assert choose_primary(["exact_match,strict-match", "exact_match,flexible-extract"], "exact_match") == \
+        "exact_match,strict-match"
 
 
 def test_correctness_keeps_binary_metrics_and_names_filters():

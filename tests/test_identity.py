@@ -168,3 +168,23 @@ def test_hub_revision_is_a_commit_from_the_local_hub_cache_or_unpinned(tmp_path,
     assert hub_revision("org/absent", None) == "unpinned"
     spec = ModelSpec(base="org/absent", quantization="none")
     assert model_identity(spec, DigestStore(tmp_path / "d")).unpinned == ["base org/absent"]
+
+
+def test_an_adapter_is_read_whole_every_time_whatever_its_size(stories260k, tmp_path, monkeypatch):
+    import os
+
+    import dpo_eval.identity as identity
+
+    monkeypatch.setattr(identity, "SMALL_FILE", 10)  # every file here counts as large: a base keeps the shortcut
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(b"a" * 4096)
+    stat = weights.stat()
+    spec = ModelSpec(base=str(stories260k), adapter=str(adapter))
+    store = DigestStore(tmp_path / "digests")
+    before = model_identity(spec, store).tuned_key
+    weights.write_bytes(b"b" * 4096)  # a rewrite with the same size and mtime (a 7B LoRA is over 64 MB)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert model_identity(spec, store).tuned_key != before

@@ -110,8 +110,8 @@ def paired_summary(base: np.ndarray, tuned: np.ndarray, confidence: float = CONF
 
 
 def primary_metric(task: "BenchmarkTask") -> str | None:
-    """The metric a task declares first in its YAML's metric_list (lm-eval's own order: the one its leaderboards
-    report), or None where it declares none."""
+    """The metric a task declares first in its YAML's metric_list, or None where it declares none. (For ARC and
+    HellaSwag that is acc, where some leaderboards report acc_norm: acc_norm is then shown as secondary.)"""
     listed = getattr(getattr(task.task, "config", None), "metric_list", None) or []
     names = [m.get("metric") for m in listed if isinstance(m, dict) and isinstance(m.get("metric"), str)]
     return names[0] if names else None
@@ -122,6 +122,9 @@ def choose_primary(metrics: list[str], declared: str | None) -> str:
     by name. One metric per task decides the forgetting verdict; the others are shown as secondary."""
     if declared in metrics:
         return declared
+    filtered = [m for m in metrics if declared and m.startswith(declared + ",")]  # `exact_match,strict-match`
+    if filtered:
+        return filtered[0]  # metrics come in the order lm-eval reported them: its first filter
     return "acc" if "acc" in metrics else sorted(metrics)[0]
 
 

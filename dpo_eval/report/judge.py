@@ -133,7 +133,8 @@ def _reward_headline(block: dict) -> str:
         name = "valid" if (reference.get("valid") or {}).get("n") else next(
             (s for s, b in reference.items() if b.get("n")), None)
         cal, subject = reference.get(name) or {}, f"On the reference data set's {name} split this reward model"
-    unchecked = ("every scored chosen-vs-rejected pair is one it was trained on" if not name and splits else
+    in_sample_only = not name and any(b.get("n") for b in splits.values())
+    unchecked = ("every scored chosen-vs-rejected pair is one it was trained on" if in_sample_only else
                  "no chosen-vs-rejected pair scored; questions without labels have none")
     trust = trust_sentence(subject, cal.get("accuracy"), cal.get("ci_low"), cal.get("ci_high"), cal.get("n", 0),
                            unchecked)

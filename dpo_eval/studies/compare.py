@@ -60,6 +60,16 @@ def _features(side: Side) -> pl.DataFrame:
     return pl.read_parquet(side.run / "features.parquet")
 
 
+def _split_from_training(run: Path) -> bool:
+    """Whether a run's train/valid split is its checkpoint's recorded training split (summary.json's
+    split_source; a run written before that field is taken as not)."""
+    try:
+        source = json.loads((run / "summary.json").read_text()).get("split_source") or ""
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(source, str) and source.startswith("checkpoint training metadata")
+
+
 def comparison_features(a: Side, b: Side) -> tuple[pl.DataFrame, dict]:
     """features.parquet's shape for B vs A (A as base, B as tuned, labels from A) and what was matched."""
     fa, fb = _features(a), _features(b)
@@ -73,8 +83,11 @@ def comparison_features(a: Side, b: Side) -> tuple[pl.DataFrame, dict]:
     answered = set(side_a["pair_id"].to_list()) & set(side_b["pair_id"].to_list())
     # A pair is held out in the comparison only where it is held out in both runs: one that A holds out (valid)
     # but B was trained on (train) is dropped, so the comparison's valid split is held out for both systems.
+    # B's train split says what B was trained on only where it came from its checkpoint's training metadata, and
+    # only for B's tuned side (a base side was trained on nothing here).
     valid_a = set(fa.filter(pl.col("split") == "valid")["pair_id"].to_list())
-    train_b = set(fb.filter(pl.col("split") == "train")["pair_id"].to_list())
+    train_b = set(fb.filter(pl.col("split") == "train")["pair_id"].to_list()) if b.role == "tuned" and \
+        _split_from_training(b.run) else set()
     trained_by_b = valid_a & train_b & ids_a & ids_b & answered
     matched = (ids_a & ids_b & answered) - trained_by_b
     report = {"a": a.label, "b": b.label, "matched": len(matched), "pairs_a": len(ids_a), "pairs_b": len(ids_b),
@@ -111,6 +124,8 @@ def comparison_answers(a: Side, b: Side, matched: set[str]) -> tuple[pl.DataFram
 def refuse_occupied(out: Path) -> None:
     """`out` must be new, empty, or an earlier comparison (its summary.json has a `compare` block): writing a
     comparison over an evaluation's folder would replace its features, pairs and answers and delete its judgments."""
+    if out.exists() and not out.is_dir():
+        raise DpoEvalError(f"--out {out} is a file: give a folder for the comparison")
     if not out.is_dir() or not any(out.iterdir()):
         return
     summary = out / "summary.json"
