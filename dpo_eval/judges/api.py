@@ -222,6 +222,31 @@ def keep(cache: "JudgmentCache", key: str, judge_name: str, reply: Reply) -> Non
         cache.mark_asked(key, judge_name)
 
 
+def request_record(row: dict, order: str, first: int, second: int, rendered, judge: str, **extra) -> dict:
+    """One judgment to make, as both judges build it: the comparison row's metadata, which role is shown first, the
+    rendered messages, whether a text was cut, and the content key."""
+    return {"pair_id": row["pair_id"], "split": row["split"], "comparison": row["comparison"], "order": order,
+            "shown_first": row["roles"][first], "shown_second": row["roles"][second], "messages": rendered.messages,
+            "truncated": rendered.truncated, **extra, "key": request_key(judge, rendered.messages)}
+
+
+def plan_calls(keys: list[str], cache: "JudgmentCache", max_calls: int | None, unit: str = "calls",
+               kind: type = Outcome):
+    """The budget and cache part every judge shares: (outcome holding the cached replies, the keys to make now).
+    Keys never asked go before keys asked before without a verdict; the budget cuts the rest, and the outcome says
+    so (stopped, pending)."""
+    outcome = kind(replies=cache.get_many(keys))
+    todo = [key for key in keys if key not in outcome.replies]
+    again = cache.asked(todo)
+    todo = [key for key in todo if key not in again] + [key for key in todo if key in again]  # never asked first
+    allowed = todo if max_calls is None else todo[:max_calls]
+    outcome.pending = len(todo) - len(allowed)
+    if outcome.pending:
+        outcome.stopped = (f"the budget of {max_calls} {unit} (--max-calls) does not cover the "
+                           f"{len(todo)} judgments still to make")
+    return outcome, allowed
+
+
 def run_calls(judge: ChatJudge, requests: dict[str, list[dict]], cache: JudgmentCache, judge_name: str, *,
               max_calls: int | None, concurrency: int) -> Outcome:
     """Replies to every request (key -> messages): cached ones read, the rest called with at most
@@ -229,15 +254,7 @@ def run_calls(judge: ChatJudge, requests: dict[str, list[dict]], cache: Judgment
     so a stop (the budget, a call that failed after its retries, an interrupt) keeps everything made so far,
     replies that finish while the pool shuts down included. A refused request (`refused`) becomes a Reply with
     `error` set, and the run goes on."""
-    outcome = Outcome(replies=cache.get_many(list(requests)))
-    todo = [key for key in requests if key not in outcome.replies]
-    again = cache.asked(todo)
-    todo = [key for key in todo if key not in again] + [key for key in todo if key in again]  # never asked first
-    allowed = todo if max_calls is None else todo[:max_calls]
-    outcome.pending = len(todo) - len(allowed)
-    if outcome.pending:
-        outcome.stopped = (f"the budget of {max_calls} calls (--max-calls) does not cover the "
-                           f"{len(todo)} judgments still to make")
+    outcome, allowed = plan_calls(list(requests), cache, max_calls)
     log.info("judge %s: %d cached, %d to call now, %d over budget", judge_name, len(outcome.replies),
              len(allowed), outcome.pending)
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")

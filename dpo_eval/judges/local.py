@@ -58,7 +58,7 @@ from dpo_eval.errors import DpoEvalError
 from dpo_eval.generation.models import load_model, load_tokenizer
 from dpo_eval.generation.prompts import PLAIN_TEMPLATE, PromptFormatter
 from dpo_eval.identity import DigestStore, model_identity
-from dpo_eval.judges.api import JudgmentCache, Outcome, Reply, keep, request_key
+from dpo_eval.judges.api import JudgmentCache, Outcome, Reply, keep, plan_calls, request_record
 from dpo_eval.judges.prompt import CODE_VERSION, MIN_ROOM, JudgeTemplate, parse_verdict, prompt_chars, render
 from dpo_eval.locations import is_local_path
 
@@ -248,10 +248,7 @@ class HFJudge:
         requests = []
         for row in rows:
             for order, (i, j), (rendered, ids) in zip(("ab", "ba"), ((0, 1), (1, 0)), self.fit(row)):
-                requests.append({"pair_id": row["pair_id"], "split": row["split"], "comparison": row["comparison"],
-                                 "order": order, "shown_first": row["roles"][i], "shown_second": row["roles"][j],
-                                 "messages": rendered.messages, "truncated": rendered.truncated, "ids": ids,
-                                 "key": request_key(judge, rendered.messages)})
+                requests.append(request_record(row, order, i, j, rendered, judge, ids=ids))
         self.formatter.record_counts(self.budget)
         return requests
 
@@ -291,14 +288,9 @@ class HFJudge:
         """Replies to every request: cached ones read, the rest computed (at most `max_calls` judgments) in
         batches sorted by length, each batch cached as it is made."""
         by_key = {req["key"]: req["ids"] for req in requests}
-        outcome = HFOutcome(replies=cache.get_many(list(by_key)))
-        todo = [key for key in by_key if key not in outcome.replies]
-        allowed = todo if max_calls is None else todo[:max_calls]
-        if len(allowed) < len(todo):
-            outcome.stopped = (f"the budget of {max_calls} judgments (--max-calls) does not cover the {len(todo)} "
-                               "judgments still to make")
+        outcome, allowed = plan_calls(list(by_key), cache, max_calls, unit="judgments", kind=HFOutcome)
         log.info("judge %s: %d cached, %d to compute now, %d over budget", judge, len(outcome.replies),
-                 len(allowed), len(todo) - len(allowed))
+                 len(allowed), outcome.pending)
         allowed.sort(key=lambda key: -len(by_key[key]))
         if allowed:
             self.load()  # before the clock starts: latency_s is the forward passes' time, not the load's

@@ -25,7 +25,7 @@ from dpo_eval.judges.api import (
     judge_id,
     judge_identity,
     normalised_url,
-    request_key,
+    request_record,
     run_calls,
 )
 from dpo_eval.judges.prompt import load_template, parse_verdict, render
@@ -86,10 +86,7 @@ def build_requests(rows: list[dict], spec: JudgeSpec, template, judge: str) -> l
         for order, (i, j) in (("ab", (0, 1)), ("ba", (1, 0))):
             rendered = render(template, row["system"], row["prompt"], row["texts"][i], row["texts"][j],
                               context_chars=spec.context_chars, answer_share=spec.answer_share)
-            requests.append({"pair_id": row["pair_id"], "split": row["split"], "comparison": row["comparison"],
-                             "order": order, "shown_first": row["roles"][i], "shown_second": row["roles"][j],
-                             "messages": rendered.messages, "truncated": rendered.truncated,
-                             "key": request_key(judge, rendered.messages)})
+            requests.append(request_record(row, order, i, j, rendered, judge))
     return requests
 
 
