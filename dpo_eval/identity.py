@@ -121,7 +121,9 @@ def hub_revision(repo_id: str, revision: str | None) -> str:
         return "unpinned"
 
 
-def _source(name: str, revision: str | None, store: DigestStore, always: bool = False) -> dict:
+def source_identity(name: str, revision: str | None, store: DigestStore, always: bool = False) -> dict:
+    """What identifies a model's weights: {"files": {path: sha256}} of a local folder, or {"hub", "revision",
+    "commit"} of a hub id (the commit the revision resolves to, or "unpinned")."""
     folder = Path(name).expanduser()
     if folder.is_dir():
         return {"files": folder_files(folder, store, always)}
@@ -188,11 +190,11 @@ def model_identity(spec: ModelSpec, store: DigestStore | None = None) -> ModelId
     """The complete identity of `spec`'s base and tuned model (see the module docstring)."""
     store = store or DigestStore()
     try:
-        base = _source(spec.base, spec.revision, store)
+        base = source_identity(spec.base, spec.revision, store)
         # adapters are read whole every time: a 7B LoRA can pass SMALL_FILE and keeps its size when rewritten
-        adapter = _source(spec.adapter, None, store, always=True) if spec.adapter else None
+        adapter = source_identity(spec.adapter, None, store, always=True) if spec.adapter else None
         reference_name = reference_adapter(spec)
-        reference = _source(reference_name, None, store, always=True) if reference_name else None
+        reference = source_identity(reference_name, None, store, always=True) if reference_name else None
     except OSError as exc:
         raise DpoEvalError(f"cannot read the model files to identify them: {exc}") from None
     loading = {"quantization": spec.quantization, "compute_dtype": spec.compute_dtype,

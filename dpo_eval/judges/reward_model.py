@@ -44,7 +44,7 @@ import polars as pl
 
 from dpo_eval.config import default_cache_dir
 from dpo_eval.errors import DpoEvalError
-from dpo_eval.identity import DigestStore, folder_files, hub_revision, library_versions
+from dpo_eval.identity import DigestStore, library_versions, source_identity
 from dpo_eval.jsonsafe import json_key
 from dpo_eval.sqlite_table import open_table
 
@@ -132,15 +132,12 @@ class RewardScorer:
         if not self.max_length:
             raise DpoEvalError(f"--reward-model {name}: its config gives no context length; pass max_length")
         store = store or DigestStore(cache_dir)
-        if folder.is_dir():
-            files = folder_files(folder, store)
-            files.pop(TRAINING_METADATA, None)
-            source = {"files": files}
-        else:
-            source = {"hub": self.name, "revision": revision, "commit": hub_revision(self.name, revision)}
-            if source["commit"] == "unpinned":
-                self.repairs.append(f"hub commit of {self.name} could not be resolved (offline and not in the hub "
-                                    "cache): its cached scores are keyed on the name and may be stale")
+        source = source_identity(self.name, revision, store)  # the identity every model of dpo-eval has
+        if "files" in source:
+            source["files"].pop(TRAINING_METADATA, None)  # how it was trained, not what it computes
+        elif source["commit"] == "unpinned":
+            self.repairs.append(f"hub commit of {self.name} could not be resolved (offline and not in the hub "
+                                "cache): its cached scores are keyed on the name and may be stale")
         self.identity = {"source": source, "max_length": self.max_length, "truncation": TRUNCATION,
                          "dtype": dtype, "rendering": RENDERING, "versions": library_versions()}
         self.key = json_key(self.identity, 20)
