@@ -2,9 +2,9 @@
 
 Retries are the openai client's own (`max_retries`, `timeout`): it retries 408, 409, 429, 5xx, timeouts and
 lost connections with exponential backoff (0.5 s doubling to 8 s, with jitter; a Retry-After header up to
-60 s is honoured). `max_calls` counts calls, not their retries. A request the server refuses for good (any
-other 4xx but 401 and 403, e.g. 400 for a prompt too long for it) is a failed judgment of that pair, kept with
-the server's message; the other requests go on. A reply without a readable verdict is used in this run's table
+60 s is honoured). `max_calls` counts calls, not their retries. A request the server refuses for good (see
+`refused`: e.g. 400 for a prompt too long for it) is a failed judgment of that pair, kept with the server's
+message; the other requests go on. A reply without a readable verdict is used in this run's table
 (as invalid) but not cached, so a later run asks again. The API key is read from the environment
 when the client is built and kept only inside it: no identity, cache row, table or log line holds it.
 """
@@ -126,16 +126,18 @@ class JudgmentCache:
     def _connect(self):
         return open_table(self.path, self.SCHEMA)
 
-    def get_many(self, keys: list[str]) -> dict[str, Reply]:
-        found: dict[str, Reply] = {}
+    def _rows(self, select: str, keys: list[str]) -> list[tuple]:
+        """The rows of `select ... WHERE key IN (keys)`, asked 500 keys at a time (SQLite's variable limit)."""
+        rows: list[tuple] = []
         with self._connect() as db:
             for start in range(0, len(keys), 500):
                 chunk = keys[start:start + 500]
-                rows = db.execute("SELECT key, raw, p_first, prompt_tokens, completion_tokens, latency_s FROM "
-                                  f"replies WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-                for key, *values in rows:
-                    found[key] = Reply(*values, cached=True)
-        return found
+                rows += db.execute(f"{select} WHERE key IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+        return rows
+
+    def get_many(self, keys: list[str]) -> dict[str, Reply]:
+        rows = self._rows("SELECT key, raw, p_first, prompt_tokens, completion_tokens, latency_s FROM replies", keys)
+        return {key: Reply(*values, cached=True) for key, *values in rows}
 
     def mark_asked(self, key: str, judge: str) -> None:
         """Remember a request that was asked and got no verdict (not its reply: that is asked again)."""
@@ -144,13 +146,7 @@ class JudgmentCache:
 
     def asked(self, keys: list[str]) -> set[str]:
         """Those of `keys` asked before without a verdict."""
-        found: set[str] = set()
-        with self._connect() as db:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
-                found |= {k for (k,) in db.execute(f"SELECT key FROM asked WHERE key IN ({','.join('?' * len(chunk))})",
-                                                   chunk)}
-        return found
+        return {key for (key,) in self._rows("SELECT key FROM asked", keys)}
 
     def put(self, key: str, judge: str, reply: Reply) -> None:
         with self._connect() as db:

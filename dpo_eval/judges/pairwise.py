@@ -101,7 +101,7 @@ def judgment_table(requests: list[dict], replies: dict, judge: str) -> pl.DataFr
             continue
         cached = reply.cached or req["key"] in seen
         seen.add(req["key"])
-        failed = getattr(reply, "error", None)
+        failed = reply.error
         verdict = "failed" if failed else parse_verdict(reply.raw)
         winner = {"first": req["shown_first"], "second": req["shown_second"]}.get(verdict, verdict)
         rows.append({"pair_id": req["pair_id"], "split": req["split"], "comparison": req["comparison"],

@@ -1,8 +1,8 @@
 """Statistics of pairwise judge verdicts (issue 12): win rate, calibration on the labels, position bias.
 
 Input is the `judgments.parquet` table: one row per pair x comparison x order with columns
-`pair_id, split, comparison, judge, order (ab|ba), shown_first (role), verdict (first|second|tie|invalid),
-winner (role | tie | invalid)` (the other contract columns are carried, not used). Every pair is judged
+`pair_id, split, comparison, judge, order (ab|ba), shown_first (role), verdict (first|second|tie|invalid|failed),
+winner (role | tie | invalid | failed)` (the other contract columns are carried, not used). Every pair is judged
 in both orders; `combine_orders` folds the two verdicts into one winner per pair, and `judge_summary`
 computes the `summary.json` `judge.splits` block from the combined winners.
 
@@ -37,8 +37,8 @@ CI_METHOD = ("Wilson score interval on k = wins + ties/2 of the n valid pairs (a
 LC_METHOD = ("logistic regression (scikit-learn, unpenalised) of the combined per-pair outcome (tuned win 1, loss 0, "
              "tie 1/2 on each), one row per pair counted in n, on tanh(length difference / its sd) plus an "
              "intercept, predicted at difference 0")
-# The LC win rate is a prediction at zero length difference; where fewer than this share of the pairs lie on one
-# side of zero, that prediction is an extrapolation beyond the data and is flagged (lc_extrapolated).
+# The LC win rate is a prediction at zero length difference; where fewer than this share of the pairs lie at or on
+# one side of zero, that prediction is an extrapolation beyond the data and is flagged (lc_extrapolated).
 LC_SIDE_SHARE = 0.1
 
 
