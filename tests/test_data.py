@@ -264,3 +264,13 @@ def test_the_pairs_of_one_prompt_fall_in_one_split(tmp_path):
         sides = table.group_by("prompt").agg(pl.col("split").n_unique().alias("n"))
         assert sides["n"].max() == 1, f"seed {seed}: a prompt on both sides"
         assert set(table["split"]) == {"train", "valid"}
+
+
+@pytest.mark.parametrize("name, content", [("utf16.json", b"\xff\xfe[\x00]\x00"), ("fake.json.gz", b"not gzip")])
+def test_an_unreadable_json_file_is_one_error_naming_it(tmp_path, name, content):
+    from dpo_eval.errors import DpoEvalError
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DpoEvalError, match=f"{name}: cannot read"):
+        read_pairs(str(path))

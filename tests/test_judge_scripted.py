@@ -226,7 +226,8 @@ def test_a_server_that_refuses_every_request_or_knows_no_such_model_stops_the_ru
             assert server.requests <= 4  # stopped, not 40 refusals
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://127.0.0.1:port/v1", "127.0.0.1:8000/v1"])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://127.0.0.1:port/v1", "127.0.0.1:8000/v1",
+                                 "http://[::1"])
 def test_a_malformed_base_url_is_one_error_naming_it(tmp_path, url):
     from dpo_eval.errors import DpoEvalError
     from dpo_eval.judges.pairwise import judge_run
@@ -234,3 +235,16 @@ def test_a_malformed_base_url_is_one_error_naming_it(tmp_path, url):
     run = make_run(tmp_path / "run")
     with pytest.raises(DpoEvalError, match="--base-url"):
         judge_run(run, JudgeSpec(model="m", base_url=url, cache_dir=tmp_path / "cache"))
+
+
+def test_a_pair_listed_twice_is_refused_before_any_call(tmp_path):
+    from dpo_eval.errors import DpoEvalError
+    from dpo_eval.judges.pairwise import judge_run
+
+    run = make_run(tmp_path / "run")
+    pairs = pl.read_parquet(run / "pairs.parquet")
+    pl.concat([pairs, pairs.head(1)]).write_parquet(run / "pairs.parquet")
+    with ScriptedJudge(marker_rule()) as server:
+        with pytest.raises(DpoEvalError, match="pair_id 'p0' appears more than once"):
+            judge_run(run, JudgeSpec(model="m", base_url=server.url, cache_dir=tmp_path / "cache"))
+        assert server.requests == 0  # nothing paid for

@@ -84,6 +84,8 @@ def _read_json(path: Path) -> list[Record]:
             value = json.load(handle)
     except json.JSONDecodeError as exc:
         raise DpoEvalError(f"{path}, line {exc.lineno}: malformed JSON ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError, EOFError) as exc:  # as _read_jsonl: not gzip, not UTF-8, cut short
+        raise DpoEvalError(f"{path}: cannot read ({exc}); is it really UTF-8 JSON?") from None
     if isinstance(value, dict):
         lists = [v for v in value.values() if isinstance(v, list)]
         if len(lists) != 1:

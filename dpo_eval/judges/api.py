@@ -60,9 +60,9 @@ def normalised_url(base_url: str | None) -> str:
     dropped, no trailing slash; "" for OpenAI's own API (base_url None)."""
     if not base_url:
         return ""
-    parts = urlparse(base_url.strip())
-    host = (parts.hostname or "").lower()
     try:
+        parts = urlparse(base_url.strip())
+        host = (parts.hostname or "").lower()
         port_number = parts.port
     except ValueError as exc:  # urllib's words: "Port out of range 0-65535", "Port could not be cast ..."
         raise DpoEvalError(f"--base-url {base_url}: {exc}; give a URL like http://127.0.0.1:8000/v1") from None
@@ -162,7 +162,8 @@ class ChatJudge:
         from openai import OpenAI
 
         self.spec = spec
-        self.client = OpenAI(base_url=spec.base_url, api_key=api_key(spec), max_retries=spec.max_retries,
+        base_url = spec.base_url.strip() if spec.base_url else None  # as the identity reads it
+        self.client = OpenAI(base_url=base_url, api_key=api_key(spec), max_retries=spec.max_retries,
                              timeout=spec.timeout_s)
 
     def call(self, messages: list[dict]) -> Reply:

@@ -150,6 +150,10 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
     """
     run_dir = Path(run_dir)
     pairs = select_pairs(read_table(run_dir, "pairs.parquet"), spec)
+    repeated = pairs.filter(pl.col("pair_id").is_duplicated())["pair_id"].unique().to_list()
+    if repeated:  # refused before any call: two rows of one pair would be judged and paid for twice, then rejected
+        raise DpoEvalError(f"{run_dir / 'pairs.parquet'}: pair_id {repeated[0]!r} appears more than once "
+                           f"({len(repeated)} repeated pair(s)); keep one row per pair")
     needs_answers = "tuned_vs_base" in spec.comparisons or (run_dir / "answers.parquet").is_file()
     answers = read_table(run_dir, "answers.parquet") if needs_answers else None
     template = load_template(spec.template)

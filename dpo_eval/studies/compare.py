@@ -130,7 +130,8 @@ def refuse_occupied(out: Path) -> None:
         return
     summary = out / "summary.json"
     try:
-        earlier = "compare" in json.loads(summary.read_text())
+        found = json.loads(summary.read_text())
+        earlier = isinstance(found, dict) and "compare" in found
     except (OSError, ValueError, TypeError):
         earlier = False
     if not earlier:
