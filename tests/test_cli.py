@@ -116,3 +116,17 @@ def test_evaluate_options_override_the_config_and_state_the_spec_default(option,
     assert param.default is None
     assert spec.model_fields[field].description in param.help
     assert f"Default: {spec.model_fields[field].default}." in param.help
+
+
+def test_demo_default_base_is_the_shared_model_beside_the_checkout(stories260k, tmp_path, monkeypatch):
+    """`make demo` passes no --base: the default must find ../shared/models/stories260k beside the checkout, from
+    the checkout's folder and from any other working folder (a wrong parents[] index once broke `make demo`)."""
+    from dpo_eval.cli.flow_commands import _default_base
+
+    monkeypatch.delenv("DPO_EVAL_DEMO_BASE", raising=False)
+    checkout = Path(__file__).resolve().parents[1]
+    if stories260k.resolve() != (checkout.parent / "shared/models/stories260k").resolve():
+        pytest.skip("the shared folder is not beside this checkout (DPO_EVAL_SHARED points elsewhere)")
+    for folder in (checkout, tmp_path):
+        monkeypatch.chdir(folder)
+        assert Path(_default_base()).resolve() == stories260k.resolve(), folder

@@ -162,8 +162,18 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+DEMO_MODEL = Path("shared/models/stories260k")
+
+
 def _default_base() -> str:
-    return os.environ.get("DPO_EVAL_DEMO_BASE") or str(Path(__file__).resolve().parents[2] / "shared/models/stories260k")
+    """DPO_EVAL_DEMO_BASE, else ../shared/models/stories260k beside the working folder or beside the checkout that
+    holds this file (the first that exists; the working folder's when neither does, for the error message)."""
+    if os.environ.get("DPO_EVAL_DEMO_BASE"):
+        return os.environ["DPO_EVAL_DEMO_BASE"]
+    here = Path(__file__).resolve()
+    candidates = [Path.cwd().resolve().parent / DEMO_MODEL,
+                  *(folder.parent / DEMO_MODEL for folder in here.parents if (folder / "pyproject.toml").is_file())]
+    return str(next((path for path in candidates if path.is_dir()), candidates[0]))
 
 
 def demo(
