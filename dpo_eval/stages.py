@@ -38,11 +38,21 @@ def shard_pairs(pairs: pl.DataFrame, shard_size: int) -> list[pl.DataFrame]:
     record changes one shard (its bucket), not every shard after it; only crossing a power of two
     re-buckets. A shard holds between about half and one `shard_size` pairs on average; pairs keep
     their input order inside a shard. Empty buckets are left out.
+
+    The pairs of one prompt (data.pairs.prompt_id) share a shard, the bucket of their representative's
+    pair_id (the smallest, data.pairs.prompt_representatives), so the prompt is generated once
+    (generation.generate); with distinct prompts every pair is its own representative and the shards are
+    the ones bucketing by pair_id alone gives. A pair that becomes its prompt's new representative moves
+    the prompt's pairs to its bucket: two shards change.
     """
+    from dpo_eval.data.pairs import prompt_representatives
+
     if pairs.height == 0:
         return []
     n_shards = 1 << max(0, math.ceil(math.log2(max(1.0, pairs.height / shard_size))))
-    bucket = pl.Series([shard_of(p, n_shards) for p in pairs["pair_id"].to_list()])
+    rows, of = prompt_representatives(pairs)
+    ids = pairs["pair_id"].to_list()
+    bucket = pl.Series([shard_of(ids[rows[k]], n_shards) for k in of])
     tagged = pairs.with_columns(bucket.alias("__bucket"))
     return [tagged.filter(pl.col("__bucket") == b).drop("__bucket") for b in sorted(set(bucket.to_list()))]
 
@@ -171,24 +181,29 @@ def require_adapter(spec: ModelSpec) -> None:
 
 
 def texts_of(pairs: pl.DataFrame, answers: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Long table (pair_id, split, role, text) of the four texts of every pair; chosen and rejected only where
-    the pair has them (questions without labels have none), base and tuned only with `answers`."""
-    parts = [pairs.filter(pl.col(role).is_not_null()).select("pair_id", "split", pl.lit(role).alias("role"),
+    """Long table (pair_id, prompt_id, split, role, text) of the four texts of every pair; chosen and rejected only
+    where the pair has them (questions without labels have none), base and tuned only with `answers`. prompt_id
+    (data.pairs.prompt_id) is the unit of the tuned-vs-base statistics (stats.analysis)."""
+    from dpo_eval.data.pairs import PROMPT_ID, prompt_ids
+
+    keyed = pairs.with_columns(pl.Series(PROMPT_ID, prompt_ids(pairs), dtype=pl.String))
+    parts = [keyed.filter(pl.col(role).is_not_null()).select("pair_id", PROMPT_ID, "split", pl.lit(role).alias("role"),
                                                                pl.col(role).alias("text"))
              for role in ("chosen", "rejected")]
     if answers is None:
         return pl.concat(parts)
-    split = pairs.select("pair_id", "split")
+    split = keyed.select("pair_id", PROMPT_ID, "split")
     for role in ("base", "tuned"):
         part = answers.filter(pl.col("model") == role).select("pair_id", pl.col("answer").alias("text"))
         parts.append(split.join(part, on="pair_id", how="inner").select(
-            "pair_id", "split", pl.lit(role).alias("role"), "text"))
+            "pair_id", PROMPT_ID, "split", pl.lit(role).alias("role"), "text"))
     return pl.concat(parts)
 
 
 def features_table(texts: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
-    """features.parquet: (pair_id, split, role) beside each text's feature row."""
-    return pl.concat([texts.select("pair_id", "split", "role"), scores], how="horizontal")
+    """features.parquet: (pair_id, split, role, and prompt_id where `texts` has it) beside each text's feature row."""
+    keys = [c for c in ("pair_id", "split", "role", "prompt_id") if c in texts.columns]
+    return pl.concat([texts.select(keys), scores], how="horizontal")
 
 
 def score_frame(texts: pl.DataFrame, spec: ScoringSpec):

@@ -18,10 +18,20 @@ from dpo_eval.generation.engines import reports_each_batch
 
 
 def _generation_key(context, parameters) -> str:
-    """Model identity (dpo_eval.identity) x generation settings x shard content: never a run id or a path."""
+    """Model identity (dpo_eval.identity) x generation settings x shard content: never a run id or a path.
+
+    A shard whose prompts are all distinct keeps the key it had before answers were generated once per prompt
+    (its answers are the same: generation.generate), so those cached answers still hit; a shard that repeats a
+    prompt adds generate.SHARED_ANSWERS, so answers cached per pair for the same shard are never served."""
+    from dpo_eval.data.pairs import prompt_representatives
+
+    shard = parameters["shard"]
+    version = generate.CODE_VERSION
+    if len(prompt_representatives(shard)[0]) < shard.height:
+        version += "+" + generate.SHARED_ANSWERS
     return "generate-" + "-".join([
         parameters["key"], stages.spec_hash(parameters["generation"]), parameters["model"],
-        stages.content_hash(parameters["shard"]), generate.CODE_VERSION])
+        stages.content_hash(shard), version])
 
 
 # Out-of-memory failures of each task run in this process (Prefect runs a task run's retries in the process that

@@ -282,6 +282,39 @@ def test_bad_features_table_is_a_clear_error(tmp_path):
         analyze(pl.DataFrame({"pair_id": ["a"], "x": [1.0]}))
     with pytest.raises(DpoEvalError, match="unknown roles"):
         analyze(pl.DataFrame({"pair_id": ["a"], "split": ["train"], "role": ["good"], "x": [1.0]}))
+    two_prompts = pl.DataFrame({"pair_id": ["a", "a"], "split": ["train"] * 2, "role": ["tuned", "base"],
+                                "prompt_id": ["q1", "q2"], "x": [1.0, 0.0]})
+    with pytest.raises(DpoEvalError, match="a pair_id has two prompt_ids"):
+        analyze(two_prompts)
+
+
+def test_tuned_vs_base_bootstrap_resamples_prompts_and_distinct_prompts_change_nothing():
+    """prompt_id naming every pair apart gives the very table of no prompt_id; a prompt asked twice (its tuned and
+    base rows shared) gives the table of that prompt asked once for tuned vs base, CI included."""
+    rng = np.random.default_rng(5)
+    features = random_table(rng, 30, 3)
+    spec = AnalysisSpec(bootstrap=200, permutations=100, seed=2)
+    plain = run_analysis(features, spec)
+    own = run_analysis(features.with_columns(pl.col("pair_id").alias("prompt_id")), spec)
+    assert own.stats.equals(plain.stats)
+    # p29 (train) asks p28's prompt again with its own chosen and rejected answers
+    again = features.with_columns(pl.col("pair_id").alias("prompt_id")).with_columns(
+        pl.when(pl.col("pair_id") == "p29").then(pl.lit("p28")).otherwise(pl.col("prompt_id")).alias("prompt_id"))
+    shared = {r: again.filter((pl.col("pair_id") == "p28") & (pl.col("role") == r)) for r in ("tuned", "base")}
+    again = pl.concat([again.filter(~((pl.col("pair_id") == "p29") & pl.col("role").is_in(["tuned", "base"]))),
+                       *(s.with_columns(pl.lit("p29").alias("pair_id")) for s in shared.values())])
+    once = features.filter(~((pl.col("pair_id") == "p29") & pl.col("role").is_in(["tuned", "base"])))
+    once = once.filter(pl.col("pair_id") != "p29")
+    twice, single = run_analysis(again, spec).stats, run_analysis(once, spec).stats
+    key = ["feature", "split", "comparison"]
+    tb = [s.filter(pl.col("comparison") == "tuned_vs_base").sort(key) for s in (twice, single)]
+    columns = ["n", "mean_delta", "wilcoxon_stat", "p_value", "effect_size", "length_adjusted_delta"]
+    assert tb[0].select(columns).equals(tb[1].select(columns))
+    for bound in ("ci_low", "ci_high"):  # the same prompts resampled: the same means (S_j differs: p29's d_cr)
+        means = [(t[bound] * t["scale"]).to_numpy() for t in tb]
+        np.testing.assert_allclose(means[0], means[1], rtol=1e-12)
+    cr = twice.filter((pl.col("comparison") == "chosen_vs_rejected") & (pl.col("split") == "train"))
+    assert cr["n"].max() == 21  # 30 pairs, 30% valid: 21 train pairs, p29 among them
 
 
 def test_small_tied_samples_give_scipys_exact_permutation_p():

@@ -84,3 +84,52 @@ def test_a_checkpoint_split_by_pair_is_used_as_recorded_and_its_straddling_promp
     assert "1 prompt(s) have pairs on both sides" in source
     (adapter / METADATA).write_text(json.dumps({"train_pair_ids": ["a1", "a2"]}))  # by prompt: nothing to say
     assert stages.apply_training_split(pairs, str(adapter))[1] == "checkpoint training metadata"
+
+
+def prompts_asked_twice() -> pl.DataFrame:
+    """40 pairs over 30 prompts: prompts 0..9 asked twice (pair ids far apart, so pair_id buckets part them)."""
+    pairs = pairs_of(40)
+    prompt = [f"pair-{i % 30}" for i in range(40)]
+    return pairs.with_columns(pl.Series("prompt", prompt),
+                              pl.Series("messages", [json.dumps([{"role": "user", "content": p}]) for p in prompt]))
+
+
+def test_a_prompts_pairs_share_a_shard_and_distinct_prompts_shard_as_by_pair_id():
+    from dpo_eval.data.pairs import prompt_ids
+
+    distinct = pairs_of(300)
+    by_pair_id = {}  # the shards of bucketing each pair by its own pair_id (earlier caches were keyed on them)
+    for pid in distinct["pair_id"].to_list():
+        by_pair_id.setdefault(stages.shard_of(pid, 8), []).append(pid)
+    shards = stages.shard_pairs(distinct, 64)
+    assert [s["pair_id"].to_list() for s in shards] == [by_pair_id[b] for b in sorted(by_pair_id)]
+
+    twice = prompts_asked_twice()
+    shards = stages.shard_pairs(twice, 8)
+    assert len(shards) > 1 and sum(s.height for s in shards) == 40
+    home = {}
+    for k, shard in enumerate(shards):
+        for key in prompt_ids(shard):
+            assert home.setdefault(key, k) == k  # never in two shards
+
+
+def test_a_shard_that_repeats_a_prompt_is_keyed_apart_and_one_with_distinct_prompts_as_before():
+    from dpo_eval.generation import generate
+    from dpo_eval.tasks.evaluation import _generation_key
+
+    gen = GenerationSpec()
+
+    def key(shard):
+        return _generation_key(None, {"key": "k", "generation": gen, "model": "base", "shard": shard})
+
+    def earlier_key(shard):  # the key before one answer per prompt
+        return "generate-" + "-".join(["k", stages.spec_hash(gen), "base", stages.content_hash(shard),
+                                       generate.CODE_VERSION])
+
+    distinct = pairs_of(5)
+    assert key(distinct) == earlier_key(distinct)  # its cached answers still hit: they are the same answers
+    repeated = prompts_asked_twice().slice(25, 10)  # pairs 25..34: prompts 25..29 and 0..4, none repeated
+    assert key(repeated) == earlier_key(repeated)
+    repeated = prompts_asked_twice().slice(0, 35)  # prompts 0..4 asked twice
+    assert key(repeated) != earlier_key(repeated)
+    assert generate.SHARED_ANSWERS in key(repeated)

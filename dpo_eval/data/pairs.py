@@ -156,3 +156,32 @@ def _split_of(given: str | None, key: str, spec: DatasetSpec, where: str) -> str
 def prompt_turns(row: dict) -> list[dict[str, str]]:
     """The prompt of a pairs row as chat messages, system prompt excluded."""
     return json.loads(row["messages"]) if row.get("messages") else [{"role": "user", "content": row["prompt"]}]
+
+
+PROMPT_ID = "prompt_id"
+
+
+def prompt_id(row: dict) -> str:
+    """The prompt_key of a pairs row: (system, every turn), the key read_pairs drew its split by. The unit of
+    tuned and base answers: the pairs of one prompt share one answer of each model and count once in the
+    tuned-vs-base statistics."""
+    turns = [(m["role"], m["content"]) for m in prompt_turns(row)]
+    return prompt_key(row.get("system"), turns)
+
+
+def prompt_ids(pairs: pl.DataFrame) -> list[str]:
+    """prompt_id of every row of `pairs`, in row order."""
+    return [prompt_id(row) for row in pairs.iter_rows(named=True)]
+
+
+def prompt_representatives(pairs: pl.DataFrame) -> tuple[list[int], list[int]]:
+    """(rows, of): `rows` the row of each distinct prompt's representative, the pair with the smallest pair_id (so
+    the choice never depends on row order), in order of first appearance; `of[i]` the position in `rows` of row
+    i's prompt. A table whose prompts are all distinct gives every row as its own representative."""
+    ids, keys = pairs["pair_id"].to_list(), prompt_ids(pairs)
+    best: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key not in best or ids[i] < ids[best[key]]:
+            best[key] = i
+    position = {key: k for k, key in enumerate(best)}
+    return list(best.values()), [position[key] for key in keys]

@@ -13,7 +13,21 @@ matched-pairs rank-biserial effect size, a seeded bootstrap CI of norm_mean_delt
 sign-flip permutation test that sign agreement beats chance, length-adjusted deltas (the intercept of
 d_j regressed on the n_tokens delta), and the Wilcoxon test's power to find a shift of 0.5 S per split.
 Every random draw comes from its own stream per split and purpose (stats.rng_for); both comparisons
-of a split resample the same records.
+of a split start from the same stream (where every prompt has one pair, they resample the same records).
+
+The unit of each comparison. Tuned and base answer a prompt (system and turns: features.parquet's prompt_id,
+data.pairs.prompt_id), not a pair: the pairs of one prompt share their answers (generation.generate), so
+tuned vs base counts each distinct prompt once per split. Its delta d_tb of a prompt is the mean over the
+prompt's pairs valid for feature j (the same value where the answers are shared: that value exactly), a
+prompt valid for j where any of its pairs is; n, mean_delta, norm_mean_delta, the bootstrap CI (prompts
+resampled), the Wilcoxon test, the effect size and the length-adjusted delta (the prompt's d_tb regressed on
+its own n_tokens d_tb) of tuned_vs_base rows are over these prompts, and so are the sign-flip test (each
+prompt's row flipped), the power (its n: the tuned-vs-base test's) and length_sign_share. Chosen vs rejected
+stays per pair (each pair has its own chosen and rejected texts): S_j, its rows and the direction
+sign(mean d_cr) are over pairs. Sign agreement is sign(mean d_cr over pairs) * sign(mean d_tb over prompts),
+the product of the signs of the two rows' own mean_delta. summary["n_pairs"] counts pairs and
+summary["n_prompts"] prompts, per split. A features table without prompt_id (one written before it, or
+another tool's) counts each pair as its own prompt.
 
 Without labels (questions only: features hold base and tuned rows, no chosen or rejected), tuned vs
 base is tested as above, and chosen vs rejected comes from a reference data set when one is given
@@ -48,13 +62,16 @@ from dpo_eval.stats.paired import (
 )
 
 META = ("pair_id", "split", "role")
+PROMPT_ID = "prompt_id"  # features.parquet: the prompt of a pair (data.pairs.prompt_id), the unit of tuned vs base
 ROLES = ("chosen", "rejected", "base", "tuned")
 COMPARISONS = {"chosen_vs_rejected": ("chosen", "rejected"), "tuned_vs_base": ("tuned", "base")}
-SIGN_TEST = ("pair-level sign-flip permutation test, one-sided (agreement greater than chance); features "
-             "whose mean tuned-base delta is 0 are left out, in the observed share and in every flip")
+SIGN_TEST = ("prompt-level sign-flip permutation test (each prompt's tuned-base deltas flipped together), one-sided "
+             "(agreement greater than chance); features whose mean tuned-base delta is 0 are left out, in the "
+             "observed share and in every flip")
 Q_FAMILY = "Benjamini-Hochberg over the features of one comparison and split (NaN p-values left out)"
 POWER_SHIFT = 0.5
-POWER_METHOD = ("two-sided Wilcoxon signed-rank test at alpha for a mean shift of 0.5 S with n pairs, normal "
+POWER_METHOD = ("two-sided Wilcoxon signed-rank test at alpha for a mean shift of 0.5 S with n records (the "
+                "tuned-vs-base test's: distinct prompts), normal "
                 "deltas of sd S: the paired t-test's power (noncentral t) at n * 3/pi pairs (the Wilcoxon "
                 "test's asymptotic relative efficiency); 0 where the exact test cannot reach alpha")
 
@@ -86,9 +103,9 @@ def run_analysis(features: pl.DataFrame, spec: AnalysisSpec | None = None,
     data set, features.parquet's shape) only for a features table without labels."""
     spec = spec or AnalysisSpec()
     names = feature_columns(features)
-    splits, values = _wide(features, names)
+    splits, values, prompts = _wide(features, names)
     if not has_labels(features):
-        return _run_unlabeled(names, splits, values, spec, reference)
+        return _run_unlabeled(names, splits, values, prompts, spec, reference)
     if reference is not None:
         raise DpoEvalError("a reference data set is for questions without labels; this data set has chosen and "
                            "rejected answers, which give the direction and the scale themselves")
@@ -103,21 +120,24 @@ def run_analysis(features: pl.DataFrame, spec: AnalysisSpec | None = None,
     for split in _split_order(splits):
         in_split = splits == split
         ok = finite[in_split]
-        deltas = {"chosen_vs_rejected": cr[in_split], "tuned_vs_base": tb[in_split]}
-        signs = {c: _signs(d, ok) for c, d in deltas.items()}
-        tested = {c: (np.where(ok, d, 0.0) != 0).any(axis=0) for c, d in deltas.items()}
+        # chosen vs rejected per pair, tuned vs base per prompt (module docstring)
+        deltas = {"chosen_vs_rejected": (cr[in_split], ok),
+                  "tuned_vs_base": _per_prompt(tb[in_split], ok, prompts[in_split])}
+        signs = {c: _signs(d, o) for c, (d, o) in deltas.items()}
+        tested = {c: (np.where(o, d, 0.0) != 0).any(axis=0) for c, (d, o) in deltas.items()}
         both = tested["chosen_vs_rejected"] & tested["tuned_vs_base"]
         agreement = np.where(both, signs["chosen_vs_rejected"] * signs["tuned_vs_base"], np.nan)
-        _, p, _ = sign_agreement_test(np.where(both, signs["chosen_vs_rejected"], np.nan), deltas["tuned_vs_base"],
-                                      ok, spec.permutations, rng_for(spec.seed, split, "permutations"))
-        parts[split] = {"n": int(in_split.sum()), "agreement": agreement, "p": p,
+        tb_d, tb_ok = deltas["tuned_vs_base"]
+        _, p, _ = sign_agreement_test(np.where(both, signs["chosen_vs_rejected"], np.nan), tb_d, tb_ok,
+                                      spec.permutations, rng_for(spec.seed, split, "permutations"))
+        parts[split] = {"n": int(in_split.sum()), "n_prompts": int(tb_d.shape[0]), "agreement": agreement, "p": p,
                         "inf": infinite[in_split].sum(axis=0),
-                        "length": deltas["tuned_vs_base"][ok[:, length], length] if length is not None else None}
-        for comparison, d in deltas.items():
-            # a fresh copy of the split's bootstrap stream: both comparisons resample the same records
-            ci = _bootstrap_ci(d, ok, scale, spec, rng_for(spec.seed, split, "bootstrap"))
+                        "length": tb_d[tb_ok[:, length], length] if length is not None else None}
+        for comparison, (d, o) in deltas.items():
+            # a fresh copy of the split's bootstrap stream: with one pair per prompt both resample the same records
+            ci = _bootstrap_ci(d, o, scale, spec, rng_for(spec.seed, split, "bootstrap"))
             other = next(c for c in COMPARISONS if c != comparison)
-            rows += _comparison_rows(names, split, comparison, d, ok, scale, agreement, ci, length, spec,
+            rows += _comparison_rows(names, split, comparison, d, o, scale, agreement, ci, length, spec,
                                      parts[split]["inf"], tested[comparison], tested[other], other)
     stats = _finish(pl.DataFrame(rows, infer_schema_length=None))
     labels = {"source": "data set", "note": "chosen and rejected of each split's own pairs"}
@@ -128,8 +148,9 @@ NO_LABELS = ("no chosen/rejected labels in this data set and no reference data s
              "(pass --reference-dataset, the preference data the checkpoint was trained on)")
 
 
-def _run_unlabeled(names, splits, values, spec: AnalysisSpec, reference: pl.DataFrame | None) -> Analysis:
-    """Tuned vs base on questions without labels; chosen vs rejected from `reference` (module docstring)."""
+def _run_unlabeled(names, splits, values, prompts, spec: AnalysisSpec, reference: pl.DataFrame | None) -> Analysis:
+    """Tuned vs base (per prompt) on questions without labels; chosen vs rejected (per pair) from `reference`
+    (module docstring)."""
     tb = values["tuned"] - values["base"]
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(values["tuned"]) & np.isfinite(values["base"]) & np.isfinite(tb)
@@ -142,7 +163,7 @@ def _run_unlabeled(names, splits, values, spec: AnalysisSpec, reference: pl.Data
         if missing:
             raise DpoEvalError(f"the reference features lack {missing[:5]}{'...' * (len(missing) > 5)}; score the "
                                "reference data set with the same features")
-        ref_splits, ref = _wide(reference.select("pair_id", "split", "role", *names), names)
+        ref_splits, ref, _ = _wide(reference.select("pair_id", "split", "role", *names), names)
         cr_all = ref["chosen"] - ref["rejected"]
         with np.errstate(invalid="ignore"):
             ref_ok = np.isfinite(ref["chosen"]) & np.isfinite(ref["rejected"]) & np.isfinite(cr_all)
@@ -164,13 +185,14 @@ def _run_unlabeled(names, splits, values, spec: AnalysisSpec, reference: pl.Data
     rows, parts = [], {}
     for split in _split_order(splits):
         in_split = splits == split
-        d, o = tb[in_split], ok[in_split]
+        d, o = _per_prompt(tb[in_split], ok[in_split], prompts[in_split])
         tested = (np.where(o, d, 0.0) != 0).any(axis=0)
         both = tested & cr_tested
         agreement = np.where(both, direction * _signs(d, o), np.nan)
         _, p, _ = sign_agreement_test(np.where(both, direction, np.nan), d, o, spec.permutations,
                                       rng_for(spec.seed, split, "permutations"))
-        parts[split] = {"n": int(in_split.sum()), "agreement": agreement, "p": p, "inf": infinite[in_split].sum(axis=0),
+        parts[split] = {"n": int(in_split.sum()), "n_prompts": int(d.shape[0]), "agreement": agreement, "p": p,
+                        "inf": infinite[in_split].sum(axis=0),
                         "length": d[o[:, length], length] if length is not None else None}
         ci = _bootstrap_ci(d, o, scale, spec, rng_for(spec.seed, split, "bootstrap"))
         rows += _comparison_rows(names, split, "tuned_vs_base", d, o, scale, agreement, ci, length, spec,
@@ -182,7 +204,9 @@ def _run_unlabeled(names, splits, values, spec: AnalysisSpec, reference: pl.Data
     return Analysis(stats, _summary(stats, parts, names, spec, scale_source) | {"labels": labels})
 
 
-def _wide(features: pl.DataFrame, names: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _wide(features: pl.DataFrame, names: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """(split, {role: values (n x F)}, prompt) per pair; a pair's prompt is its prompt_id, or its pair_id
+    where the table has no prompt_id (or the pair has none)."""
     missing = [c for c in ("pair_id", "split", "role") if c not in features.columns]
     if missing:
         raise DpoEvalError(f"features table lacks the columns {missing}; expected pair_id, split, role "
@@ -197,12 +221,42 @@ def _wide(features: pl.DataFrame, names: list[str]) -> tuple[np.ndarray, dict[st
     keys = features.select("pair_id", "split").unique(maintain_order=True)
     if keys["pair_id"].is_duplicated().any():
         raise DpoEvalError("features table: a pair_id appears in two splits")
+    prompts = keys["pair_id"]
+    if PROMPT_ID in features.columns:
+        given = features.filter(pl.col(PROMPT_ID).is_not_null()).select("pair_id", pl.col(PROMPT_ID).cast(pl.String))
+        given = given.unique(maintain_order=True)
+        if given["pair_id"].is_duplicated().any():
+            raise DpoEvalError(f"features table: a pair_id has two {PROMPT_ID}s; a pair has one prompt")
+        prompts = keys.join(given, on="pair_id", how="left", maintain_order="left").select(
+            pl.col(PROMPT_ID).fill_null(pl.col("pair_id")))[PROMPT_ID]
     values = {}
     for role in ROLES:
         part = features.filter(pl.col("role") == role).select(["pair_id"] + names)
         joined = keys.join(part, on="pair_id", how="left", maintain_order="left")
         values[role] = joined.select(names).cast(pl.Float64).fill_null(np.nan).to_numpy()
-    return keys["split"].to_numpy().astype(str), values
+    return keys["split"].to_numpy().astype(str), values, prompts.to_numpy().astype(str)
+
+
+def _per_prompt(d: np.ndarray, ok: np.ndarray, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One delta per distinct prompt (in order of first appearance) from per-pair deltas `d` (n x F): per
+    feature, the mean over the prompt's pairs valid for it (`ok`), exactly their common value where those are
+    all equal (shared answers); the prompt valid where any of its pairs is. Distinct prompts give d and ok back."""
+    order = list(dict.fromkeys(prompts.tolist()))
+    if len(order) == d.shape[0]:
+        return d, ok
+    where = {p: k for k, p in enumerate(order)}
+    group = np.array([where[p] for p in prompts.tolist()], dtype=int)
+    shape = (len(order), d.shape[1])
+    sums, counts = np.zeros(shape), np.zeros(shape)
+    low, high = np.full(shape, np.inf), np.full(shape, -np.inf)
+    np.add.at(sums, group, np.where(ok, d, 0.0))
+    np.add.at(counts, group, ok.astype(float))
+    np.minimum.at(low, group, np.where(ok, d, np.inf))
+    np.maximum.at(high, group, np.where(ok, d, -np.inf))
+    valid = counts > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(low == high, low, sums / counts)
+    return np.where(valid, mean, np.nan), valid
 
 
 def _split_order(splits: np.ndarray) -> list[str]:
@@ -304,15 +358,17 @@ def _finish(stats: pl.DataFrame) -> pl.DataFrame:
 
 def _summary(stats: pl.DataFrame, parts: dict, names: list[str], spec: AnalysisSpec, scale_source: str) -> dict:
     significant = {c: {} for c in COMPARISONS}
-    toward_chosen, share, agreement_p, n_pairs, n_signed = {}, {}, {}, {}, {}
+    toward_chosen, share, agreement_p, n_pairs, n_prompts, n_signed = {}, {}, {}, {}, {}, {}
     power, length_share, dropped_inf = {}, {}, {}
     for split, part in parts.items():
         n_pairs[split] = part["n"]
+        n_prompts[split] = part["n_prompts"]
         signed = part["agreement"][np.isfinite(part["agreement"]) & (part["agreement"] != 0)]  # both means nonzero
         share[split] = float(np.mean(signed == 1)) if signed.size else float("nan")
         n_signed[split] = int(signed.size)
         agreement_p[split] = part["p"]
-        power[split] = {"n": part["n"], "shift": POWER_SHIFT, "power": wilcoxon_power(part["n"], POWER_SHIFT, spec.alpha)}
+        power[split] = {"n": part["n_prompts"], "unit": "prompts", "shift": POWER_SHIFT,
+                        "power": wilcoxon_power(part["n_prompts"], POWER_SHIFT, spec.alpha)}
         if part["length"] is not None:
             dl = part["length"]
             length_share[split] = float(max((dl > 0).sum(), (dl < 0).sum()) / dl.size) if dl.size else float("nan")
@@ -326,7 +382,8 @@ def _summary(stats: pl.DataFrame, parts: dict, names: list[str], spec: AnalysisS
         cr_significant = stats.filter((pl.col("split") == split) & (pl.col("comparison") == "chosen_vs_rejected")
                                       & (pl.col("q_value") < spec.alpha))["feature"]
         toward_chosen[split] = int(tuned["feature"].is_in(cr_significant.implode()).sum())
-    return {"n_pairs": n_pairs, "n_features": len(names), "alpha": spec.alpha, "scale_source": scale_source,
+    return {"n_pairs": n_pairs, "n_prompts": n_prompts, "n_features": len(names), "alpha": spec.alpha,
+            "scale_source": scale_source,
             "sign_agreement": share, "sign_agreement_features": n_signed, "sign_agreement_p": agreement_p,
             "sign_agreement_test": f"{SIGN_TEST}, {spec.permutations} permutations",
             "significant": significant, "significant_toward_chosen": toward_chosen, "q_family": Q_FAMILY,
