@@ -100,7 +100,7 @@ def folder_files(folder: Path, store: DigestStore, always: bool = False) -> dict
     return found
 
 
-def hub_revision(repo_id: str, revision: str | None) -> str:
+def hub_revision(repo_id: str, revision: str | None, repo_type: str = "model") -> str:
     """The commit a hub revision points at: asked of the hub when online, else read from the local
     hub cache (its snapshot folder is named by the commit); 'unpinned' when neither can tell."""
     if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
@@ -110,24 +110,25 @@ def hub_revision(repo_id: str, revision: str | None) -> str:
         try:
             from huggingface_hub import HfApi
 
-            return HfApi().model_info(repo_id, revision=revision).sha
+            return HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type).sha
         except Exception:  # noqa: BLE001 - no network or no such repo: fall back to the local cache
             pass
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True)).name
+        return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type, local_files_only=True)).name
     except Exception:  # noqa: BLE001 - not in the local cache either
         return "unpinned"
 
 
-def source_identity(name: str, revision: str | None, store: DigestStore, always: bool = False) -> dict:
+def source_identity(name: str, revision: str | None, store: DigestStore, always: bool = False,
+                    commit: str | None = None) -> dict:
     """What identifies a model's weights: {"files": {path: sha256}} of a local folder, or {"hub", "revision",
-    "commit"} of a hub id (the commit the revision resolves to, or "unpinned")."""
+    "commit"} of a hub id (the commit the revision resolves to, or "unpinned"; `commit`: taken as resolved)."""
     folder = Path(name).expanduser()
     if folder.is_dir():
         return {"files": folder_files(folder, store, always)}
-    return {"hub": name, "revision": revision, "commit": hub_revision(name, revision)}
+    return {"hub": name, "revision": revision, "commit": commit or hub_revision(name, revision)}
 
 
 def installed_versions(names) -> dict[str, str]:
@@ -178,6 +179,12 @@ class ModelIdentity:
         evaluated (an upgrade of peft must not evaluate every checkpoint again; the caches keep the full keys)."""
         return _key({"base": self.base, "adapter": self.adapter, "reference": self.reference, "loading": self.loading})
 
+    def commit(self, part: str) -> str | None:
+        """The hub commit the 'base', 'adapter' or 'reference' resolved to, which loading must ask for (the branch
+        can move between identification and load); None for a local folder or an unpinned hub id."""
+        commit = (getattr(self, part) or {}).get("commit")
+        return None if commit in (None, "unpinned") else commit
+
     @property
     def unpinned(self) -> list[str]:
         """Hub models whose commit could not be resolved: their cached outputs may be stale."""
@@ -186,15 +193,18 @@ class ModelIdentity:
         return [f"{label} {part['hub']}" for label, part in parts if part.get("commit") == "unpinned"]
 
 
-def model_identity(spec: ModelSpec, store: DigestStore | None = None) -> ModelIdentity:
-    """The complete identity of `spec`'s base and tuned model (see the module docstring)."""
+def model_identity(spec: ModelSpec, store: DigestStore | None = None,
+                   pinned: ModelIdentity | None = None) -> ModelIdentity:
+    """The complete identity of `spec`'s base and tuned model (see the module docstring). `pinned`: an identity
+    whose hub commits are taken as they are (the check after loading them: a commit cannot change, a branch can)."""
     store = store or DigestStore()
+    commit = pinned.commit if pinned else lambda part: None
     try:
-        base = source_identity(spec.base, spec.revision, store)
+        base = source_identity(spec.base, spec.revision, store, commit=commit("base"))
         # adapters are read whole every time: a 7B LoRA can pass SMALL_FILE and keeps its size when rewritten
-        adapter = source_identity(spec.adapter, None, store, always=True) if spec.adapter else None
+        adapter = source_identity(spec.adapter, None, store, True, commit("adapter")) if spec.adapter else None
         reference_name = reference_adapter(spec)
-        reference = source_identity(reference_name, None, store, always=True) if reference_name else None
+        reference = source_identity(reference_name, None, store, True, commit("reference")) if reference_name else None
     except OSError as exc:
         raise DpoEvalError(f"cannot read the model files to identify them: {exc}") from None
     loading = {"quantization": spec.quantization, "compute_dtype": spec.compute_dtype,

@@ -144,6 +144,78 @@ def test_task_config_hash_follows_the_data_file_content_not_its_path(first, tmp_
     assert failed == {} and tasks[0].config_hash != result["task_configs"][MC]
 
 
+# How a task YAML names its data: a glob beside it, an absolute glob, a folder (data_dir); and the split it loads.
+DATA_FORMS = {"dpo_eval_data_glob": ("data_files:\n    test: parts/*.jsonl", "test"),
+              "dpo_eval_data_absolute_glob": ("data_files:\n    test: {folder}/parts/*.jsonl", "test"),
+              "dpo_eval_data_folder": ("data_dir: parts", "train")}
+
+
+def _data_tasks(folder: Path) -> ForgettingSpec:
+    """The DATA_FORMS tasks over tiny_mc.jsonl split into parts/a.jsonl and parts/b.jsonl."""
+    lines = (TASKS_DIR / "tiny_mc.jsonl").read_text().splitlines(keepends=True)
+    (folder / "parts").mkdir(parents=True)
+    (folder / "parts" / "a.jsonl").write_text("".join(lines[:10]))
+    (folder / "parts" / "b.jsonl").write_text("".join(lines[10:]))
+    for name, (kwargs, split) in DATA_FORMS.items():
+        (folder / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  {kwargs.format(folder=folder)}\n"
+            f"test_split: {split}\noutput_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\n"
+            "doc_to_choice: choices\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+    return ForgettingSpec(tasks=tuple(DATA_FORMS), include_path=str(folder))
+
+
+def _data_keys(spec: ForgettingSpec) -> dict[str, str]:
+    tasks, failed = load_tasks(spec)
+    assert failed == {}
+    return {task.name: forgetting.cache_key("model-key", task, spec) for task in tasks}
+
+
+def test_data_given_as_a_glob_or_folder_is_keyed_by_content(tmp_path):
+    """A data file rewritten with the same name, size and mtime changes the key of a task reading it through a
+    glob or a folder; the same content in another folder (another run) gives the same key."""
+    import os
+
+    spec = _data_tasks(tmp_path / "one")
+    first = _data_keys(spec)
+    assert set(first) == set(DATA_FORMS)
+    assert _data_keys(_data_tasks(tmp_path / "two")) == first  # another run, elsewhere, the same content
+    part = tmp_path / "one" / "parts" / "b.jsonl"
+    original, stat = part.read_bytes(), part.stat()
+    changed = original.replace(b'"answer": 3', b'"answer": 0', 1)
+    assert changed != original and len(changed) == len(original)
+    part.write_bytes(changed)
+    os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = _data_keys(spec)
+    assert {name for name in DATA_FORMS if after[name] == first[name]} == set()
+
+
+def test_a_hub_data_set_is_keyed_by_its_commit_or_marked_unpinned(tmp_path, monkeypatch):
+    """Offline, a hub data set's commit comes from the hub cache (datasets--org--name, refs/main); a data set
+    the cache does not hold is 'unpinned'; a datasets builder name (json) stays as it is."""
+    import huggingface_hub.constants as constants
+
+    from dpo_eval.forgetting.harness import data_source
+    from dpo_eval.identity import DigestStore
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "datasets--org--bench"
+    commits = ["a" * 40, "b" * 40]
+    for commit in commits:
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        shutil.copyfile(TASKS_DIR / "tiny_mc.jsonl", repo / "snapshots" / commit / "test.jsonl")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commits[0])
+    store = DigestStore(tmp_path / "digests")
+    assert data_source("org/bench", None, store) == {"hub": "org/bench", "revision": None, "commit": commits[0]}
+    (repo / "refs" / "main").write_text(commits[1])
+    assert data_source("org/bench", None, store)["commit"] == commits[1]
+    assert data_source("org/absent", "main", store) == {"hub": "org/absent", "revision": "main", "commit": "unpinned"}
+    assert data_source("json", None, store) == "json"
+    assert data_source(str(repo / "snapshots" / commits[0]), None, store) == data_source(
+        str(repo / "snapshots" / commits[1]), None, store)  # a local folder by its files' content
+
+
 def test_cli_writes_the_files_and_names_the_task_that_failed(stories260k, adapters, tmp_path, monkeypatch, capsys):
     """Through dpo_eval.cli.main's main, from another working directory (the task's data file still resolves
     against its YAML), with --limit."""

@@ -170,6 +170,31 @@ def test_hub_revision_is_a_commit_from_the_local_hub_cache_or_unpinned(tmp_path,
     assert model_identity(spec, DigestStore(tmp_path / "d")).unpinned == ["base org/absent"]
 
 
+def test_a_pinned_identity_keeps_its_hub_commits_when_the_branch_moves(tmp_path, monkeypatch):
+    """`commit` is what loading asks for; model_identity(pinned=...) (load_model's check after loading) keeps the
+    loaded commit while a fresh identity follows the branch."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--model"
+    commits = ["a" * 40, "b" * 40]
+    for commit in commits:
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commits[0])
+    store = DigestStore(tmp_path / "digests")
+    spec = ModelSpec(base="org/model", quantization="none")
+    identity = model_identity(spec, store)
+    assert identity.commit("base") == commits[0] and identity.commit("adapter") is None
+    (repo / "refs" / "main").write_text(commits[1])
+    assert model_identity(spec, store).commit("base") == commits[1]
+    assert model_identity(spec, store, pinned=identity) == identity
+    assert model_identity(ModelSpec(base="org/absent"), store).commit("base") is None  # unpinned: no commit to ask
+    assert hub_revision("org/model", None, repo_type="dataset") == "unpinned"  # data sets have their own repos
+
+
 def test_an_adapter_is_read_whole_every_time_whatever_its_size(stories260k, tmp_path, monkeypatch):
     import os
 

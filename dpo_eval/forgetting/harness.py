@@ -20,17 +20,19 @@ per-question values are all 0 or 1 (acc, acc_norm, exact_match, ...) is compared
   of the same answers, so each metric is its own family).
 
 Per-model results are cached on disk by (model identity key of that side, task name, a hash of the task's
-config with its local data files hashed by content, limit, num_fewshot, lm-eval version): a new adapter
-reruns the tuned side only. A task that cannot be loaded or evaluated is reported in one line naming it and
-the fix; the other tasks still run.
+config with its data by content (local data files, globs and folders hashed; a hub data set by its commit),
+limit, num_fewshot, lm-eval version): a new adapter reruns the tuned side only. A task that cannot be loaded
+or evaluated is reported in one line naming it and the fix; the other tasks still run.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import math
+import os
 import re
 import time
 from contextlib import nullcontext
@@ -44,8 +46,9 @@ from scipy import stats as sps
 
 from dpo_eval.config import ForgettingSpec, ModelSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError, is_out_of_memory
-from dpo_eval.identity import DigestStore, ModelIdentity, model_identity
+from dpo_eval.identity import DigestStore, ModelIdentity, folder_files, hub_revision, model_identity
 from dpo_eval.jsonsafe import json_key, jsonable
+from dpo_eval.locations import is_local_path
 from dpo_eval.stats.paired import benjamini_hochberg, wilson
 
 log = logging.getLogger(__name__)
@@ -166,8 +169,9 @@ def _map_files(files, fn):
 
 
 def _resolved_config(manager, name: str) -> dict | None:
-    """The config of the YAML task `name` with relative data_files that exist beside the YAML made absolute
-    (lm-eval alone resolves them against the working directory); None when nothing needs resolving."""
+    """The config of the YAML task `name` with relative data_files (files or globs) and data_dir that exist beside
+    the YAML made absolute (lm-eval alone resolves them against the working directory); None when nothing needs
+    resolving."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     entry = manager.task_index.get(name)
@@ -178,22 +182,57 @@ def _resolved_config(manager, name: str) -> dict | None:
     folder = Path(entry.yaml_path).resolve().parent
 
     def absolute(path: str) -> str:
-        return str(folder / path) if not Path(path).is_absolute() and (folder / path).exists() else path
+        beside = folder / path
+        found = beside.exists() or glob.has_magic(path) and glob.glob(str(beside), recursive=True)
+        return str(beside) if not Path(path).is_absolute() and found else path
 
-    files = kwargs.get("data_files")
-    resolved = _map_files(files, absolute)
-    return None if resolved == files else config | {"dataset_kwargs": kwargs | {"data_files": resolved}}
+    resolved = {key: _map_files(kwargs[key], absolute) for key in ("data_files", "data_dir") if key in kwargs}
+    return None if resolved == {k: kwargs[k] for k in resolved} else config | {"dataset_kwargs": kwargs | resolved}
+
+
+def data_content(path: str, store: DigestStore):
+    """A local data file, folder or glob by content, never by path: 'sha256:<hex>' of a file, {"folder": {path:
+    sha256}} of a folder's files, {"glob": [sha256, ...]} of the files a glob matches in the order datasets reads
+    them (relative to the working directory, as datasets resolves it); `path` itself where nothing local matches."""
+    from datasets.data_files import resolve_pattern
+
+    local = Path(path).expanduser()
+    if local.is_file():
+        return "sha256:" + store.digest(local)
+    if local.is_dir():
+        return {"folder": folder_files(local, store)}
+    if glob.has_magic(path) and "://" not in path:
+        try:
+            return {"glob": [store.digest(Path(f)) for f in resolve_pattern(path, base_path=os.getcwd())]}
+        except FileNotFoundError:
+            pass
+    return path
+
+
+def data_source(dataset_path: str | None, revision: str | None, store: DigestStore):
+    """The task's dataset_path: a local folder by content; a hub data set as {"hub", "revision", "commit"} (the
+    commit the revision resolves to, online or from the hub cache, or "unpinned"); a datasets builder (json,
+    csv, ...) as it is."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    if not isinstance(dataset_path, str) or dataset_path in _PACKAGED_DATASETS_MODULES:
+        return dataset_path
+    if is_local_path(dataset_path):
+        return data_content(dataset_path, store)
+    return {"hub": dataset_path, "revision": revision, "commit": hub_revision(dataset_path, revision, "dataset")}
 
 
 def config_hash(task, store: DigestStore) -> str:
-    """sha256 of the task's config (lm-eval's dump_config: functions as source), its local data files by
-    content, never by path."""
+    """sha256 of the task's config (lm-eval's dump_config: functions as source) with its data by content, never by
+    name or path: local data files, globs, data_dir and dataset_path folders hashed, a hub data set's commit."""
     config = task.dump_config()
     (config.get("metadata") or {}).pop("config_source", None)
     kwargs = config.get("dataset_kwargs") or {}
-    if "data_files" in kwargs:
-        kwargs["data_files"] = _map_files(kwargs["data_files"], lambda p: "sha256:" + store.digest(Path(p))
-                                          if Path(p).is_file() else p)
+    for key in ("data_files", "data_dir"):
+        if key in kwargs:
+            kwargs[key] = _map_files(kwargs[key], lambda p: data_content(p, store))
+    if "dataset_path" in config:
+        config["dataset_path"] = data_source(config["dataset_path"], kwargs.get("revision"), store)
     text = re.sub(r" at 0x[0-9a-f]+", "", json.dumps(config, sort_keys=True, default=str))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 

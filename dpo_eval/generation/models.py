@@ -255,21 +255,39 @@ def load_model(spec: ModelSpec, identity: ModelIdentity | None = None, engine: s
     check_engine(spec, engine, merge)
     identity = identity or model_identity(spec)
     repairs: list[str] = []
-    tokenizer = load_tokenizer(spec, repairs)
-    model = load_base(spec, repairs, engine)
+    # what the identity names: a hub id at the commit it resolved to, not its branch as it is now
+    pinned = spec.model_copy(update={"revision": identity.commit("base") or spec.revision})
+    tokenizer = load_tokenizer(pinned, repairs)
+    model = load_base(pinned, repairs, engine)
     reference = reference_adapter(spec)
+    adapter_folder = hub_folder(spec.adapter, identity.commit("adapter"), "--adapter")
+    reference_folder = hub_folder(reference, identity.commit("reference"), reference_option(spec))
     if spec.adapter is not None:
-        check_adapter(model, spec, repairs)
+        check_adapter(model, spec, repairs, adapter_folder)
     if reference is not None:
-        check_adapter(model, spec, repairs, reference, reference_option(spec))
-    model = attach_adapters(model, spec.adapter, reference)
-    if model_identity(spec) != identity:
+        check_adapter(model, spec, repairs, reference_folder, reference_option(spec))
+    model = attach_adapters(model, adapter_folder, reference_folder)
+    if model_identity(spec, pinned=identity) != identity:
         raise DpoEvalError(f"the files of --base {spec.base}, --adapter {spec.adapter} or --reference-adapter "
                            f"{reference} changed while the run was using them (a checkpoint being rewritten?); "
                            "run again once they are complete")
     context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
     switch = MergeSwitch(model) if merge and spec.adapter is not None else None
     return LoadedModel(model, tokenizer, spec, identity, context, repairs, reference, engine, merge, switch)
+
+
+def hub_folder(adapter: str | None, commit: str | None, option: str = "--adapter") -> str | None:
+    """The local folder of hub adapter `adapter` at `commit` (downloaded, or from the hub cache offline);
+    `adapter` as it is where it is local or its commit is unknown (None)."""
+    if adapter is None or commit is None:
+        return adapter
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(adapter, revision=commit)
+    except Exception as exc:  # noqa: BLE001 - no network and not in the hub cache, or no such commit
+        raise DpoEvalError(f"{option} {adapter}: cannot fetch commit {commit} ({type(exc).__name__}: "
+                           f"{str(exc)[:200]})") from None
 
 
 def attach_adapters(model, adapter: str | None, reference: str | None):
