@@ -13,6 +13,9 @@ This watcher is the one path that evaluates checkpoints: the cron schedule and t
 - each checkpoint gets its own run folder, `<folder name>-<hash of its resolved path and identity>`;
 - with `deployment`, each evaluation is a run of that deployment with an idempotency key from the
   checkpoint, its settings and the attempt: a tick that dies while waiting re-attaches to the same run;
+- a Crashed run is not finished while the crash automation (deployments/automations.py) may restart it:
+  the tick waits until it ends otherwise, is out of restarts (flows/restarts.py), or stays Crashed for
+  `crash_grace_s`; a run counted as failed that was rescheduled since is waited for, never run twice;
 - one tick at a time: a lock file beside the state file (and the deployment's concurrency limit).
 """
 
@@ -21,11 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from dpo_eval.flows.evaluate import evaluate_checkpoint
+from dpo_eval.flows.restarts import restarts_left
 from prefect import flow, get_run_logger
 
 from dpo_eval.checkpoint_meta import METADATA, read_metadata
@@ -38,6 +43,8 @@ from dpo_eval.studies.trend import checkpoint_step, write_trend
 STATE = "evaluated.json"
 LOCK = ".watch.lock"
 MAX_PASSES = 100  # rescans within one tick, for checkpoints saved while it evaluated others
+CRASH_GRACE_S = 300.0  # how long a crashed run with restarts left may wait for the automation to reschedule it
+POLL_S = 2.0  # seconds between two reads of a deployment run's state
 
 
 def checkpoint_key(spec: ModelSpec) -> str:
@@ -131,32 +138,79 @@ def _idempotency_key(key: str, parameters: dict, attempt: int) -> str:
     return f"dpo-eval-watch:{key}:{settings}:attempt-{attempt}"
 
 
-def _evaluate(run_config: EvalConfig, deployment: str | None, key: str, attempt: int, label: str):
-    """Run one evaluation; (completed?, state description, flow run id)."""
-    if deployment:
-        from prefect.deployments import run_deployment
+def _start_run(deployment: str, run_config: EvalConfig, key: str, attempt: int, label: str) -> str:
+    """Create (or, by its idempotency key, find) the deployment run of one attempt; its flow run id."""
+    from prefect.deployments import run_deployment
 
-        parameters = {"config": run_config.model_dump(mode="json")}
-        child = run_deployment(deployment, parameters=parameters, timeout=None, flow_run_name=label,
-                               idempotency_key=_idempotency_key(key, parameters, attempt))
-        state, run_id = child.state, str(child.id)
-    else:
-        state = evaluate_checkpoint.with_options(flow_run_name=label)(run_config, return_state=True)
-        run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
-    completed = state is not None and state.is_completed()
-    message = f"{state.name}: {state.message or ''}".strip() if state is not None else "no state"
-    return completed, message, run_id
+    parameters = {"config": run_config.model_dump(mode="json")}
+    child = run_deployment(deployment, parameters=parameters, timeout=0, flow_run_name=label,
+                           idempotency_key=_idempotency_key(key, parameters, attempt))
+    return str(child.id)
+
+
+def run_state(run_id: str):
+    """The current state of a flow run; None when the API does not know the run (deleted)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_flow_run(run_id).state
+        except ObjectNotFound:
+            return None
+
+
+def wait_for_run(run_id: str, max_restarts: int, crash_grace_s: float = CRASH_GRACE_S):
+    """Wait for a deployment run through its crashes: (the flow run, why a Crashed one counts as finished).
+
+    `run_deployment` returns at Crashed, but the crash automation puts a crashed run back to Scheduled and it
+    resumes into the same run folder. A Crashed run is finished only once it is out of restarts (started
+    `max_restarts + 1` times: the next start fails at the cap) or after `crash_grace_s` seconds Crashed
+    without being rescheduled (no automation); any other final state (Completed, Failed, Cancelled) is."""
+    from prefect.client.orchestration import get_client
+
+    crash = None  # (id of the Crashed state, when this wait first saw it)
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            state = run.state
+            if state is not None and state.is_crashed():
+                if crash is None or crash[0] != state.id:
+                    crash = (state.id, time.monotonic())
+                if restarts_left(max_restarts, run.run_count) <= 0:
+                    return run, "out of restarts"
+                if time.monotonic() - crash[1] >= crash_grace_s:
+                    return run, f"not rescheduled within {crash_grace_s:g} s"
+            elif state is not None and state.is_final():
+                return run, ""
+            time.sleep(POLL_S)
+
+
+def _outcome(state, why: str = "") -> tuple[bool, str]:
+    """(completed?, state description) of a finished evaluation."""
+    if state is None:
+        return False, "no state"
+    message = f"{state.name}: {state.message or ''}".strip() + (f" ({why})" if why else "")
+    return state.is_completed(), message
+
+
+def _evaluate_here(run_config: EvalConfig, label: str):
+    """Run one evaluation as a subflow of this tick; (completed?, state description, flow run id)."""
+    state = evaluate_checkpoint.with_options(flow_run_name=label)(run_config, return_state=True)
+    run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
+    return *_outcome(state), run_id
 
 
 @flow(name="watch-checkpoints", log_prints=True)
 def watch_checkpoints(directory: str, config: EvalConfig, out_root: str | None = None,
                       deployment: str | None = None, max_attempts: int = 3,
-                      foreign_adapters: bool = False) -> list[str]:
+                      foreign_adapters: bool = False, crash_grace_s: float = CRASH_GRACE_S) -> list[str]:
     """Evaluate each complete checkpoint under `directory` not evaluated yet; returns those evaluated now.
 
     With `deployment` ("evaluate-checkpoint/NAME"), each evaluation is a run of that deployment (a GPU
     work pool); otherwise a subflow in this process. The tick fails when an evaluation failed (it is
-    retried on the next tick, up to `max_attempts` attempts).
+    retried on the next tick, up to `max_attempts` attempts). A crashed deployment run is waited for while
+    the crash automation may restart it: until out of restarts, or `crash_grace_s` seconds not rescheduled.
     """
     logger = get_run_logger()
     root = Path(out_root) if out_root else Path(config.out)
@@ -165,11 +219,24 @@ def watch_checkpoints(directory: str, config: EvalConfig, out_root: str | None =
         if not held:
             logger.warning("another watch-checkpoints tick is running on %s: this one does nothing", root)
             return []
-        return _tick(Path(directory), config, root, deployment, max_attempts, foreign_adapters, logger)
+        return _tick(Path(directory), config, root, deployment, max_attempts, foreign_adapters, crash_grace_s,
+                     logger)
+
+
+def resumable(entry: dict | None, deployment: str | None) -> bool:
+    """Whether a checkpoint's last attempt may still be under way, so a tick waits for it instead of starting
+    another: a tick died waiting on it (`running`), or it was counted as failed while Crashed and the crash
+    automation has rescheduled it since (its run is not final)."""
+    if not (deployment and entry):
+        return False
+    if entry["status"] == "running":
+        return True
+    state = run_state(entry["flow_run"]) if entry["status"] == "failed" and entry.get("flow_run") else None
+    return state is not None and not state.is_final()
 
 
 def _tick(directory: Path, config: EvalConfig, root: Path, deployment: str | None, max_attempts: int,
-          foreign_adapters: bool, logger) -> list[str]:
+          foreign_adapters: bool, crash_grace_s: float, logger) -> list[str]:
     state_path = root / STATE
     state = _load_state(state_path)
     entries = state["checkpoints"]
@@ -201,17 +268,26 @@ def _tick(directory: Path, config: EvalConfig, root: Path, deployment: str | Non
                 logger.warning("%s failed %d times (last: %s); not retried (delete its entry in %s to retry)",
                                folder, entry["attempts"], entry.get("error"), state_path)
                 continue
-            attempts = entry["attempts"] if entry else 0
-            if not (entry and entry["status"] == "running" and deployment):
-                attempts += 1  # a new attempt; a tick that died waiting on a deployment run re-attaches to it
+            resume = resumable(entry, deployment)  # re-attach to the run of the last attempt
+            attempts = (entry["attempts"] if entry else 0) + (0 if resume else 1)
+            run_id = entry.get("flow_run") if resume else None
             run_dir = Path(entry["run"]) if entry else root / run_folder_name(folder, key)
             entry = entries[key] = {"checkpoint": str(folder), "run": str(run_dir), "status": "running",
-                                    "attempts": attempts, "started": datetime.now(timezone.utc).isoformat()}
+                                    "attempts": attempts, "started": datetime.now(timezone.utc).isoformat(),
+                                    "flow_run": run_id}
             _save_state(state_path, state)
-            logger.info("evaluating %s (attempt %d of %d) into %s", folder, attempts, max_attempts, run_dir)
+            logger.info("evaluating %s (attempt %d of %d%s) into %s", folder, attempts, max_attempts,
+                        f", waiting for its run {run_id}" if run_id else "", run_dir)
             run_config = config.model_copy(update={"model": spec, "out": run_dir})
-            completed, message, run_id = _evaluate(run_config, deployment, key, attempts,
-                                                   f"{run_dir.name}-attempt-{attempts}")
+            label = f"{run_dir.name}-attempt-{attempts}"
+            if deployment:
+                if run_id is None or run_state(run_id) is None:  # a new attempt, or a run not recorded or deleted
+                    entry["flow_run"] = run_id = _start_run(deployment, run_config, key, attempts, label)
+                    _save_state(state_path, state)
+                run, why = wait_for_run(run_id, run_config.max_restarts, crash_grace_s)
+                completed, message = _outcome(run.state, why)
+            else:
+                completed, message, run_id = _evaluate_here(run_config, label)
             entry.update(flow_run=run_id, finished=datetime.now(timezone.utc).isoformat())
             if completed:
                 entry["status"] = "done"

@@ -1,6 +1,7 @@
 """A real `prefect server start` (one per test session), `dpo-eval serve` against it, a run created through
-the REST API (what the UI's Run button does), `prefect deploy` of deployments/prefect.yaml with its trigger,
-the crash automation on a really crashed run, the watcher through a deployment, and the docker files."""
+the REST API (what the UI's Run button does), `prefect deploy` of deployments/prefect.yaml with its trigger and
+a watcher tick it starts, the crash automation on a really crashed run, the watcher through a deployment (also
+through crashes that the automation restarts), and the docker files."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from prefect import flow
 
 from dpo_eval.config import EvalConfig
 from tests.builders import make_adapter
-from tests.prefect_server import api_json, stop, wait_for
+from tests.prefect_server import api_json, context_thread, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -48,10 +49,33 @@ def evaluate_stub(config: EvalConfig) -> str:
     return str(config.out)
 
 
+@flow(name="evaluate-crashing")
+def evaluate_crashing(config: EvalConfig) -> str:
+    """Stands in for evaluate-checkpoint on a preempted GPU worker, behind the real restart cap: each start is
+    a line of starts.txt in the run folder; the first start dies (SIGKILL: the run crashes), a later one waits
+    while `<data set>.hold` exists, then writes stub.json."""
+    from dpo_eval.flows.restarts import check_restarts
+
+    start = check_restarts(config.max_restarts)
+    config.out.mkdir(parents=True, exist_ok=True)
+    with open(config.out / "starts.txt", "a") as starts:
+        starts.write(f"{start}\n")
+    if start == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    hold = Path(config.dataset.source).with_suffix(".hold")
+    for _ in range(600):  # at most 5 minutes
+        if not hold.exists():
+            break
+        time.sleep(0.5)
+    (config.out / "stub.json").write_text(json.dumps({"adapter": config.model.adapter}))
+    return str(config.out)
+
+
 SERVE_TEST_FLOWS = ("from prefect import serve\n"
-                    "from tests.test_server_deployments import crash_probe, evaluate_stub\n"
+                    "from tests.test_server_deployments import crash_probe, evaluate_crashing, evaluate_stub\n"
                     "serve(crash_probe.to_deployment('probe', concurrency_limit=1),\n"
-                    "      evaluate_stub.to_deployment('stub', concurrency_limit=1))\n")
+                    "      evaluate_stub.to_deployment('stub', concurrency_limit=1),\n"
+                    "      evaluate_crashing.to_deployment('crashing', concurrency_limit=1))\n")
 
 
 def deployment_named(api: str, flow_name: str, name: str) -> dict | None:
@@ -63,7 +87,8 @@ def deployment_named(api: str, flow_name: str, name: str) -> dict | None:
 
 @pytest.fixture(scope="module")
 def served_flows(server, tmp_path_factory):
-    """crash-probe/probe and evaluate-stub/stub served by one runner process (polling every second)."""
+    """crash-probe/probe, evaluate-stub/stub and evaluate-crashing/crashing served by one runner process
+    (polling every second)."""
     api, env = server
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w")
     serve_env = dict(env, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="1", PREFECT_LOGGING_LEVEL="INFO",
@@ -72,7 +97,8 @@ def served_flows(server, tmp_path_factory):
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield {name: wait_for(lambda: deployment_named(api, flow_name, name), 120, f"deployment {name}")
-               for flow_name, name in (("crash-probe", "probe"), ("evaluate-stub", "stub"))}
+               for flow_name, name in (("crash-probe", "probe"), ("evaluate-stub", "stub"),
+                                       ("evaluate-crashing", "crashing"))}
     finally:
         stop(proc)
         log.close()
@@ -154,9 +180,20 @@ def test_prefect_yaml_deployments_and_trigger():
         assert isinstance(getattr(importlib.import_module(module), name), Flow), deployment["entrypoint"]
 
 
-def test_prefect_deploy_registers_limits_and_the_checkpoint_trigger(server, tmp_path):
+def runs_of(api: str, deployment: dict, created_by: str | None = None) -> list[dict]:
+    """The flow runs of `deployment` (only those created by `created_by`, e.g. "AUTOMATION", when given)."""
+    found = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}},
+                       timeout=10).json()
+    return [r for r in found if created_by is None or (r.get("created_by") or {}).get("type") == created_by]
+
+
+def test_prefect_deploy_registers_limits_and_the_checkpoint_trigger(server, tmp_path, stories260k):
     """`prefect deploy` of deployments/prefect.yaml against the server; a checkpoint event starts a watcher
-    tick, never an evaluation."""
+    tick, never an evaluation; that tick, executed as a worker executes it, evaluates the real checkpoint
+    exactly once, through evaluate-checkpoint/gpu."""
+    from dpo_eval.data.demo import write_demo_dataset
+    from tests.test_watch import make_checkpoint, small_config
+
     api, env = server
     for pool in ("gpu-pool", "cpu-pool"):
         response = httpx.post(f"{api}/work_pools/", json={"name": pool, "type": "process"}, timeout=10)
@@ -177,21 +214,46 @@ def test_prefect_deploy_registers_limits_and_the_checkpoint_trigger(server, tmp_
     triggered = [a for a in automations if "dpo_eval.checkpoint.saved" in a["trigger"].get("expect", [])]
     assert [a["actions"][0]["deployment_id"] for a in triggered] == [scheduled["id"]]
 
-    folder = tmp_path / "run-x" / "checkpoint-2"
-    folder.mkdir(parents=True)
+    # this machine's folders in place of the images' (/opt/dpo-eval, /checkpoints, /runs, /data), as a site sets them
+    data = write_demo_dataset(tmp_path / "pairs.jsonl", n=16)
+    folder = make_checkpoint(stories260k, tmp_path / "checkpoints" / "run-x" / "checkpoint-2", data, 2, seed=6)
+    here = [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+    parameters = dict(scheduled["parameters"], directory=str(tmp_path / "checkpoints"), out_root=str(tmp_path / "runs"),
+                      config=small_config(data, stories260k, tmp_path / "scores").model_dump(mode="json"))
+    for deployment, update in ((scheduled, {"parameters": parameters, "pull_steps": here}), (gpu, {"pull_steps": here})):
+        response = httpx.patch(f"{api}/deployments/{deployment['id']}", json=update, timeout=10)
+        assert response.status_code == 204, response.text
+
+    run_env = dict(deploy_env, PYTHONPATH=str(ROOT))
     announce = "import sys\nfrom pathlib import Path\nfrom dpo_eval.flows.train import announce\nannounce(Path(sys.argv[1]))\n"
-    emitted = subprocess.run([sys.executable, "-c", announce, str(folder)], env=dict(deploy_env, PYTHONPATH=str(ROOT)),
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    emitted = subprocess.run([sys.executable, "-c", announce, str(folder)], env=run_env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
     assert emitted.returncode == 0, emitted.stderr[-3000:]
-
-    def runs_of(deployment):
-        found = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}},
-                           timeout=10).json()
-        return [r for r in found if (r.get("created_by") or {}).get("type") == "AUTOMATION"]
-
-    (tick,) = wait_for(lambda: runs_of(scheduled), 90, "the watcher tick started by the checkpoint event")
+    (tick,) = wait_for(lambda: runs_of(api, scheduled, "AUTOMATION"), 90, "the watcher tick started by the event")
     assert tick["parameters"]["deployment"] == "evaluate-checkpoint/gpu"
-    assert runs_of(gpu) == []
+    assert tick["parameters"]["directory"] == str(tmp_path / "checkpoints")
+    assert runs_of(api, gpu) == []  # the event starts a tick, never an evaluation
+
+    log = open(tmp_path / "tick.log", "w")
+    ticking = subprocess.Popen([str(prefect), "flow-run", "execute", tick["id"]], env=run_env, cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        evaluation = wait_for(lambda: runs_of(api, gpu), 180, "the evaluation the tick starts")[0]
+        executed = subprocess.run([str(prefect), "flow-run", "execute", evaluation["id"]], env=run_env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=600)
+        assert executed.returncode == 0, executed.stdout[-3000:] + executed.stderr[-3000:]
+        wait_for(lambda: ticking.poll() is not None or len(runs_of(api, gpu)) > 1, 180, "the end of the tick")
+    finally:
+        stop(ticking)
+        log.close()
+    ticked = httpx.get(f"{api}/flow_runs/{tick['id']}", timeout=10).json()
+    assert ticked["state"]["type"] == "COMPLETED", (tmp_path / "tick.log").read_text()[-3000:]
+    evaluations = runs_of(api, gpu)  # exactly one evaluation, of this checkpoint, completed
+    assert [(r["parameters"]["config"]["model"]["adapter"], r["state"]["type"]) for r in evaluations] == [
+        (str(folder), "COMPLETED")]
+    (entry,) = json.loads((tmp_path / "runs" / "evaluated.json").read_text())["checkpoints"].values()
+    assert entry["status"] == "done" and entry["flow_run"] == evaluations[0]["id"] and entry["checkpoint"] == str(folder)
+    assert json.loads((Path(entry["run"]) / "summary.json").read_text())["n_pairs"]
 
 
 def read_pid(path: Path) -> int | None:
@@ -290,6 +352,110 @@ def test_watcher_through_a_deployment_runs_each_checkpoint_once(on_server, serve
     assert {r["id"] for r in runs if r["state"]["type"] == "COMPLETED"} == done
     outs = {json.loads((Path(e["run"]) / "stub.json").read_text())["adapter"] for e in state["checkpoints"].values()}
     assert outs == {str(a), str(b)}
+
+
+@pytest.fixture
+def restarting(on_server, served_flows):
+    """The crash automation of deployments/automations.py on evaluate-crashing/crashing, for one test; the API."""
+    sys.path.insert(0, str(ROOT / "deployments"))
+    from automations import crash_restart_automation
+
+    automation = crash_restart_automation(served_flows["crashing"]["id"], "evaluate-crashing/crashing").create()
+    try:
+        yield on_server
+    finally:
+        automation.delete()
+
+
+def runs_into(api: str, deployment: dict, run_dir: str | Path) -> list[dict]:
+    """The runs of `deployment` that evaluate into `run_dir`."""
+    return [r for r in runs_of(api, deployment) if r["parameters"]["config"]["out"] == str(run_dir)]
+
+
+def crash_world(stories: Path, tmp_path: Path, max_restarts: int):
+    """A complete checkpoint under tmp_path/ckpt, its data set and the watcher's settings: (checkpoint, config)."""
+    from dpo_eval.data.demo import write_demo_dataset
+    from tests.test_watch import make_checkpoint, small_config
+
+    data = write_demo_dataset(tmp_path / "pairs.jsonl", n=16)
+    folder = make_checkpoint(stories, tmp_path / "ckpt" / "checkpoint-2", data, 2, seed=7)
+    return folder, small_config(data, stories, tmp_path / "scores").model_copy(update={"max_restarts": max_restarts})
+
+
+def test_watcher_waits_through_a_crash_that_the_automation_restarts(restarting, served_flows, stories260k, tmp_path):
+    """The watcher and the crash automation together: the evaluation's run crashes (its worker dies), the
+    automation reschedules it and it completes. The tick waits for that same run instead of counting the crash
+    as a failed attempt (which made the next tick start a second evaluation into the same folder while the first
+    resumed). Out of restarts, a crash is a failed attempt."""
+    from dpo_eval.flows.watch import watch_checkpoints
+
+    api, crashing = restarting, served_flows["crashing"]
+    folder, config = crash_world(stories260k, tmp_path, max_restarts=1)
+
+    def tick(config, out):
+        return watch_checkpoints(str(tmp_path / "ckpt"), config, out_root=str(out),
+                                 deployment="evaluate-crashing/crashing")
+
+    assert tick(config, tmp_path / "evals") == [str(folder)]
+    assert tick(config, tmp_path / "evals") == []
+    (entry,) = json.loads((tmp_path / "evals" / "evaluated.json").read_text())["checkpoints"].values()
+    assert entry["status"] == "done" and entry["attempts"] == 1
+    (run,) = runs_into(api, crashing, entry["run"])  # one evaluation wrote the folder: crashed, then resumed
+    assert run["id"] == entry["flow_run"] and run["state"]["type"] == "COMPLETED" and run["run_count"] == 2
+    assert (Path(entry["run"]) / "starts.txt").read_text() == "1\n2\n"
+    history = httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": run["id"]}, timeout=10).json()
+    assert [s["type"] for s in history].count("CRASHED") == 1
+    assert any(s["type"] == "SCHEDULED" and "after a crash" in (s["message"] or "") for s in history)
+
+    # max_restarts=0: the first crash ends the attempt (the automation's restart then fails at the cap)
+    with pytest.raises(RuntimeError, match="attempt 1 of 3"):
+        tick(config.model_copy(update={"max_restarts": 0}), tmp_path / "capped")
+    (entry,) = json.loads((tmp_path / "capped" / "evaluated.json").read_text())["checkpoints"].values()
+    assert entry["status"] == "failed" and entry["attempts"] == 1
+    assert "out of restarts" in entry["error"] or "max_restarts=0" in entry["error"], entry["error"]
+    assert [r["id"] for r in runs_into(api, crashing, entry["run"])] == [entry["flow_run"]]
+
+
+def test_watcher_never_starts_a_second_evaluation_while_a_crashed_run_resumes(restarting, served_flows, stories260k,
+                                                                              tmp_path):
+    """A tick counted a crashed run's attempt as failed (the earlier watcher did at once; this one does after
+    `crash_grace_s` without a reschedule), and the automation has restarted that run since: the next tick waits
+    for it, and starts no second evaluation into its folder."""
+    from prefect.deployments import run_deployment
+
+    from dpo_eval.flows.watch import checkpoint_key, run_folder_name, watch_checkpoints
+
+    api, crashing = restarting, served_flows["crashing"]
+    folder, config = crash_world(stories260k, tmp_path, max_restarts=1)
+    out, hold = tmp_path / "evals", Path(config.dataset.source).with_suffix(".hold")
+    spec = config.model.model_copy(update={"adapter": str(folder)})
+    key = checkpoint_key(spec)
+    run_dir = out / run_folder_name(folder, key)
+    starts, ticked = run_dir / "starts.txt", []
+
+    def taken():
+        return json.loads((out / "evaluated.json").read_text())["checkpoints"][key]["status"] == "running"
+
+    hold.touch()  # the restarted run waits until the test lets it finish
+    try:
+        first = run_deployment("evaluate-crashing/crashing", timeout=0, parameters={
+            "config": config.model_copy(update={"model": spec, "out": run_dir}).model_dump(mode="json")})
+        wait_for(lambda: starts.is_file() and starts.read_text() == "1\n2\n", 120, "the crash, restart and start 2")
+        state = {"checkpoints": {key: {"checkpoint": str(folder), "run": str(run_dir), "status": "failed",
+                                       "attempts": 1, "flow_run": str(first.id), "error": "Crashed: the worker died"}}}
+        (out / "evaluated.json").write_text(json.dumps(state))
+        thread = context_thread(lambda: ticked.append(watch_checkpoints(
+            str(tmp_path / "ckpt"), config, out_root=str(out), deployment="evaluate-crashing/crashing")))
+        wait_for(taken, 120, "the tick to take up the checkpoint")
+    finally:
+        hold.unlink()
+    thread.join(timeout=300)
+    assert ticked == [[str(folder)]]
+    runs = runs_into(api, crashing, run_dir)  # the restarted run only, completed: no second evaluation
+    assert [(r["id"], r["state"]["type"]) for r in runs] == [(str(first.id), "COMPLETED")]
+    assert starts.read_text() == "1\n2\n"
+    entry = json.loads((out / "evaluated.json").read_text())["checkpoints"][key]
+    assert entry["status"] == "done" and entry["attempts"] == 1 and entry["flow_run"] == str(first.id)
 
 
 def test_docker_files_install_what_the_makefile_installs():

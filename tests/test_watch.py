@@ -11,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from prefect import flow
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.data.demo import write_demo_dataset
@@ -164,3 +165,30 @@ def test_the_watchers_key_follows_the_files_not_the_library_versions(stories260k
     assert checkpoint_key(spec) == key  # ... the watcher's record of what it evaluated does not
     other = make_adapter(stories260k, tmp_path / "other", zero=False, seed=4)
     assert checkpoint_key(spec.model_copy(update={"adapter": str(other)})) != key  # other files: another checkpoint
+
+
+@flow(name="watch-test-child")
+def child_flow() -> None:
+    """A flow whose runs the test below moves through the states a worker and the crash automation set."""
+
+
+def test_a_crashed_run_is_finished_only_out_of_restarts_or_after_the_grace(harness):
+    """wait_for_run (the watcher's wait on a deployment run) against the real API: a Crashed run with restarts
+    left is not finished until `crash_grace_s` passes without a reschedule; out of restarts it is at once; a
+    rescheduled run is not final (the automation with a real crash: test_server_deployments.py)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed, Running, Scheduled
+
+    from dpo_eval.flows.watch import run_state, wait_for_run
+
+    with get_client(sync_client=True) as client:
+        run_id = str(client.create_flow_run(child_flow).id)
+        for state in (Running(), Crashed(message="worker preempted")):  # start 1 dies
+            client.set_flow_run_state(run_id, state, force=True)
+        run, why = wait_for_run(run_id, max_restarts=0, crash_grace_s=3600)  # started once, no restart allowed
+        assert run.state.is_crashed() and run.run_count == 1 and why == "out of restarts"
+        run, why = wait_for_run(run_id, max_restarts=1, crash_grace_s=0)  # a restart left, nobody reschedules it
+        assert run.state.is_crashed() and why == "not rescheduled within 0 s"
+        assert run_state(run_id).is_final()
+        client.set_flow_run_state(run_id, Scheduled(message="rescheduled after a crash"), force=True)
+        assert not run_state(run_id).is_final()  # the next tick waits for it (watch.resumable)
