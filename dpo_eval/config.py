@@ -186,6 +186,25 @@ class ForgettingSpec(Spec):
     batch_size: int = Field(8, ge=1, description="Requests per forward pass of lm-eval.")
 
 
+class VerdictSpec(Spec):
+    """The stated rules that turn a run's statistics into its four answers (dpo_eval.studies.verdict)."""
+
+    alpha: float = Field(0.05, gt=0, lt=1, description="Every interval behind an answer is at level 1 - alpha, and a "
+                         "test is significant at p (or BH q) < alpha.")
+    calibration_bar: float = Field(0.5, ge=0, lt=1, title="Calibration bar", description="A judge may answer "
+                                   "'is the tuned model better?' only where the lower bound of its held-out "
+                                   "agreement with the labels (chosen over rejected) lies above this.")
+    kappa_bar: float = Field(0.2, ge=-1, le=1, title="Judge agreement bar", description="Gaming signal: beside a "
+                             "win, the two judges' per-prompt verdicts of tuned vs base agree no better than this "
+                             "Cohen's kappa (0.2: 'slight' agreement at most).")
+    resamples: int = Field(2000, ge=100, description="Bootstrap resamples (over prompts) of the gap closed.")
+    seed: int = Field(0, description="Seed of the gap's bootstrap.")
+    recommend: Literal["earliest-within-ci", "best"] = Field(
+        "earliest-within-ci", description="Which checkpoint `trend` recommends among those whose alignment took "
+        "and that forgot nothing significantly: earliest-within-ci, the earliest whose win-rate CI overlaps the "
+        "best one's; best, the one with the highest win rate.")
+
+
 class EvalConfig(Spec):
     """One evaluation of a DPO checkpoint against its base model."""
 
@@ -243,6 +262,9 @@ class EvalConfig(Spec):
                                     "None: no LLM judge.")
     forgetting: ForgettingSpec | None = Field(None, title="Forgetting check (benchmarks)", description="lm-evaluation-harness tasks on base and tuned "
                                               "(did it forget?), paired per question; None: no benchmark check.")
+    verdict: VerdictSpec = Field(default_factory=VerdictSpec, title="Verdict rules", description="The stated "
+                                 "rules behind the four answers (alignment, better, forgetting, gaming) and the "
+                                 "checkpoint recommendation.")
     reward_model: str | None = Field(None, title="Reward model", description="A reward model (one-output sequence classifier: a folder "
                                      "or hub id) that scores every answer, added as the feature reward_model with "
                                      "its calibration on chosen vs rejected; None: no reward model.")

@@ -18,6 +18,8 @@ from prefect import flow
 
 from dpo_eval.config import AnalysisSpec, DatasetSpec, EvalConfig, GenerationSpec, ModelSpec, ScoringSpec
 from dpo_eval.data.demo import reward_verdict, write_demo_dataset
+from dpo_eval.studies.trend import recommendation_line, write_trend
+from dpo_eval.studies.verdict import verdict_lines
 from dpo_eval.training.dpo import TrainSpec
 
 
@@ -82,7 +84,10 @@ def _demo(root: Path, base: str, pairs: int, steps: int, save_every: int, learni
                   key=lambda run: int(run.name.split("-")[1]) if run.name.split("-")[1].isdigit() else 0)
     summary = judge_with_reward_model(root, base, dataset, runs, steps=reward_steps, max_length=reward_max_length,
                                       cache_dir=Path(scoring_cache) if scoring_cache else None, progress=progress)
-    print(render_summary(root, summary))
+    trend = write_trend(runs, root / "evals", rule=config.verdict.recommend)  # now with the reward model's verdicts
+    shutil.copy(root / "evals" / "trend.png", root / "plots" / "trend.png")
+    _append_trend(root / "report.html")
+    print(render_summary(root, summary, trend))
     return summary
 
 
@@ -136,8 +141,9 @@ def _append_trend(report: Path) -> None:
         {"src": "plots/trend.png", "alt": "evaluation curves across checkpoints"}]))
 
 
-def render_summary(root: Path, summary: dict) -> str:
-    """The short summary printed at the end of the demo."""
+def render_summary(root: Path, summary: dict, trend: dict | None = None) -> str:
+    """The short summary printed at the end of the demo, ending with the last checkpoint's four answers and the
+    checkpoint to ship across the checkpoints (`trend`)."""
     from dpo_eval.report.page import toward_chosen
     from dpo_eval.report.plots import alpha_of, paired
 
@@ -161,4 +167,13 @@ def render_summary(root: Path, summary: dict) -> str:
     lines.append(f"  report: {root / 'report.html'}")
     if summary.get("reward_model"):
         lines.append(reward_verdict(summary["reward_model"], str(root), "valid", alpha))
+    lines += ["", f"The answers for the last checkpoint ({Path(summary_adapter(root)).name}):"]
+    lines += [f"  {line}" for line in verdict_lines(summary)]
+    if trend is not None:
+        lines += ["", f"Across the {len(trend['checkpoints'])} checkpoints: {recommendation_line(trend)}"]
     return "\n".join(lines)
+
+
+def summary_adapter(root: Path) -> str:
+    """The adapter the run in `root` evaluated (its config.json)."""
+    return json.loads((root / "config.json").read_text())["config"]["model"]["adapter"]

@@ -26,6 +26,7 @@ from dpo_eval.tasks.evaluation import (
 )
 from dpo_eval.tasks.forgetting import compare_benchmarks_task, report_forgetting_task
 from dpo_eval.tasks.judging import DEFAULT_LIMIT
+from dpo_eval.tasks.verdict import verdict_task
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
@@ -41,6 +42,7 @@ from dpo_eval.report.judge import judge_markdown
 from dpo_eval.report.page import rewards_section, stats_table_rows, summary_markdown, write_outputs
 from dpo_eval.studies.per_source import has_sources, source_section
 from dpo_eval.studies.quantization import STUDY_FILE, setting_config
+from dpo_eval.studies.verdict import verdict_lines
 
 SCORE_SHARD = 2000  # texts per scoring task
 
@@ -226,6 +228,9 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
     if config.judge is not None or config.reward_model:
         summary, failed = run_judges(out, config.judge, config.reward_model, judge_limit)
         stats = pl.read_parquet(out / "stats.parquet")  # with the reward_model feature where it was scored
+    summary = verdict_task(out)  # the four answers, from every stage's results (a stopped judge's too)
+    for line in verdict_lines(summary):
+        logger.info(line)
     create_markdown_artifact(summary_markdown(summary) + judge_markdown(summary)
                              + (forgetting_markdown(forgetting) if forgetting is not None else ""),
                              key="dpo-eval-summary", description="dpo-eval summary")

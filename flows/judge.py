@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from dpo_eval.config import JudgeSpec
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.report.judge import judge_markdown
-from dpo_eval.report.page import stats_table_rows, summary_markdown
+from dpo_eval.report.page import answers_markdown, stats_table_rows, summary_markdown
 
 
 def run_judges(run_dir: Path, judge: JudgeSpec | None, reward_model: str | None,
@@ -42,7 +42,8 @@ def raise_failures(failed: list) -> None:
 
 def summary_artifact(summary: dict) -> str:
     """The summary artifact's markdown: the run's summary (where the run has statistics) and the judges."""
-    head = summary_markdown(summary) if "significant" in summary else "# dpo-eval judges"
+    head = summary_markdown(summary) if "significant" in summary else \
+        "\n".join(["# dpo-eval judges", "", *answers_markdown(summary)])
     return head + judge_markdown(summary)
 
 

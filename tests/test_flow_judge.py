@@ -348,3 +348,57 @@ def test_a_second_run_waits_for_the_slots_the_first_holds(shared_limit):
         times["acquired"] = time.monotonic()
     thread.join()
     assert times["acquired"] >= times["released"]
+
+
+# ---------------------------------------------------------------- the four answers at the end of the flow
+
+def test_the_evaluation_ends_with_the_four_answers_in_summary_report_and_artifact(evaluated):
+    run, summary, artifact = evaluated
+    verdict = summary["verdict"]
+    questions = ("alignment", "better", "forgetting", "gaming")
+    assert all(verdict[q]["answer"] in ("yes", "no", "unknown", "not checked") for q in questions)
+    assert verdict["alignment"]["answer"] == "unknown"  # rewards=False: no implicit rewards to decide it
+    assert verdict["forgetting"]["answer"] == "not checked"
+    judged = {j["judge"] for j in verdict["better"]["judges"]}
+    assert "LLM judge" in judged  # the scripted judge judged train pairs it never saw in training
+    # the artifact opens with the four answers, as summary.json holds them
+    body = artifact.split("\n", 2)[2]
+    for q, title in zip(questions, ("Did the alignment take?", "Is the tuned model better than its base?",
+                                    "Did it forget?", "Could the gain be gaming?")):
+        assert f"**{title}** {verdict[q]['answer']}: " in body
+    assert body.index("**Did the alignment take?**") < body.index("- ")  # before the feature sentences
+    page = (run / "report.html").read_text()
+    assert page.index('id="answers"') < page.index('id="verdict"')
+    for q in questions:
+        assert f'data-question="{q}" data-answer="{verdict[q]["answer"]}"' in page
+
+
+def test_a_zero_adapter_took_no_alignment_and_closed_no_gap(storage, reward_model, stories260k, hh_rlhf_gz):
+    """A LoRA adapter with B = 0 changes nothing: every held-out implicit-reward margin is 0 (alignment: no), the
+    reward model scores tuned exactly as base (better: unknown, a win rate of 1/2 from ties), and the gap closed is 0
+    exactly where the reward model's scale is defined. hh-rlhf pairs: the reward model was trained on orca, so none
+    of these pairs is in its training set."""
+    from dpo_eval.flows.evaluate import evaluate_checkpoint
+
+    adapter = make_adapter(stories260k, storage / "zero-adapter", zero=True)
+    config = EvalConfig(dataset=DatasetSpec(source=str(hh_rlhf_gz), limit=12, valid_fraction=0.5),
+                        model=ModelSpec(base=str(stories260k), adapter=str(adapter), quantization="none",
+                                        compute_dtype="float32"),
+                        generation=GenerationSpec(max_new_tokens=6, batch_size=12),
+                        scoring=ScoringSpec(cache_dir=storage / "scores", n_process=1),
+                        analysis=AnalysisSpec(bootstrap=50, permutations=50), out=storage / "zero-run", shard_size=12,
+                        rewards=True, reward_model=str(reward_model))
+    summary = evaluate_checkpoint(config)
+    rewards = pl.read_parquet(storage / "zero-run" / "rewards.parquet")
+    held_out = summary["implicit_reward"]["valid"]  # its n leaves out a pair too long to score, if any
+    assert held_out["n"] > 0 and held_out["ties"] == held_out["n"] and held_out["accuracy"] == 0.0
+    assert summary["verdict"]["alignment"]["answer"] == "no", summary["verdict"]["alignment"]
+    assert "adapter changes no log-probability" in summary["verdict"]["alignment"]["because"]
+    assert rewards.height >= held_out["n"]
+    scores = pl.read_parquet(storage / "zero-run" / "reward_scores.parquet")
+    wide = scores.pivot(on="role", index="pair_id", values="reward_model")
+    assert (wide["tuned"] == wide["base"]).all()  # the same answers, the same scores
+    assert summary["verdict"]["better"]["answer"] == "unknown"
+    block = summary["gap"]["reward model"]
+    assert block.get("closed", 0.0) == 0.0 and (block.get("ci") in (None, [0.0, 0.0]))
+    assert "closed" in block or "not separated" in block["undefined"]

@@ -158,9 +158,25 @@ def test_demo_runs_end_to_end_small(harness, stories260k, tmp_path, capsys):
     assert "Reward model" in report  # the section reward_judge_run adds
     assert summary["n_pairs"]["valid"] > 0
 
-    # the summary ends on the reward model's verdict, and its numbers are those of the run it names
-    verdict = VERDICT.match(printed.rstrip("\n").splitlines()[-1])
-    assert verdict, printed.rstrip("\n").splitlines()[-1]
+    # the summary ends with the last checkpoint's four answers and the checkpoint to ship, as the files hold them
+    lines = printed.rstrip("\n").splitlines()
+    answers = json.loads((tmp_path / "demo" / "summary.json").read_text())["verdict"]
+    trend = json.loads((tmp_path / "demo" / "evals" / "trend.json").read_text())
+    assert lines[-1] == f"Across the {len(trend['checkpoints'])} checkpoints: Checkpoint to ship: " + (
+        f"none: {trend['recommended']['because']} (rule: {trend['recommended']['rule']})." if
+        trend["recommended"]["checkpoint"] is None else
+        f"{trend['recommended']['checkpoint']} (step {trend['recommended']['step']}): "
+        f"{trend['recommended']['because']} (rule: {trend['recommended']['rule']}).")
+    at = lines.index("The answers for the last checkpoint (checkpoint-4):")
+    for line, (question, title) in zip(lines[at + 1:at + 5], [("alignment", "Did the alignment take?"),
+                                                              ("better", "Is the tuned model better than its base?"),
+                                                              ("forgetting", "Did it forget?"),
+                                                              ("gaming", "Could the gain be gaming?")]):
+        assert line == f"  {title} {answers[question]['answer']}: {answers[question]['because']}"
+    assert [c["step"] for c in trend["checkpoints"]] == [2, 4]
+    # before them, the reward model's verdict, whose numbers are those of the run it names
+    verdict = VERDICT.match(lines[at - 2])
+    assert verdict, lines[at - 2]
     written = json.loads((Path(verdict["run"]) / "summary.json").read_text())
     assert Path(verdict["run"]) == tmp_path / "demo" and written["reward_model"] == summary["reward_model"]
     block = written["reward_model"]["splits"]["valid"]

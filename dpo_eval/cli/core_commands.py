@@ -150,13 +150,18 @@ def trend(
 ) -> None:
     """Evaluation curves across checkpoints: sign agreement, significant features, reward accuracy."""
     from dpo_eval.preflight import check_run_dir
-    from dpo_eval.studies.trend import write_trend
+    import polars as pl
+
+    from dpo_eval.studies.trend import recommendation_line, write_trend
 
     for run in runs:
         check_run_dir(run)
-    table = write_trend(runs, out, split)
-    print(table.drop("run", "adapter"))
+    trend = write_trend(runs, out, split)
+    print(pl.DataFrame(trend["checkpoints"]).select(
+        "step", "alignment", "better", "forgetting", "gaming", "win_rate", "win_low", "win_high", "gap_closed",
+        "largest_drop", "sign_agreement", "significant", "reward_accuracy"))
     print(f"trend: {out / 'trend.png'}")
+    print(recommendation_line(trend))
 
 
 def _generate_with_progress(loaded, pairs, gen):

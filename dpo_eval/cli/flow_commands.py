@@ -155,6 +155,9 @@ def evaluate(
     print("\n".join(summary["sentences"]))
     print(json.dumps({"cache": summary["cache"], "timings": summary["timings"]}))
     print(f"report: {eval_config.out / 'report.html'}")
+    from dpo_eval.studies.verdict import verdict_lines
+
+    print("\n".join(verdict_lines(summary)))
 
 
 def _quiet_prefect() -> None:

@@ -74,6 +74,7 @@ def judge(
 
         judge_reward(run_dir, reward_model, split=split, limit=limit, batch_size=batch_size)
         write_judge_report(run_dir)
+        _print_answers(_answers(run_dir))
         return
     if model is None:
         raise DpoEvalError("--judge-model is required (or --reward-model)")
@@ -93,7 +94,23 @@ def judge(
                  logprobs=logprobs, **local)
     try:
         block = judge_run(run_dir, spec)
-    finally:  # a budget stop keeps what was judged: the report says so too
+    finally:  # a budget stop keeps what was judged: the report and the four answers say so too
         write_judge_report(run_dir)
+        summary = _answers(run_dir)
     shown = {k: v for k, v in block.items() if k not in ("ci_method", "lc_method")}
     print(json.dumps(jsonable(shown), indent=2))
+    _print_answers(summary)
+
+
+def _answers(run_dir: Path) -> dict:
+    """The run's summary with its four answers recomputed from the judges' verdicts (written to it)."""
+    from dpo_eval.studies.verdict import write_verdict
+
+    return write_verdict(run_dir)
+
+
+def _print_answers(summary: dict) -> None:
+    """The four answers, last on the terminal."""
+    from dpo_eval.studies.verdict import verdict_lines
+
+    print("\n".join(verdict_lines(summary)))

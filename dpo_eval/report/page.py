@@ -97,8 +97,8 @@ def _as_section(section) -> Section:
 
 
 def _write_page(run_dir: Path, stats: pl.DataFrame | None, summary: dict | None, sections: list[Section]) -> Path:
-    if stats is None or summary is None:
-        page = render_page(sections, run_dir=run_dir)
+    if stats is None or summary is None:  # the four answers still open the page where summary.json has them
+        page = render_page(sections, summary=summary, run_dir=run_dir)
     else:
         plots = write_plots(stats, summary, run_dir / "plots")
         page = render_page(sections, stats, summary, plots, run_dir=run_dir)
@@ -121,7 +121,9 @@ def render_page(sections: list[Section], stats: pl.DataFrame | None = None, summ
     figures = [{"id": "plot-" + Path(p.src).stem, "title": p.title, "caption": p.caption,
                 "src": report_view.data_uri(run_dir, p.src)} for p in plots or []
                if Path(p.src).name != "norm_mean_delta.png"]  # drawn as the SVG chart instead
-    context = {"title": title, "sections": [_cells(s, run_dir) for s in sections], "plots": figures}
+    context = {"title": title, "sections": [_cells(s, run_dir) for s in sections], "plots": figures,
+               "answers": report_view.answer_rows(summary, {s.id for s in sections}),
+               "gaps": report_view.gap_figures(summary)}
     if stats is not None and summary is not None:
         alpha = alpha_of(summary)
         q_note = summary.get("q_family") if isinstance(summary.get("q_family"), str) else \
@@ -268,7 +270,8 @@ def _power_sentence(summary: dict, stats: pl.DataFrame | None, alpha: float) -> 
 
 def summary_markdown(summary: dict) -> str:
     """The summary as markdown (a Prefect markdown artifact)."""
-    lines = ["# dpo-eval summary", ""] + [f"- {s}" for s in summary.get("sentences") or sentences(summary)]
+    lines = ["# dpo-eval summary", ""] + answers_markdown(summary)
+    lines += [f"- {s}" for s in summary.get("sentences") or sentences(summary)]
     if (summary.get("reference") or {}).get("adapter"):
         lines += ["", f"The 'base' side of every comparison is {summary['reference']['label']}."]
     lines += ["", "| split | pairs | sign agreement | p | significant tuned-vs-base | significant chosen-vs-rejected |",
@@ -279,6 +282,18 @@ def summary_markdown(summary: dict) -> str:
                      f"{summary['significant']['tuned_vs_base'].get(split)} | "
                      f"{summary['significant']['chosen_vs_rejected'].get(split)} |")
     return "\n".join(lines)
+
+
+def answers_markdown(summary: dict) -> list[str]:
+    """The four answers (summary.json's `verdict`) and the gap line as markdown lines, first in every artifact."""
+    from dpo_eval.report.view import QUESTION_TITLES
+
+    block = summary.get("verdict") or {}
+    lines = [f"**{title}** {block[key]['answer']}: {block[key]['because']}  " for key, title in QUESTION_TITLES.items()
+             if isinstance(block.get(key), dict)]
+    if block.get("gap_line"):
+        lines.append(f"{block['gap_line']}  ")
+    return lines + [""] if lines else []
 
 
 def stats_table_rows(stats: pl.DataFrame) -> list[dict]:

@@ -194,3 +194,56 @@ def delta_chart(stats: pl.DataFrame, alpha: float, row_height: int = 14, panel: 
     return {"width": label + len(splits) * (panel + gap), "label": label, "height": y + 30, "top": top, "bottom": y, "panel": panel,
             "rows": rows, "panels": panels, "limit": limit, "row_height": row_height,
             "legend": [{"name": n, "color": c} for _, n, c in COMPARISONS]}
+
+
+QUESTION_TITLES = {"alignment": "Did the alignment take?", "better": "Is the tuned model better than its base?",
+                   "forgetting": "Did it forget?", "gaming": "Could the gain be gaming?"}
+FIXED_IDS = {"moved", "statistics", "examples", "verdict"}
+
+
+def answer_rows(summary: dict | None, section_ids: set[str]) -> list[dict]:
+    """summary.json's four answers for the page's top, each {key, title, answer, because, rule, href}; href is the
+    first of the answer's evidence sections present on the page (None where none is)."""
+    block = (summary or {}).get("verdict") or {}
+    present = FIXED_IDS | set(section_ids)
+    rows = []
+    for key, title in QUESTION_TITLES.items():
+        a = block.get(key)
+        if not isinstance(a, dict):
+            continue
+        href = next((f"#{e}" for e in a.get("evidence", []) if e in present), None)
+        rows.append({"key": key, "title": title, "answer": a.get("answer", "unknown"), "because": a.get("because", ""),
+                     "rule": a.get("rule", ""), "href": href})
+    return rows
+
+
+GAP_COLORS = {"rejected": "#c44e52", "chosen": "#4c72b0", "base": "#777777", "tuned": "#dd8452"}
+
+
+def gap_figures(summary: dict | None, width: int = 640, margin: int = 40) -> list[dict]:
+    """One line per judge with rejected at 0, chosen at 1, base and tuned where they sit (the axis widened to hold
+    them), the closed share's CI as a bar from base's position; a judge whose gap is undefined gets its sentence."""
+    figures = []
+    for judge, g in ((summary or {}).get("gap") or {}).items():
+        if not isinstance(g, dict):
+            continue
+        figure = {"judge": judge, "sentence": g.get("sentence", ""), "closed": None, "marks": []}
+        if finite(g.get("closed")) and finite(g.get("base")) and finite(g.get("tuned")):
+            positions = {"rejected": 0.0, "chosen": 1.0, "base": g["base"], "tuned": g["tuned"]}
+            low, high = min(0.0, *positions.values()), max(1.0, *positions.values())
+            span = (high - low) or 1.0
+
+            def x(v: float) -> float:
+                return round(margin + (v - low) / span * (width - 2 * margin), 1)
+
+            figure |= {"base": g["base"], "tuned": g["tuned"], "closed": g["closed"], "width": width,
+                       "x0": x(low), "x1": x(high),
+                       "marks": [{"role": role, "position": v, "x": x(v), "label": f"{v:.2f}", "color": GAP_COLORS[role],
+                                  "ty": 14 if i % 2 == 0 else 44}
+                                 for i, (role, v) in enumerate(sorted(positions.items(), key=lambda kv: kv[1]))]}
+            ci = g.get("ci") or [None, None]
+            if finite(ci[0]) and finite(ci[1]):
+                figure["ci"] = [x(g["base"] + ci[0]), x(g["base"] + ci[1])]
+                figure["ci_text"] = f"closed {g['closed']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] from base's position"
+        figures.append(figure)
+    return figures

@@ -97,6 +97,9 @@ def reward_judge_run(run_dir: Path | str, reward_model: str | Path, *, revision:
     summary.pop("sentences", None)  # write_outputs writes them afresh
     sections = [s for s in read_sections(run_dir) if s.id != "reward_model"] + [_section(block)]
     write_outputs(stats, summary, run_dir, sections)
+    from dpo_eval.studies.verdict import write_verdict
+
+    write_verdict(run_dir)  # the four answers and the gap read the new scores
     return block
 
 

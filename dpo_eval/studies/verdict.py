@@ -1,0 +1,520 @@
+"""The four answers a team acts on, and where tuned sits between rejected and chosen.
+
+`verdict(run_dir, spec)` reads a finished run folder (summary.json, stats.parquet, reward_scores.parquet,
+judgments.parquet, features.parquet, pairs.parquet) and returns summary.json's `verdict` and `gap` blocks;
+`write_verdict` stores them and re-renders the report. The rules are written here once; the report, the command
+line, the Prefect artifacts and `trend` read the answers from summary.json.
+
+Each answer is {answer, because, rule, evidence}: answer is yes, no, unknown or not checked; because gives the
+figures; rule is the same sentence for every run (its thresholds from VerdictSpec); evidence lists the report's
+section ids.
+
+- alignment: the held-out implicit-reward accuracy (Wilson CI at 1 - alpha against 0.5); the features that moved
+  toward chosen (where chosen-vs-rejected is itself significant) are stated beside it.
+- better: only judges calibrated on this run's held-out labels (agreement CI's lower bound above calibration_bar)
+  answer; a judge says yes where its tuned-vs-base win-rate CI lies above 0.5 and so does its length-controlled
+  rate (fitted on the same per-pair rows, not an extrapolation), no where both lie below.
+- forgetting: each benchmark task's primary metric, BH across tasks (q_primary).
+- gaming: beside a win, the raw rate above 0.5 where the length-controlled one is not; two judges that agree no
+  better than kappa_bar per prompt; more significant features moving away from chosen than toward it.
+
+The gap: on a judge's scale, rejected at 0 and chosen at 1; position(s) = (mean r(s) - mean r(rejected)) /
+(mean r(chosen) - mean r(rejected)); closed = position(tuned) - position(base) = (mean r(tuned) - mean r(base)) /
+(mean r(chosen) - mean r(rejected)); a percentile bootstrap over prompts (the pairs of one prompt resampled
+together; numerator and denominator from the same resample). Built for the reward model (a score per text); an
+LLM judge needs comparisons linking {tuned, base} to {chosen, rejected}, which are not judged yet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from dpo_eval.config import VerdictSpec
+from dpo_eval.judges.statistics import LC_SIDE_SHARE
+from dpo_eval.jsonsafe import jsonable
+from dpo_eval.stats.paired import wilson
+
+QUESTIONS = ("alignment", "better", "forgetting", "gaming")
+ANSWERS = ("yes", "no", "unknown", "not checked")
+TITLES = {"alignment": "Did the alignment take?", "better": "Is the tuned model better than its base?",
+          "forgetting": "Did it forget?", "gaming": "Could the gain be gaming?"}
+RM = "reward model"
+SEPARATION = "complete separation"  # the start of judges.statistics.lc_win_rate's reason where length decides all
+
+
+def rules(spec: VerdictSpec) -> dict[str, str]:
+    """The rule of each answer in words, with the thresholds of `spec`."""
+    level = f"{1 - spec.alpha:.0%}"
+    return {
+        "alignment": (f"yes where the held-out implicit-reward accuracy's Wilson {level} CI lies above 0.5; no where it "
+                      "lies below 0.5, or every held-out margin is 0 (the adapter changes nothing); unknown otherwise "
+                      "or without a held-out split, labels or implicit rewards"),
+        "better": (f"only judges whose held-out agreement with the labels has a {level} CI lower bound above "
+                   f"{spec.calibration_bar:g} answer; yes where a judge's tuned-vs-base win-rate {level} CI lies above "
+                   "0.5 and so does its length-controlled rate (not an extrapolation), no where both lie below; "
+                   "unknown where the judges disagree or none can tell"),
+        "forgetting": (f"yes where a benchmark task's primary metric dropped with BH q < {spec.alpha:g} across tasks; "
+                       "no (no evidence) otherwise, with the smallest drop the questions could detect; not checked "
+                       "without a forgetting stage"),
+        "gaming": ("beside a win: yes where the raw win rate lies above 0.5 but the length-controlled rate does not, "
+                   f"where two judges agree per prompt no better than Cohen's kappa {spec.kappa_bar:g}, or where more "
+                   "features moved significantly away from chosen than toward it (counting features whose "
+                   "chosen-vs-rejected shift is significant); unknown where the length control is an extrapolation or "
+                   "undefined; no without such a signal or without a win"),
+    }
+
+
+def _answer(answer: str, because: str, rule: str, evidence: list[str], **extra) -> dict:
+    assert answer in ANSWERS, answer
+    return {"answer": answer, "because": because, "rule": rule, "evidence": evidence, **extra}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _table(run_dir: Path, name: str) -> pl.DataFrame | None:
+    path = run_dir / name
+    return pl.read_parquet(path) if path.is_file() else None
+
+
+def _pct(x: float) -> str:
+    return f"{x:.2f}"
+
+
+# ---------------------------------------------------------------- alignment
+
+def alignment(summary: dict, spec: VerdictSpec, rule: str) -> dict:
+    """Did the alignment take? From the held-out implicit-reward accuracy (see `rules`)."""
+    evidence = ["implicit_rewards", "moved"]
+    labels = summary.get("labels")
+    if isinstance(labels, dict) and labels.get("source") == "none":
+        return _answer("unknown", "the data set has no chosen and rejected answers to check the adapter against",
+                       rule, evidence)
+    n_valid = (summary.get("n_pairs") or {}).get("valid", 0)
+    toward = (summary.get("significant_toward_chosen") or {}).get("valid")
+    moved = ((summary.get("significant") or {}).get("tuned_vs_base") or {}).get("valid")
+    features = (f"; {toward} of the {moved} features that moved significantly on valid moved toward chosen"
+                if toward is not None and moved is not None else "")
+    if not n_valid:
+        return _answer("unknown", "no held-out (valid) pairs: the adapter records no training split and the data set "
+                       "has no valid share" + features, rule, evidence)
+    reward = (summary.get("implicit_reward") or {}).get("valid")
+    if not reward or not reward.get("n"):
+        return _answer("unknown", "implicit rewards were not computed on held-out pairs" + features, rule, evidence)
+    n, accuracy, ties = int(reward["n"]), float(reward["accuracy"]), int(reward.get("ties", 0))
+    correct = round(accuracy * n)
+    low, high = wilson(correct, n, 1 - spec.alpha)
+    said = (f"held-out implicit-reward accuracy {_pct(accuracy)} [{_pct(low)}, {_pct(high)}] on {n} valid pairs"
+            + (f" ({ties} ties)" if ties else "") + features)
+    if ties == n:
+        return _answer("no", f"every one of the {n} held-out margins is 0: the adapter changes no log-probability "
+                       "(" + said + ")", rule, evidence, ci=[low, high], n=n)
+    if low > 0.5:
+        return _answer("yes", said, rule, evidence, ci=[low, high], n=n)
+    if high < 0.5:
+        return _answer("no", said + ": the tuned policy prefers rejected", rule, evidence, ci=[low, high], n=n)
+    return _answer("unknown", said + ": the CI includes 0.5", rule, evidence, ci=[low, high], n=n)
+
+
+# ---------------------------------------------------------------- per-pair verdicts of each judge
+
+def reward_outcomes(scores: pl.DataFrame, split: str) -> pl.DataFrame:
+    """`pair_id, split, winner` (tuned, base or tie) of the reward model on `split` (all: every split)."""
+    part = scores if split == "all" else scores.filter(pl.col("split") == split)
+    wide = part.filter(pl.col("role").is_in(["tuned", "base"])).pivot(
+        on="role", index=["pair_id", "split"], values="reward_model").drop_nulls()
+    winner = (pl.when(pl.col("tuned") > pl.col("base")).then(pl.lit("tuned"))
+              .when(pl.col("tuned") < pl.col("base")).then(pl.lit("base")).otherwise(pl.lit("tie")))
+    return wide.select("pair_id", "split", winner=winner)
+
+
+def judge_outcomes(judgments: pl.DataFrame, split: str) -> pl.DataFrame:
+    """`pair_id, split, winner` of the LLM judge's tuned-vs-base pairs counted in n (both orders valid)."""
+    from dpo_eval.judges.statistics import combine_orders
+
+    part = judgments.filter(pl.col("comparison") == "tuned_vs_base")
+    if split != "all":
+        part = part.filter(pl.col("split") == split)
+    if part.height == 0:
+        return pl.DataFrame(schema={"pair_id": pl.String, "split": pl.String, "winner": pl.String})
+    combined = combine_orders(part)
+    return combined.filter(pl.col("winner").is_in(["tuned", "base", "tie"])).select("pair_id", "split", "winner")
+
+
+def cohen_kappa(a: list[str], b: list[str]) -> float:
+    """Cohen's kappa of two raters' labels on the same items: (p_o - p_e) / (1 - p_e), p_e from each rater's
+    marginal shares; NaN without items, 1 where both raters use one and the same label throughout."""
+    if len(a) != len(b):
+        raise ValueError("cohen_kappa: the two raters label different numbers of items")
+    if not a:
+        return math.nan
+    labels = sorted(set(a) | set(b))
+    x, y = np.array(a), np.array(b)
+    p_o = float((x == y).mean())
+    p_e = float(sum((x == label).mean() * (y == label).mean() for label in labels))
+    if p_e == 1.0:
+        return 1.0 if p_o == 1.0 else math.nan
+    return (p_o - p_e) / (1 - p_e)
+
+
+# ---------------------------------------------------------------- better
+
+def _lc_usable(block: dict) -> tuple[bool | None, str]:
+    """(does the length-controlled rate lie above 0.5: True, below: False, cannot say: None; the words for it).
+
+    An extrapolation (length differences on one side of equal) says nothing. Where tuned wins (or loses) every
+    pair with lengths on both sides of equal, the fit has no finite solution but length cannot explain the result:
+    it counts as above (below). Where length alone separates wins from losses, length explains every verdict."""
+    rate, extrapolated, reason = block.get("lc_win_rate"), block.get("lc_extrapolated"), block.get("lc_reason") or ""
+    spread = block.get("length_diff") or {}
+    if extrapolated:
+        return None, "its length-controlled rate is an extrapolation (the answers' length differences lie on one side)"
+    if rate is not None and math.isfinite(rate):
+        return rate > 0.5, f"length-controlled rate {_pct(rate)}"
+    if reason.startswith(SEPARATION):
+        return False, "its length-controlled rate is undefined because length alone separates wins from losses"
+    if spread and block.get("wins", 0) + block.get("losses", 0) > 0 and (block.get("losses") == 0 or block.get("wins") == 0):
+        sides = min(spread["share_tuned_longer"], spread["share_tuned_shorter"]) + spread["share_equal"]
+        if sides >= LC_SIDE_SHARE:
+            won = block.get("losses") == 0
+            return won, (f"tuned {'wins' if won else 'loses'} every pair, with lengths on both sides of equal "
+                         "(no length-controlled fit needed)")
+    return None, f"its length-controlled rate is undefined ({reason or 'not computed'})"
+
+
+def judge_answer(name: str, calibration: dict, win: dict, spec: VerdictSpec) -> dict:
+    """One judge's answer to 'is the tuned model better?' from its held-out calibration {agreement, ci_low,
+    ci_high, n} and its tuned-vs-base block {win_rate, ci_low, ci_high, n, lc_win_rate, lc_extrapolated, ...}."""
+    agree = (f"agreement with the labels {_pct(calibration['agreement'])} [{_pct(calibration['ci_low'])}, "
+             f"{_pct(calibration['ci_high'])}] on {calibration['n']} held-out pairs")
+    out = {"judge": name, "split": win.get("split"), "calibration": calibration,
+           "win_rate": win.get("win_rate"), "ci": [win.get("ci_low"), win.get("ci_high")], "n": win.get("n"),
+           "wins": win.get("wins"), "losses": win.get("losses"), "ties": win.get("ties"),
+           "lc_win_rate": win.get("lc_win_rate"), "lc_reason": win.get("lc_reason"),
+           "lc_extrapolated": win.get("lc_extrapolated"), "length_diff": win.get("length_diff")}
+    if not (calibration["ci_low"] > spec.calibration_bar):
+        return out | {"calibrated": False, "answer": "unknown",
+                      "because": f"the {name} could not tell chosen from rejected ({agree}, bar {spec.calibration_bar:g})"}
+    rate, low, high, n = win["win_rate"], win["ci_low"], win["ci_high"], win["n"]
+    said = f"the {name} ({agree}) prefers tuned on {_pct(rate)} [{_pct(low)}, {_pct(high)}] of {n} pairs"
+    above, lc_said = _lc_usable(win)
+    said += f", {lc_said}"
+    if low > 0.5 and above is True:
+        answer = "yes"
+    elif high < 0.5 and above is False:
+        answer = "no"
+    else:
+        answer = "unknown"
+        if low > 0.5 or high < 0.5:
+            said += ": the raw rate is decided but the length-controlled one does not back it"
+        else:
+            said += ": the CI includes 0.5"
+    return out | {"calibrated": True, "answer": answer, "because": said}
+
+
+def _held_out_split(splits: dict, in_sample: dict | None = None) -> str | None:
+    """The split a judge's answer rests on: valid, else train; never one the judge was trained on (in_sample)."""
+    for split in ("valid", "train"):
+        if split in splits and not (in_sample or {}).get(split):
+            return split
+    return None
+
+
+def reward_model_blocks(summary: dict, run_dir: Path) -> tuple[dict, dict, str] | None:
+    """(calibration, tuned-vs-base block with its length control, split) of the reward model, or None."""
+    from dpo_eval.judges.pairwise import answer_lengths
+    from dpo_eval.judges.statistics import split_lc_win_rate
+
+    block = summary.get("reward_model") or {}
+    splits = block.get("splits") or {}
+    split = _held_out_split(splits, {s: b.get("in_sample") for s, b in splits.items()})
+    if split is None:
+        return None
+    s = splits[split]
+    labelled = (block.get("reference_splits") or {}).get(split) or s  # questions without labels: the reference's
+    calibration = {"agreement": labelled["accuracy"], "ci_low": labelled["ci_low"], "ci_high": labelled["ci_high"],
+                   "n": labelled["n"]}
+    win = {"split": split, "win_rate": s["win_rate"], "ci_low": s["win_ci_low"], "ci_high": s["win_ci_high"],
+           "n": s["win_n"], "wins": s["wins"], "losses": s["losses"], "ties": s["win_ties"]}
+    scores, pairs = _table(run_dir, "reward_scores.parquet"), _table(run_dir, "pairs.parquet")
+    lengths = answer_lengths(run_dir, _table(run_dir, "answers.parquet"), pairs) if pairs is not None else None
+    if scores is not None and lengths is not None:
+        from dpo_eval.judges.statistics import length_differences, length_sides
+
+        diffs = length_differences(lengths)
+        outcomes = reward_outcomes(scores, split)
+        rate, reason, side = split_lc_win_rate(outcomes, diffs)
+        counted = outcomes.join(diffs, on=["pair_id", "split"])["length_diff"].to_numpy().astype(float)
+        win |= {"lc_win_rate": rate, "lc_reason": reason, **side} | {
+            key: value for key, value in length_sides(counted).items() if side.get(key) is None}
+    else:
+        win |= {"lc_win_rate": None, "lc_reason": "the reward scores or the answers' lengths are not in the run folder",
+                "lc_extrapolated": None}
+    return calibration, win, split
+
+
+def llm_judge_blocks(summary: dict) -> tuple[dict, dict, str] | None:
+    """(calibration, tuned-vs-base block, split) of the LLM judge, or None where it judged no held-out pair of
+    both comparisons."""
+    splits = (summary.get("judge") or {}).get("splits") or {}
+    usable = {s: b for s, b in splits.items() if "tuned_vs_base" in b and "chosen_vs_rejected" in b}
+    split = _held_out_split(usable)
+    if split is None:
+        return None
+    c, w = usable[split]["chosen_vs_rejected"], usable[split]["tuned_vs_base"]
+    calibration = {"agreement": c["agreement"], "ci_low": c["ci_low"], "ci_high": c["ci_high"], "n": c["n"]}
+    return calibration, {"split": split, **w}, split
+
+
+def better(judges: list[dict], rule: str) -> dict:
+    """Is the tuned model better? From the judges' own answers (`judge_answer`)."""
+    evidence = ["reward_model", "judge"]
+    if not judges:
+        return _answer("not checked", "no reward model or LLM judge was run", rule, evidence, judges=[])
+    calibrated = [j for j in judges if j["calibrated"]]
+    said = "; ".join(j["because"] for j in judges)
+    if not calibrated:
+        return _answer("unknown", said, rule, evidence, judges=judges)
+    answers = {j["answer"] for j in calibrated}
+    if answers == {"yes", "no"} or {"yes", "no"} <= answers:
+        return _answer("unknown", "the judges disagree: " + said, rule, evidence, judges=judges)
+    answer = "yes" if "yes" in answers else "no" if "no" in answers else "unknown"
+    return _answer(answer, said, rule, evidence, judges=judges)
+
+
+# ---------------------------------------------------------------- forgetting
+
+def forgetting(summary: dict, spec: VerdictSpec, rule: str) -> dict:
+    """Did it forget? Each task's primary metric, BH across tasks."""
+    evidence = ["forgetting"]
+    block = summary.get("forgetting")
+    if not block:
+        return _answer("not checked", "no benchmark was run (add a forgetting stage: --forgetting-tasks)", rule,
+                       evidence)
+    primaries = []
+    for task, metrics in sorted((block.get("tasks") or {}).items()):
+        for metric, s in metrics.items():
+            if s.get("primary", True) and s.get("n"):
+                primaries.append((task, metric, s))
+    if not primaries:
+        return _answer("unknown", "no benchmark task ran to the end", rule, evidence)
+    worse = [(t, m, s) for t, m, s in primaries
+             if s.get("q_primary", s.get("q_value", 1.0)) < spec.alpha and s["delta"] < 0]
+    if worse:
+        said = "; ".join(f"{t} ({m}) dropped {-s['delta']:.3f} [{-s['ci_high']:.3f}, {-s['ci_low']:.3f}], "
+                         f"q = {s.get('q_primary', s.get('q_value')):.3g}, {s['n']} questions" for t, m, s in worse)
+        return _answer("yes", said, rule, evidence, tasks=[t for t, _, _ in worse])
+    # the smallest drop each task could detect: the distance from its delta to its CI's lower end
+    detectable = {t: s["delta"] - s["ci_low"] for t, _, s in primaries
+                  if s.get("ci_low") is not None and math.isfinite(s["ci_low"])}
+    widest = max(detectable, key=detectable.get) if detectable else None
+    said = (f"no task of {len(primaries)} dropped significantly on its primary metric (BH q < {spec.alpha:g})")
+    if widest is not None:
+        said += (f"; a drop smaller than about {detectable[widest]:.3f} could go unseen on {widest} "
+                 "(its CI's half-width below the observed delta)")
+    return _answer("no", said, rule, evidence, detectable=detectable)
+
+
+# ---------------------------------------------------------------- gaming
+
+def _feature_directions(stats: pl.DataFrame | None, alpha: float) -> tuple[int, int] | None:
+    """(toward, away): valid features that tuned moved significantly, where chosen-vs-rejected is significant,
+    in chosen's direction and against it."""
+    if stats is None:
+        return None
+    rows = stats.filter(pl.col("split") == "valid")
+    if rows.height == 0:
+        return None
+    cvr = rows.filter((pl.col("comparison") == "chosen_vs_rejected") & (pl.col("q_value") < alpha)).select(
+        "feature", cvr=pl.col("norm_mean_delta"))
+    tvb = rows.filter((pl.col("comparison") == "tuned_vs_base") & (pl.col("q_value") < alpha)).select(
+        "feature", tvb=pl.col("norm_mean_delta"))
+    both = tvb.join(cvr, on="feature").filter((pl.col("tvb") != 0) & (pl.col("cvr") != 0))
+    toward = int((np.sign(both["tvb"].to_numpy()) == np.sign(both["cvr"].to_numpy())).sum())
+    return toward, both.height - toward
+
+
+def gaming(judges: list[dict], agreement: dict | None, directions: tuple[int, int] | None, rule: str) -> dict:
+    """Could the gain be gaming? Signals beside a win (see `rules`)."""
+    evidence = ["reward_model", "judge", "moved", "gaming"]
+    if not judges:
+        return _answer("not checked", "no reward model or LLM judge was run", rule, evidence, signals=[])
+    winners = [j for j in judges if j["ci"][0] is not None and j["ci"][0] > 0.5]
+    if not winners:
+        return _answer("no", "no judge finds tuned better than base (no win-rate CI above 0.5): no gain to explain",
+                       rule, evidence, signals=[])
+    signals, open_questions = [], []
+    for j in winners:
+        above, lc_said = _lc_usable(j)
+        if above is False:
+            signals.append(f"the {j['judge']}'s raw win rate {_pct(j['win_rate'])} [{_pct(j['ci'][0])}, "
+                           f"{_pct(j['ci'][1])}] lies above 0.5 but its {lc_said} does not: length explains the win")
+        elif above is None:
+            open_questions.append(f"the {j['judge']}'s {lc_said.removeprefix('its ')}")
+    if agreement is not None and agreement["n"] and math.isfinite(agreement["kappa"]) \
+            and agreement["kappa"] <= agreement["bar"]:
+        signals.append(f"the two judges agree on tuned vs base on {agreement['agree']:.0%} of {agreement['n']} prompts "
+                       f"(Cohen's kappa {agreement['kappa']:.2f} <= {agreement['bar']:g})")
+    if directions is not None and directions[1] > directions[0]:
+        signals.append(f"{directions[1]} features moved significantly away from chosen and {directions[0]} toward it")
+    extra = {"signals": signals, "judge_agreement": agreement}
+    if signals:
+        return _answer("yes", "; ".join(signals), rule, evidence, **extra)
+    if open_questions:
+        return _answer("unknown", "a judge finds tuned better, but " + "; ".join(open_questions)
+                       + ": length cannot be ruled out", rule, evidence, **extra)
+    said = "a judge finds tuned better and no gaming signal fired (length-controlled rate above 0.5"
+    said += (f"; {directions[0]} features toward chosen, {directions[1]} away" if directions else "")
+    said += (f"; judges' kappa {agreement['kappa']:.2f}" if agreement and math.isfinite(agreement["kappa"]) else "")
+    return _answer("no", said + ")", rule, evidence, **extra)
+
+
+def judge_agreement(run_dir: Path, split: str | None, bar: float) -> dict | None:
+    """The reward model's and the LLM judge's per-prompt verdicts of tuned vs base on `split`: n, agree share,
+    Cohen's kappa, and the pairs where they disagree (reward margin largest first), or None without both."""
+    scores, judgments = _table(run_dir, "reward_scores.parquet"), _table(run_dir, "judgments.parquet")
+    if split is None or scores is None or judgments is None:
+        return None
+    rm, llm = reward_outcomes(scores, split), judge_outcomes(judgments, split)
+    both = rm.join(llm, on=["pair_id", "split"], suffix="_llm")
+    if both.height == 0:
+        return None
+    a, b = both["winner"].to_list(), both["winner_llm"].to_list()
+    disagree = both.filter(pl.col("winner") != pl.col("winner_llm"))["pair_id"].to_list()
+    return {"n": both.height, "agree": float(np.mean(np.array(a) == np.array(b))), "kappa": cohen_kappa(a, b),
+            "bar": bar, "disagree": disagree}
+
+
+# ---------------------------------------------------------------- the gap
+
+def cluster_means(values: np.ndarray, clusters: np.ndarray, resamples: int, seed: int,
+                  chunk: int = 250) -> np.ndarray:
+    """Column means of `values` (rows x k) over `resamples` bootstrap samples of whole clusters (rows sharing a
+    cluster label drawn together): (resamples x k)."""
+    labels, index = np.unique(clusters, return_inverse=True)
+    g = labels.size
+    sums = np.zeros((g, values.shape[1]))
+    np.add.at(sums, index, values)
+    counts = np.bincount(index, minlength=g).astype(float)
+    rng = np.random.default_rng(seed)
+    out = np.empty((resamples, values.shape[1]))
+    for start in range(0, resamples, chunk):
+        draw = rng.integers(0, g, size=(min(chunk, resamples - start), g))
+        out[start:start + draw.shape[0]] = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)[:, None]
+    return out
+
+
+def gap(r: dict[str, np.ndarray], clusters: np.ndarray, level: float, resamples: int, seed: int) -> dict:
+    """Positions of base and tuned with rejected at 0 and chosen at 1, the share of the gap closed, its
+    percentile bootstrap CI over clusters (prompts), n; `undefined` with the reason where chosen and rejected are
+    not separated (the denominator's CI reaches 0)."""
+    values = np.column_stack([r["chosen"], r["rejected"], r["base"], r["tuned"]]).astype(float)
+    n = values.shape[0]
+    if n == 0:
+        return {"undefined": "no pair has all four scores", "n": 0}
+    c, j, b, t = values.mean(axis=0)
+    boot = cluster_means(values, clusters, resamples, seed)
+    den = boot[:, 0] - boot[:, 1]
+    tail = (1 - level) / 2
+    den_low, den_high = np.quantile(den, [tail, 1 - tail])
+    out = {"n": int(n), "prompts": int(np.unique(clusters).size), "level": level, "resamples": resamples,
+           "chosen_minus_rejected": float(c - j), "chosen_minus_rejected_ci": [float(den_low), float(den_high)]}
+    if not (c - j > 0 and den_low > 0):
+        return out | {"undefined": f"chosen and rejected are not separated on this scale (mean chosen - rejected "
+                                   f"{c - j:.3g}, {level:.0%} CI [{den_low:.3g}, {den_high:.3g}])"}
+    closed_boot = (boot[:, 3] - boot[:, 2]) / den
+    low, high = np.quantile(closed_boot, [tail, 1 - tail])
+    return out | {"base": float((b - j) / (c - j)), "tuned": float((t - j) / (c - j)),
+                  "closed": float((t - b) / (c - j)), "ci": [float(low), float(high)]}
+
+
+def reward_model_gap(run_dir: Path, split: str, spec: VerdictSpec) -> dict | None:
+    """The reward model's gap on `split` from reward_scores.parquet, prompts from pairs.parquet."""
+    scores, pairs = _table(run_dir, "reward_scores.parquet"), _table(run_dir, "pairs.parquet")
+    if scores is None or pairs is None:
+        return None
+    part = scores.filter(pl.col("split") == split) if split != "all" else scores
+    wide = part.pivot(on="role", index="pair_id", values="reward_model")
+    if not {"chosen", "rejected", "base", "tuned"} <= set(wide.columns):
+        return None
+    wide = wide.drop_nulls(["chosen", "rejected", "base", "tuned"])
+    prompt_cols = [c for c in ("system", "prompt", "messages") if c in pairs.columns]
+    keyed = pairs.select("pair_id", cluster=pl.concat_str([pl.col(c).cast(pl.String).fill_null("")
+                                                          for c in prompt_cols], separator="\x1f"))
+    wide = wide.join(keyed, on="pair_id", how="left").with_columns(pl.col("cluster").fill_null(pl.col("pair_id")))
+    block = gap({role: wide[role].to_numpy() for role in ("chosen", "rejected", "base", "tuned")},
+                wide["cluster"].to_numpy(), 1 - spec.alpha, spec.resamples, spec.seed)
+    return block | {"split": split}
+
+
+def gap_sentence(name: str, block: dict) -> str:
+    if "undefined" in block:
+        return f"Gap closed on the {name}'s scale: undefined: {block['undefined']}."
+    low, high = block["ci"]
+    return (f"DPO closed {block['closed']:.1%} [{low:.1%}, {high:.1%}] of the rejected-to-chosen gap (base at "
+            f"{block['base']:.2f}, tuned at {block['tuned']:.2f}, on the {name}'s scale, {block['n']} "
+            f"{block['split']} pairs).")
+
+
+# ---------------------------------------------------------------- the run
+
+def verdict(run_dir: Path, spec: VerdictSpec | None = None) -> tuple[dict, dict]:
+    """(verdict, gap) of the run folder `run_dir` (see the module docstring)."""
+    run_dir = Path(run_dir)
+    spec = spec or run_spec(run_dir)
+    summary = _read_json(run_dir / "summary.json")
+    said = rules(spec)
+    judges, gaps = [], {}
+    rm = reward_model_blocks(summary, run_dir)
+    if rm is not None:
+        judges.append(judge_answer(RM, rm[0], rm[1], spec))
+        block = reward_model_gap(run_dir, rm[2], spec)
+        if block is not None:
+            gaps[RM] = block | {"sentence": gap_sentence(RM, block)}
+    llm = llm_judge_blocks(summary)
+    if llm is not None:
+        judges.append(judge_answer("LLM judge", llm[0], llm[1], spec))
+    agreement = judge_agreement(run_dir, rm[2] if rm else None, spec.kappa_bar) if rm and llm else None
+    directions = _feature_directions(_table(run_dir, "stats.parquet"), spec.alpha)
+    answers = {"alignment": alignment(summary, spec, said["alignment"]),
+               "better": better(judges, said["better"]),
+               "forgetting": forgetting(summary, spec, said["forgetting"]),
+               "gaming": gaming(judges, agreement, directions, said["gaming"])}
+    if gaps:
+        answers["gap_line"] = " ".join(block["sentence"] for block in gaps.values())
+    return answers, gaps
+
+
+def run_spec(run_dir: Path) -> VerdictSpec:
+    """The run's verdict rules from its config.json (the defaults where it has none)."""
+    config = _read_json(Path(run_dir) / "config.json").get("config") or {}
+    return VerdictSpec.model_validate(config.get("verdict") or {})
+
+
+def write_verdict(run_dir: Path, spec: VerdictSpec | None = None) -> dict:
+    """Set summary.json's `verdict` and `gap`, re-render the report; returns the summary."""
+    from dpo_eval.report.page import render_report
+
+    run_dir = Path(run_dir)
+    answers, gaps = verdict(run_dir, spec)
+    path = run_dir / "summary.json"
+    summary = _read_json(path)
+    summary["verdict"], summary["gap"] = answers, gaps
+    path.write_text(json.dumps(jsonable(summary), indent=2))
+    render_report(run_dir)
+    return summary
+
+
+def verdict_lines(summary: dict) -> list[str]:
+    """The four answers as lines for a terminal (and the gap line where there is one)."""
+    block = summary.get("verdict") or {}
+    lines = [f"{TITLES[q]} {block[q]['answer']}: {block[q]['because']}" for q in QUESTIONS if q in block]
+    if block.get("gap_line"):
+        lines.append(block["gap_line"])
+    return lines
