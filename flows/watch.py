@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -38,7 +39,14 @@ from dpo_eval.config import EvalConfig, ModelSpec
 from dpo_eval.generation.models import fingerprints
 from dpo_eval.identity import model_identity
 from dpo_eval.jsonsafe import json_key
-from dpo_eval.studies.trend import checkpoint_step, write_trend
+from dpo_eval.studies.trend import (
+    checkpoint_step,
+    collect,
+    leaderboard_rows,
+    recommend,
+    recommendation_line,
+    write_trend,
+)
 
 STATE = "evaluated.json"
 LOCK = ".watch.lock"
@@ -223,6 +231,34 @@ def watch_checkpoints(directory: str, config: EvalConfig, out_root: str | None =
                      logger)
 
 
+def leaderboard_key(training_run: Path) -> str:
+    """`dpo-eval-leaderboard-<run>`: the training run's folder name as a Prefect artifact key (lowercase letters,
+    digits, dashes) and a short hash of its resolved path, so two runs of one name keep two leaderboards."""
+    slug = re.sub(r"[^a-z0-9]+", "-", training_run.name.lower()).strip("-") or "run"
+    digest = hashlib.sha256(str(training_run.resolve()).encode()).hexdigest()[:6]
+    return f"dpo-eval-leaderboard-{slug}-{digest}"
+
+
+def publish_leaderboards(entries: dict, rule: str) -> dict[str, dict]:
+    """One table artifact per training run (the folder holding its checkpoints), newest checkpoint first, with the
+    checkpoint to ship above it; a new version of the same key after each evaluation. Returns {key: recommended}."""
+    from prefect.artifacts import create_table_artifact
+
+    groups: dict[Path, list[Path]] = {}
+    for entry in entries.values():
+        if entry["status"] == "done" and (Path(entry["run"]) / "summary.json").is_file():
+            groups.setdefault(Path(entry["checkpoint"]).parent, []).append(Path(entry["run"]))
+    published = {}
+    for training_run, runs in sorted(groups.items()):
+        table = collect(runs)
+        recommended = recommend(table, rule)
+        key = leaderboard_key(training_run)
+        create_table_artifact(leaderboard_rows(table), key=key, description=(
+            f"**{training_run}**: {recommendation_line({'recommended': recommended})}"))
+        published[key] = recommended
+    return published
+
+
 def resumable(entry: dict | None, deployment: str | None) -> bool:
     """Whether a checkpoint's last attempt may still be under way, so a tick waits for it instead of starting
     another: a tick died waiting on it (`running`), or it was counted as failed while Crashed and the crash
@@ -300,7 +336,8 @@ def _tick(directory: Path, config: EvalConfig, root: Path, deployment: str | Non
     runs = [Path(e["run"]) for e in entries.values()
             if e["status"] == "done" and (Path(e["run"]) / "summary.json").is_file()]
     if runs:
-        write_trend(runs, root)
+        write_trend(runs, root, rule=config.verdict.recommend)
+        publish_leaderboards(entries, config.verdict.recommend)
     if failed:
         raise RuntimeError("evaluations failed (retried on the next tick, up to max_attempts): " + "; ".join(failed))
     return evaluated

@@ -270,3 +270,32 @@ def test_write_verdict_stores_both_blocks_renders_them_first_and_prints_four_lin
     assert lines[4].startswith("DPO closed 30.0%")
     page = (run / "report.html").read_text()
     assert 'data-question="better" data-answer="yes"' in page and 'data-closed="0.3' in page
+
+
+# ---------------------------------------------------------------- the checkpoint to ship
+
+def trend_table(rows: list[tuple]) -> pl.DataFrame:
+    """A trend table of (step, alignment, forgetting, win_rate, win_low, win_high, largest_drop) rows."""
+    from dpo_eval.studies.trend import SCHEMA
+
+    full = [{"run": f"runs/c{step}", "adapter": f"train/checkpoint-{step}", "step": step, "alignment": al,
+             "forgetting": fo, "win_judge": "reward model", "win_rate": w, "win_low": lo, "win_high": hi,
+             "largest_drop": drop} for step, al, fo, w, lo, hi, drop in rows]
+    return pl.DataFrame(full, schema_overrides={k: v for k, v in SCHEMA.items() if k in full[0]})
+
+
+def test_the_recommendation_follows_its_stated_rule():
+    from dpo_eval.studies.trend import recommend
+
+    table = trend_table([(10, "unknown", "no", 0.80, 0.70, 0.88, 0.01),   # alignment not shown: out
+                         (20, "yes", "no", 0.62, 0.52, 0.71, 0.01),       # CI overlaps the best's: earliest in
+                         (30, "yes", "no", 0.70, 0.61, 0.78, 0.02),       # the best qualifying win rate
+                         (40, "yes", "yes", 0.90, 0.84, 0.95, 0.12)])     # forgot: out
+    earliest = recommend(table, "earliest-within-ci")
+    assert earliest["checkpoint"] == "checkpoint-20" and earliest["step"] == 20
+    assert "0.70 [0.61, 0.78] at step 30" in earliest["because"] and "2 of 4 checkpoints qualify" in earliest["because"]
+    assert recommend(table, "best")["checkpoint"] == "checkpoint-30"
+    table = trend_table([(20, "yes", "no", 0.50, 0.40, 0.60, None), (30, "yes", "no", 0.90, 0.81, 0.95, None)])
+    assert recommend(table)["checkpoint"] == "checkpoint-30"  # 0.60 < 0.81: step 20 is shown worse
+    none = recommend(trend_table([(20, "no", "no", 0.9, 0.8, 0.95, None)]))
+    assert none["checkpoint"] is None and "alignment took" in none["because"]

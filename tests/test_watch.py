@@ -82,6 +82,20 @@ def test_same_name_in_two_training_runs_gives_two_runs_each_evaluated_once(world
     assert {run: (run / "summary.json").stat().st_mtime_ns for run in runs.values()} == written
     assert state_of(out)["checkpoints"] == entries
     assert pl.read_csv(out / "trend.csv").height == 2
+    # one leaderboard per training run, with the checkpoint to ship (none: no implicit rewards, no judge) above it
+    from prefect.client.orchestration import get_client
+
+    from dpo_eval.flows.watch import leaderboard_key
+
+    with get_client(sync_client=True) as client:
+        for training_run in (a.parent, b.parent):
+            found = client.read_latest_artifacts()
+            board = [x for x in found if x.key == leaderboard_key(training_run)]
+            assert len(board) == 1 and board[0].type == "table", [x.key for x in found]
+            rows = json.loads(board[0].data) if isinstance(board[0].data, str) else board[0].data
+            assert [r["checkpoint"] for r in rows] == ["checkpoint-2"] and rows[0]["alignment"] == "unknown"
+            assert board[0].description.startswith(f"**{training_run}**: Checkpoint to ship: none: ")
+    assert leaderboard_key(a.parent) != leaderboard_key(tmp_path / "elsewhere" / "run-a")
 
 
 def test_checkpoint_without_metadata_waits_and_foreign_adapters_wait_one_tick(world, stories260k, tmp_path):

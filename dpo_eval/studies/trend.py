@@ -181,3 +181,26 @@ def recommendation_line(trend: dict) -> str:
     if rec["checkpoint"] is None:
         return f"Checkpoint to ship: none: {rec['because']} (rule: {rec['rule']})."
     return f"Checkpoint to ship: {rec['checkpoint']} (step {rec['step']}): {rec['because']} (rule: {rec['rule']})."
+
+
+LEADERBOARD_COLUMNS = ("checkpoint", "step", "alignment", "better", "forgetting", "gaming", "win rate", "gap closed",
+                       "largest drop")
+
+
+def leaderboard_rows(table: pl.DataFrame) -> list[dict]:
+    """One row per checkpoint, newest (highest step) first, for a Prefect table artifact: the four answers, the win
+    rate with its CI and judge, the gap closed with its CI, the largest benchmark drop."""
+    def interval(value, low, high) -> str:
+        if value is None or not math.isfinite(value):
+            return "n/a"
+        return f"{value:.2f} [{low:.2f}, {high:.2f}]" if low is not None and high is not None else f"{value:.2f}"
+
+    rows = []
+    for r in table.sort("step", descending=True, nulls_last=True).iter_rows(named=True):
+        rows.append({"checkpoint": Path(r["adapter"]).name, "step": r["step"], "alignment": r["alignment"],
+                     "better": r["better"], "forgetting": r["forgetting"], "gaming": r["gaming"],
+                     "win rate": interval(r["win_rate"], r["win_low"], r["win_high"])
+                     + (f" ({r['win_judge']})" if r["win_judge"] else ""),
+                     "gap closed": interval(r["gap_closed"], r["gap_low"], r["gap_high"]),
+                     "largest drop": "not checked" if r["largest_drop"] is None else f"{r['largest_drop']:.3f}"})
+    return rows
