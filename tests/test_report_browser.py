@@ -76,6 +76,9 @@ def run_dir(tmp_path_factory, orca_jsonl, stories260k) -> Path:
     per_split = reward_summary(rewards)
     summary = analysis.summary | {"implicit_reward": per_split}
     write_outputs(analysis.stats, summary, out, [rewards_section(rewards, per_split, out, beta=0.1)])
+    from dpo_eval.studies.verdict import write_verdict
+
+    write_verdict(out)  # the four answers open the page
     return out
 
 
@@ -101,7 +104,22 @@ def test_report_in_a_browser(browser, run_dir, tmp_path):
     images = page.eval_on_selector_all("img", "els => els.map(e => [e.naturalWidth, e.alt])")
     assert len(images) >= 4 and all(w > 0 for w, _ in images), images  # every inlined image decodes
 
-    # the verdict: numbers of summary.json, each claim linking to a section on the page
+    # the four answers first: as summary.json holds them, each evidence link landing on a section of the page
+    answers = page.locator("#answers .q")
+    assert answers.count() == 4
+    for i, question in enumerate(("alignment", "better", "forgetting", "gaming")):
+        card = answers.nth(i)
+        held = summary["verdict"][question]
+        assert card.get_attribute("data-question") == question
+        assert card.locator(".a").inner_text() == held["answer"]
+        assert card.locator(".because").inner_text().startswith(held["because"][:60])
+        link = card.locator(".because a")
+        if link.count():
+            assert page.locator(link.get_attribute("href")).count() == 1
+    assert summary["verdict"]["alignment"]["answer"] in ("yes", "no", "unknown")  # implicit rewards on 8 valid pairs
+    assert page.locator("#answers").bounding_box()["y"] < page.locator("#verdict").bounding_box()["y"]
+
+    # the feature overview: numbers of summary.json, each claim linking to a section on the page
     verdict = page.locator("#verdict")
     text = verdict.inner_text()
     n_features = summary["n_features"]
@@ -166,4 +184,38 @@ def test_report_in_a_browser(browser, run_dir, tmp_path):
     page.locator("#verdict").screenshot(path=str(tmp_path / "verdict.png"))
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert errors == []
+    page.close()
+
+
+def test_the_gap_drawing_places_base_and_tuned_where_summary_json_says(browser, tmp_path):
+    """A run with planted reward-model scores (base at 0.3, tuned at 0.6 of the rejected-to-chosen gap): the page's
+    line puts each system at its position, in order along the axis, and says the share closed."""
+    import numpy as np
+
+    from dpo_eval.studies.verdict import write_verdict
+    from tests.test_verdict import SPEC, planted, write_run
+
+    rng = np.random.default_rng(12)
+    scores = planted()
+    run = write_run(tmp_path / "run", scores, {r: rng.integers(5, 40, 60).astype(float) for r in scores})
+    summary = write_verdict(run, SPEC)
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((run / "report.html").as_uri())
+    gap = summary["gap"]["reward model"]
+    figure = page.locator("#answers figure.gap")
+    assert figure.count() == 1 and figure.get_attribute("data-judge") == "reward model"
+    marks = {m.get_attribute("data-role"): m for m in figure.locator("g.mark").all()}
+    assert set(marks) == {"rejected", "chosen", "base", "tuned"}
+    for role, expected in (("rejected", 0.0), ("chosen", 1.0), ("base", gap["base"]), ("tuned", gap["tuned"])):
+        assert float(marks[role].get_attribute("data-position")) == pytest.approx(expected, abs=1e-9)
+        assert marks[role].locator("text").text_content() == f"{role} {expected:.2f}"
+    x = {role: float(m.locator("circle").get_attribute("cx")) for role, m in marks.items()}
+    assert x["rejected"] < x["base"] < x["tuned"] < x["chosen"]
+    assert (x["tuned"] - x["base"]) / (x["chosen"] - x["rejected"]) == pytest.approx(gap["closed"], abs=0.01)
+    assert figure.locator("figcaption").inner_text() == gap["sentence"]
+    assert page.locator('#answers .q[data-question="better"] .a').inner_text() == "yes"
+    page.locator("#answers").screenshot(path=str(tmp_path / "answers.png"))
+    assert (tmp_path / "answers.png").stat().st_size > 5_000 and errors == []
     page.close()

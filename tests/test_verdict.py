@@ -299,3 +299,60 @@ def test_the_recommendation_follows_its_stated_rule():
     assert recommend(table)["checkpoint"] == "checkpoint-30"  # 0.60 < 0.81: step 20 is shown worse
     none = recommend(trend_table([(20, "no", "no", 0.9, 0.8, 0.95, None)]))
     assert none["checkpoint"] is None and "alignment took" in none["because"]
+
+
+# ---------------------------------------------------------------- two judges that disagree
+
+def judgments_of(winners: dict[str, list[str]], split: str = "valid") -> pl.DataFrame:
+    """Both orders of each pair's planted winner: {comparison: [winner per pair p000, p001, ...]}."""
+    from dpo_eval.judges.statistics import ROLES
+
+    rows = []
+    for comparison, names in winners.items():
+        a, b = ROLES[comparison]
+        for i, winner in enumerate(names):
+            for order, first in (("ab", a), ("ba", b)):
+                verdict = "tie" if winner == "tie" else "first" if winner == first else "second"
+                rows.append({"pair_id": f"p{i:03d}", "split": split, "comparison": comparison, "judge": "planted-llm",
+                             "order": order, "shown_first": first, "verdict": verdict, "winner": winner})
+    return pl.DataFrame(rows)
+
+
+def test_judges_that_agree_no_better_than_chance_beside_a_win_are_a_gaming_signal(tmp_path):
+    """The reward model prefers tuned on every pair (by 0.3 + i/1000); the LLM judge names tuned or base at random:
+    the reward model's verdict is constant, so Cohen's kappa is exactly 0, below the bar."""
+    from dpo_eval.judges.statistics import judge_summary
+
+    n = 60
+    scores = planted(n=n)
+    scores["tuned"] = scores["base"] + 0.3 + np.arange(n) / 1000
+    lengths = {r: np.random.default_rng(10).integers(5, 40, n).astype(float) for r in scores}
+    run = write_run(tmp_path / "run", scores, lengths,
+                    prompts=[f"prompt {i}" for i in range(n)])
+    pl.DataFrame({"pair_id": [f"p{i:03d}" for i in range(n) for _ in range(2)],
+                  "model": ["base", "tuned"] * n,
+                  "answer": [f"{m} answer {i}" for i in range(n) for m in ("base", "tuned")]}).write_parquet(
+        run / "answers.parquet")
+    llm = np.random.default_rng(11).choice(["tuned", "base"], n).tolist()
+    judgments = judgments_of({"tuned_vs_base": llm, "chosen_vs_rejected": ["chosen"] * n})
+    judgments.write_parquet(run / "judgments.parquet")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["judge"] = judge_summary(judgments)
+    (run / "summary.json").write_text(json.dumps(summary))
+
+    written = write_verdict(run, SPEC)
+    gaming = written["verdict"]["gaming"]
+    agreement = gaming["judge_agreement"]
+    assert agreement["n"] == n and agreement["kappa"] == 0.0
+    assert agreement["agree"] == pytest.approx(llm.count("tuned") / n)
+    assert gaming["answer"] == "yes" and "Cohen's kappa 0.00" in gaming["because"]
+    better = written["verdict"]["better"]
+    assert [j["judge"] for j in better["judges"]] == ["reward model", "LLM judge"]
+    assert better["judges"][0]["answer"] == "yes" and better["judges"][1]["answer"] == "unknown"
+    section = next(s for s in json.loads((run / "report_sections.json").read_text()) if s["id"] == "gaming")
+    disagree = [i for i, w in enumerate(llm) if w == "base"]
+    shown = sorted(disagree, reverse=True)[:10]  # the largest reward margins first
+    assert [row[3] for row in section["rows"]] == [f"base answer {i}" for i in shown]
+    assert [row[4] for row in section["rows"]] == [f"tuned answer {i}" for i in shown]
+    assert all(row[5].startswith("tuned (+0.3") and row[6] == "base" for row in section["rows"])
+    assert f"on {len(disagree)} of {n} prompts" in section["paragraphs"][0]

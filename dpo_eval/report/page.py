@@ -49,7 +49,7 @@ def write_outputs(stats: pl.DataFrame, summary: dict, out: Path, extra_sections:
     summary = dict(summary, sentences=sentences(summary, stats))
     (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2))
     sections = [_as_section(s) for s in extra_sections or []]
-    _write_sections(out, sections)
+    write_sections(out, sections)
     _write_page(out, stats, summary, sections)
     return summary
 
@@ -74,7 +74,7 @@ def add_section(run_dir: Path, section: Section) -> Path:
         sections[ids.index(section.id)] = section
     else:
         sections.append(section)
-    _write_sections(run_dir, sections)
+    write_sections(run_dir, sections)
     return render_report(run_dir)
 
 
@@ -83,7 +83,7 @@ def read_sections(run_dir: Path) -> list[Section]:
     return [Section(**s) for s in json.loads(path.read_text())] if path.is_file() else []
 
 
-def _write_sections(run_dir: Path, sections: list[Section]) -> None:
+def write_sections(run_dir: Path, sections: list[Section]) -> None:
     (run_dir / SECTIONS_FILE).write_text(json.dumps([jsonable(asdict(s)) for s in sections], indent=2))
 
 

@@ -199,6 +199,9 @@ def delta_chart(stats: pl.DataFrame, alpha: float, row_height: int = 14, panel: 
 QUESTION_TITLES = {"alignment": "Did the alignment take?", "better": "Is the tuned model better than its base?",
                    "forgetting": "Did it forget?", "gaming": "Could the gain be gaming?"}
 FIXED_IDS = {"moved", "statistics", "examples", "verdict"}
+# good news in green, bad news in red, whatever the word: a 'yes' to 'did it forget?' is bad news
+TONES = {("alignment", "yes"): "good", ("alignment", "no"): "bad", ("better", "yes"): "good", ("better", "no"): "bad",
+         ("forgetting", "yes"): "bad", ("forgetting", "no"): "good", ("gaming", "yes"): "bad", ("gaming", "no"): "good"}
 
 
 def answer_rows(summary: dict | None, section_ids: set[str]) -> list[dict]:
@@ -212,11 +215,13 @@ def answer_rows(summary: dict | None, section_ids: set[str]) -> list[dict]:
         if not isinstance(a, dict):
             continue
         href = next((f"#{e}" for e in a.get("evidence", []) if e in present), None)
-        rows.append({"key": key, "title": title, "answer": a.get("answer", "unknown"), "because": a.get("because", ""),
-                     "rule": a.get("rule", ""), "href": href})
+        answer = a.get("answer", "unknown")
+        rows.append({"key": key, "title": title, "answer": answer, "because": a.get("because", ""),
+                     "rule": a.get("rule", ""), "href": href, "tone": TONES.get((key, answer), "open")})
     return rows
 
 
+LABEL_ROWS = {"base": 11, "tuned": 23, "rejected": 50, "chosen": 50}  # base and tuned above the line, each its row
 GAP_COLORS = {"rejected": "#c44e52", "chosen": "#4c72b0", "base": "#777777", "tuned": "#dd8452"}
 
 
@@ -239,8 +244,7 @@ def gap_figures(summary: dict | None, width: int = 640, margin: int = 40) -> lis
             figure |= {"base": g["base"], "tuned": g["tuned"], "closed": g["closed"], "width": width,
                        "x0": x(low), "x1": x(high),
                        "marks": [{"role": role, "position": v, "x": x(v), "label": f"{v:.2f}", "color": GAP_COLORS[role],
-                                  "ty": 14 if i % 2 == 0 else 44}
-                                 for i, (role, v) in enumerate(sorted(positions.items(), key=lambda kv: kv[1]))]}
+                                  "ty": LABEL_ROWS[role]} for role, v in positions.items()]}
             ci = g.get("ci") or [None, None]
             if finite(ci[0]) and finite(ci[1]):
                 figure["ci"] = [x(g["base"] + ci[0]), x(g["base"] + ci[1])]

@@ -295,7 +295,7 @@ def forgetting(summary: dict, spec: VerdictSpec, rule: str) -> dict:
     evidence = ["forgetting"]
     block = summary.get("forgetting")
     if not block:
-        return _answer("not checked", "no benchmark was run (add a forgetting stage: --forgetting-tasks)", rule,
+        return _answer("not checked", "no benchmark was run (give the evaluation lm-eval tasks: `forgetting: {tasks: [...]}` in its --config)", rule,
                        evidence)
     primaries = []
     for task, metrics in sorted((block.get("tasks") or {}).items()):
@@ -498,8 +498,9 @@ def run_spec(run_dir: Path) -> VerdictSpec:
 
 
 def write_verdict(run_dir: Path, spec: VerdictSpec | None = None) -> dict:
-    """Set summary.json's `verdict` and `gap`, re-render the report; returns the summary."""
-    from dpo_eval.report.page import render_report
+    """Set summary.json's `verdict` and `gap`, add (or drop) the report's section of the prompts where the judges
+    disagree, re-render the report; returns the summary."""
+    from dpo_eval.report.page import write_sections, read_sections, render_report
 
     run_dir = Path(run_dir)
     answers, gaps = verdict(run_dir, spec)
@@ -507,8 +508,52 @@ def write_verdict(run_dir: Path, spec: VerdictSpec | None = None) -> dict:
     summary = _read_json(path)
     summary["verdict"], summary["gap"] = answers, gaps
     path.write_text(json.dumps(jsonable(summary), indent=2))
+    sections = [s for s in read_sections(run_dir) if s.id != DISAGREEMENT_SECTION]
+    agreement = answers["gaming"].get("judge_agreement")
+    if agreement and agreement["disagree"]:
+        sections.append(disagreement_section(run_dir, agreement))
+    write_sections(run_dir, sections)
     render_report(run_dir)
     return summary
+
+
+DISAGREEMENT_SECTION = "gaming"
+SHOWN_DISAGREEMENTS = 10
+CUT = 240
+
+
+def disagreement_section(run_dir: Path, agreement: dict):
+    """The prompts where the reward model and the LLM judge disagree on tuned vs base, the reward model's margin
+    largest first, with the four answers side by side."""
+    from dpo_eval.report.page import Section
+
+    pairs, answers = _table(run_dir, "pairs.parquet"), _table(run_dir, "answers.parquet")
+    scores = _table(run_dir, "reward_scores.parquet")
+    judgments = _table(run_dir, "judgments.parquet")
+    ids = agreement["disagree"]
+    margin = scores.filter(pl.col("role").is_in(["tuned", "base"]) & pl.col("pair_id").is_in(ids)).pivot(
+        on="role", index="pair_id", values="reward_model").select(
+        "pair_id", margin=pl.col("tuned") - pl.col("base"))
+    llm = judge_outcomes(judgments, "all").select("pair_id", llm="winner")
+    wide = answers.pivot(on="model", index="pair_id", values="answer") if answers is not None else None
+    table = pairs.join(margin, on="pair_id").join(llm, on="pair_id", how="left")
+    if wide is not None:
+        table = table.join(wide, on="pair_id", how="left")
+    table = table.sort(pl.col("margin").abs(), descending=True).head(SHOWN_DISAGREEMENTS)
+
+    def cut(text) -> str:
+        text = "" if text is None else str(text)
+        return text if len(text) <= CUT else text[:CUT] + " [...]"
+
+    rows = [[cut(r["prompt"]), cut(r["chosen"]), cut(r["rejected"]), cut(r.get("base")), cut(r.get("tuned")),
+             f"{'tuned' if r['margin'] > 0 else 'base' if r['margin'] < 0 else 'tie'} ({r['margin']:+.3g})",
+             r["llm"] or "n/a"] for r in table.iter_rows(named=True)]
+    said = (f"The reward model and the LLM judge name different winners of tuned vs base on {len(ids)} of "
+            f"{agreement['n']} prompts (agreement {agreement['agree']:.0%}, Cohen's kappa {agreement['kappa']:.2f}); "
+            f"the {len(rows)} where the reward model's margin (tuned - base) is largest are shown, with the four "
+            "answers side by side.")
+    return Section(DISAGREEMENT_SECTION, "Where the judges disagree", [said],
+                   ["prompt", "chosen", "rejected", "base", "tuned", "reward model", "LLM judge"], rows)
 
 
 def verdict_lines(summary: dict) -> list[str]:
