@@ -201,7 +201,7 @@ def sentences(summary: dict, stats: pl.DataFrame | None = None) -> list[str]:
         return [_scale_note(summary) + first + "." + _power_sentence(summary, stats, alpha),
                 f"These are questions without labels: the direction is chosen - rejected in {splits_cr}. Sign "
                 "agreement between tuned-vs-base on these questions and that direction is " + " and ".join(agreement)
-                + "; chance is 0.5 (pair-level sign-flip permutation test). It counts every feature, significant "
+                + "; chance is 0.5 (prompt-level sign-flip permutation test). It counts every feature, significant "
                 "or not.",
                 f"Chosen differs significantly from rejected on {cr.get(any_split, 0)} features in {splits_cr} "
                 f"(q < {alpha:g}); only these features have a direction for tuned to move toward."]
@@ -215,7 +215,7 @@ def sentences(summary: dict, stats: pl.DataFrame | None = None) -> list[str]:
                  f"{summary.get('sign_agreement_features', {}).get(s, 'n/a')} features whose mean deltas are both "
                  f"nonzero, p = {_fmt(summary.get('sign_agreement_p', {}).get(s))})" for s in splits]
     out.append("Sign agreement between tuned-vs-base and chosen-vs-rejected is " + " and ".join(agreement)
-               + "; chance is 0.5 (pair-level sign-flip permutation test). It counts every feature, significant "
+               + "; chance is 0.5 (prompt-level sign-flip permutation test). It counts every feature, significant "
                "or not.")
     out.append("Chosen differs significantly from rejected on "
                + " and ".join(f"{cr.get(s, 0)}{' features' * (i == 0)} on {s}" for i, s in enumerate(splits))
@@ -250,7 +250,8 @@ def _power_sentence(summary: dict, stats: pl.DataFrame | None, alpha: float) -> 
         # What the figure is, exactly: one feature's unadjusted test (before BH), from the t-test's power at the
         # Wilcoxon test's efficiency; with BH across the features, and at n <= 12 where the approximation
         # overstates even the unadjusted power, a single shifted feature is found less often.
-        text = (f"{split}: {power.get('n')} pairs; at this size one feature shifted by {power.get('shift', 0.5):g} S "
+        unit = power.get("unit", "pairs")  # the tuned-vs-base test counts prompts (one answer per prompt)
+        text = (f"{split}: {power.get('n')} {unit}; at this size one feature shifted by {power.get('shift', 0.5):g} S "
                 f"reaches p < {alpha:g} in its own test (before the correction across features) about "
                 f"{power['power']:.0%} of the time, and less often as significant after it")
         if (power.get("n") or 0) <= 12:

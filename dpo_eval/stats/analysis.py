@@ -9,7 +9,7 @@ sign_agreement = sign(mean d_cr) * sign(mean d_tb), NaN where either comparison 
 records, or all deltas zero); p_value is the two-sided Wilcoxon signed-rank test of d (scipy.stats.wilcoxon).
 
 Beyond it: BH q-values over the features of one comparison and split (column q_family), the
-matched-pairs rank-biserial effect size, a seeded bootstrap CI of norm_mean_delta, a pair-level
+matched-pairs rank-biserial effect size, a seeded bootstrap CI of norm_mean_delta, a prompt-level
 sign-flip permutation test that sign agreement beats chance, length-adjusted deltas (the intercept of
 d_j regressed on the n_tokens delta), and the Wilcoxon test's power to find a shift of 0.5 S per split.
 Every random draw comes from its own stream per split and purpose (stats.rng_for); both comparisons
