@@ -64,6 +64,10 @@ def test_base_against_tuned_reproduces_the_run_itself(runs, tmp_path):
     polars.testing.assert_frame_equal(tb(pl.read_parquet(tmp_path / "cmp" / "stats.parquet")),
                                       tb(pl.read_parquet(runs["a"] / "stats.parquet")))
     assert "'base' is A" in (tmp_path / "cmp" / "report.html").read_text().replace("&#39;", "'")
+    # A's prompts travel with the pairs, so a prompt with several pairs counts once in B vs A as in the run itself
+    prompts = pl.read_parquet(tmp_path / "cmp" / "features.parquet").select("pair_id", "prompt_id").unique()
+    assert prompts.sort("pair_id").equals(
+        pl.read_parquet(runs["a"] / "features.parquet").select("pair_id", "prompt_id").unique().sort("pair_id"))
 
 
 def test_a_run_against_itself_moves_nothing(runs, tmp_path):

@@ -98,11 +98,14 @@ def comparison_features(a: Side, b: Side) -> tuple[pl.DataFrame, dict]:
         raise DpoEvalError(f"{a.label} and {b.label} share no answered pair (pairs: {len(ids_a)} and {len(ids_b)}, "
                            f"{len(ids_a & ids_b)} in both): compare runs evaluated on the same data set")
     keep = pl.col("pair_id").is_in(sorted(matched))
-    split = fa.select("pair_id", "split").unique(subset="pair_id", keep="first")
-    parts = [fa.filter(keep & pl.col("role").is_in(["chosen", "rejected"])).select("pair_id", "split", "role", *names),
-             side_a.filter(keep).select("pair_id", "split", pl.lit("base").alias("role"), *names),
-             side_b.filter(keep).drop("split").join(split, on="pair_id", how="left")
-             .select("pair_id", "split", pl.lit("tuned").alias("role"), *names)]
+    prompt = ["prompt_id"] if "prompt_id" in fa.columns else []  # A's prompts: each counted once in B vs A
+    split = fa.select("pair_id", "split", *prompt).unique(subset="pair_id", keep="first")
+    parts = [fa.filter(keep & pl.col("role").is_in(["chosen", "rejected"])).select(
+                 "pair_id", "split", *prompt, "role", *names),
+             side_a.filter(keep).select("pair_id", "split", *prompt, pl.lit("base").alias("role"), *names),
+             side_b.filter(keep).drop("split", *[c for c in prompt if c in fb.columns]).join(split, on="pair_id",
+                                                                                               how="left")
+             .select("pair_id", "split", *prompt, pl.lit("tuned").alias("role"), *names)]
     return pl.concat(parts, how="vertical_relaxed"), report
 
 
