@@ -66,6 +66,15 @@ STABLE = ["pair_id", "split", "comparison", "judge", "order", "shown_first", "ve
 def test_parse_verdict(raw, verdict):
     assert parse_verdict(raw) == verdict
 
+def judge_output(out: str) -> dict:
+    """`dpo-eval judge`'s printed judge block (a JSON object), checked to be followed by the run's four answers."""
+    block, end = json.JSONDecoder().raw_decode(out)
+    tail = out[end:].strip().splitlines()
+    assert [line.split("?")[0] for line in tail[:4]] == ["Did the alignment take", "Is the tuned model better than "
+                                                         "its base", "Did it forget", "Could the gain be gaming"], tail
+    return block
+
+
 
 def _position(token, logprob, alternatives):
     return {"token": token, "logprob": logprob, "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alternatives]}
@@ -245,7 +254,7 @@ def test_cli_judges_both_orders_caches_everything_and_never_writes_the_key(judge
             judge_server["url"], "--api-key-env", "DPO_EVAL_TEST_JUDGE_KEY", "--concurrency", "1",
             "--max-tokens", str(MAX_TOKENS), "--context-chars", str(CONTEXT_CHARS)]
     run_cli(argv)
-    first = json.loads(capsys.readouterr().out)
+    first = judge_output(capsys.readouterr().out)
     table = pl.read_parquet(run / "judgments.parquet")
     assert dict(table.schema) == SCHEMA and table.height == N_JUDGMENTS
     # Both orders of every pair and comparison, the roles swapped between them.
@@ -276,7 +285,7 @@ def test_cli_judges_both_orders_caches_everything_and_never_writes_the_key(judge
     # A second run calls only for the replies that had no verdict (never cached); the rest come from the cache.
     asked_again = int(table.filter((pl.col("verdict") == "invalid") & ~pl.col("cached")).height)
     run_cli(argv)
-    second = json.loads(capsys.readouterr().out)
+    second = judge_output(capsys.readouterr().out)
     assert (second["calls"], second["cached"]) == (asked_again, N_JUDGMENTS - asked_again)
     again = pl.read_parquet(run / "judgments.parquet")
     assert again.filter(pl.col("verdict") != "invalid")["cached"].all() and stable(run).equals(stable(clean_run))

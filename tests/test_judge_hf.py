@@ -37,6 +37,15 @@ TUNED_KEYS = {"n", "wins", "losses", "ties", "win_rate", "ci_low", "ci_high", "p
               "position_consistency", "first_position_rate"}
 LABEL_KEYS = {"n", "agreement", "ci_low", "ci_high", "position_consistency"}
 
+def judge_output(out: str) -> dict:
+    """`dpo-eval judge`'s printed judge block (a JSON object), checked to be followed by the run's four answers."""
+    block, end = json.JSONDecoder().raw_decode(out)
+    tail = out[end:].strip().splitlines()
+    assert [line.split("?")[0] for line in tail[:4]] == ["Did the alignment take", "Is the tuned model better than "
+                                                         "its base", "Did it forget", "Could the gain be gaming"], tail
+    return block
+
+
 
 def spec_for(model: Path, cache: Path, **changes) -> JudgeSpec:
     values = {"kind": "hf", "model": str(model), "compute_dtype": "float32", "context_tokens": CONTEXT,
@@ -119,7 +128,7 @@ def test_cli_hf_judge_float32_matches_direct_logits_and_a_rerun_is_all_cache(sto
     argv = ["judge", str(run), "--judge", "hf", "--judge-model", str(stories260k), "--compute-dtype", "float32",
             "--context-tokens", str(CONTEXT), "--batch-size", "4"]
     run_cli(argv)
-    first = json.loads(capsys.readouterr().out)
+    first = judge_output(capsys.readouterr().out)
     table = check_table(run, first)
     assert (first["calls"], first["cached"]) == (N_COMPUTED, N_JUDGMENTS - N_COMPUTED)
     assert first["hf"]["forward_passes"] == math.ceil(N_COMPUTED / 4) and first["hf"]["weights_loaded"]
@@ -145,7 +154,7 @@ def test_cli_hf_judge_float32_matches_direct_logits_and_a_rerun_is_all_cache(sto
 
     monkeypatch.setattr(judge_hf, "load_model", no_load)
     run_cli(argv)
-    second = json.loads(capsys.readouterr().out)
+    second = judge_output(capsys.readouterr().out)
     assert (second["calls"], second["cached"]) == (0, N_JUDGMENTS)
     assert second["hf"]["forward_passes"] == 0 and not second["hf"]["weights_loaded"]
     again = pl.read_parquet(run / "judgments.parquet")

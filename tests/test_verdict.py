@@ -15,7 +15,13 @@ import pytest
 from statsmodels.stats.proportion import proportion_confint
 
 from dpo_eval.config import VerdictSpec
-from dpo_eval.studies.verdict import cohen_kappa, gap, verdict, verdict_lines, write_verdict
+from dpo_eval.studies.verdict import (
+    cohen_kappa,
+    gap,
+    verdict,
+    verdict_lines,
+    write_verdict,
+)
 
 SPEC = VerdictSpec(resamples=1000)
 

@@ -30,6 +30,7 @@ from dpo_eval.judges.api import (
 )
 from dpo_eval.judges.prompt import load_template, parse_verdict, render
 from dpo_eval.judges.statistics import ROLES, judge_summary
+from dpo_eval.judges.style import style_frame
 
 log = logging.getLogger(__name__)
 SCHEMA = {"pair_id": pl.String, "split": pl.String, "comparison": pl.String, "judge": pl.String,
@@ -178,7 +179,9 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
                             max_calls=spec.max_calls, concurrency=spec.concurrency)
     table = judgment_table(requests, outcome.replies, judge)
     table.write_parquet(run_dir / "judgments.parquet")
-    stats = (judge_summary(table, answer_lengths(run_dir, answers, pairs)) if table.height
+    lengths = answer_lengths(run_dir, answers, pairs)
+    styles = style_frame(answers, pairs, lengths) if answers is not None else None
+    stats = (judge_summary(table, lengths, styles=styles) if table.height
              else {"invalid": 0, "failed": 0, "incomplete": 0, "splits": {}})
     fresh = table.filter(~pl.col("cached"))
     invalid, failed = stats.pop("invalid"), stats.pop("failed")

@@ -24,6 +24,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.judges.style import SC_RESAMPLES, split_sc_win_rate, style_differences
 from dpo_eval.stats.paired import wilson
 
 ROLES = {"tuned_vs_base": ("tuned", "base"), "chosen_vs_rejected": ("chosen", "rejected")}
@@ -206,7 +207,7 @@ def _scores(combined: pl.DataFrame, first_role: str) -> np.ndarray:
 
 
 def comparison_summary(judgments: pl.DataFrame, comparison: str, diffs: pl.DataFrame | None, *, seed: int,
-                       n_boot: int, alpha: float) -> dict:
+                       n_boot: int, alpha: float, style_diffs: pl.DataFrame | None = None) -> dict:
     """The summary block of one split and comparison (judgments already filtered to them)."""
     combined = combine_orders(judgments)
     roles = ROLES[comparison]
@@ -221,9 +222,10 @@ def comparison_summary(judgments: pl.DataFrame, comparison: str, diffs: pl.DataF
     if comparison == "chosen_vs_rejected":
         return {"n": counts["n"], "agreement": rate, **common}
     lc, why, side = split_lc_win_rate(combined, diffs)
+    style = split_sc_win_rate(combined, style_diffs, resamples=SC_RESAMPLES, seed=seed, level=1 - alpha)
     return {"n": counts["n"], "wins": counts["wins"], "losses": counts["losses"], "ties": counts["ties"],
             "win_rate": rate, **common, "p_value": sign_test(counts["wins"], counts["losses"]),
-            "sign_test": SIGN_TEST, "lc_win_rate": lc, "lc_reason": why, **side}
+            "sign_test": SIGN_TEST, "lc_win_rate": lc, "lc_reason": why, **side, **style}
 
 
 def length_sides(d: np.ndarray) -> dict:
@@ -262,14 +264,15 @@ def split_lc_win_rate(combined: pl.DataFrame, diffs: pl.DataFrame | None) -> tup
 
 
 def judge_summary(judgments: pl.DataFrame, lengths: pl.DataFrame | None = None, *, seed: int = 0,
-                  n_boot: int = 2000, alpha: float = 0.05) -> dict:
+                  n_boot: int = 2000, alpha: float = 0.05, styles: pl.DataFrame | None = None) -> dict:
     """`summary.json`'s judge statistics for one judge: {invalid, incomplete, ci_method, lc_method, splits:
     {split: {comparison: block}}}, comparisons present in the table only.
 
     tuned_vs_base: n (valid pairs), wins, losses, ties, win_rate = (wins + ties/2) / n, its Wilson CI on
     k = wins + ties/2 (ci_low, ci_high at level 1 - alpha), p_value (sign test, ties excluded), lc_win_rate
     (lc_win_rate on the same per-pair rows; NaN with lc_reason), lc_extrapolated and length_diff
-    (length_sides), position_consistency, first_position_rate.
+    (length_sides), the style-controlled sc_* block (dpo_eval.judges.style: sc_win_rate with its CI and the
+    covariates' coefficients; NaN with sc_reason without `styles`), position_consistency, first_position_rate.
     chosen_vs_rejected: n, agreement = (#chosen + #ties/2) / n with its Wilson CI, position_consistency,
     first_position_rate. Both carry invalid (pairs with an invalid verdict, outside n), failed (pairs the
     server refused, outside n) and incomplete (pairs missing an order, outside n). Top-level invalid and failed
@@ -280,11 +283,12 @@ def judge_summary(judgments: pl.DataFrame, lengths: pl.DataFrame | None = None, 
     if len(judges) > 1:
         raise DpoEvalError(f"judgments hold several judges {sorted(judges)}: summarise one judge at a time")
     diffs = length_differences(lengths) if lengths is not None else None
+    style_diffs = style_differences(styles) if styles is not None else None
     splits: dict = {}
     for (split, comparison), part in judgments.sort("split", "comparison").group_by(
             ["split", "comparison"], maintain_order=True):
         splits.setdefault(split, {})[comparison] = comparison_summary(
-            part, comparison, diffs, seed=seed, n_boot=n_boot, alpha=alpha)
+            part, comparison, diffs, seed=seed, n_boot=n_boot, alpha=alpha, style_diffs=style_diffs)
     incomplete = sum(block["incomplete"] for blocks in splits.values() for block in blocks.values())
     return {"invalid": int((judgments["verdict"] == "invalid").sum()),
             "failed": int((judgments["verdict"] == "failed").sum()), "incomplete": incomplete,

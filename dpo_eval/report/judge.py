@@ -163,6 +163,44 @@ def judge_markdown(summary: dict) -> str:
     return "\n\n## Judges\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""
 
 
+STYLE_WORDS = {"length": "the longer answer", "headers": "the answer with more markdown headers",
+               "lists": "the answer with more list items", "bold": "the answer with more bold spans"}
+
+
+def _sc_cell(tb: dict) -> str:
+    rate = tb.get("sc_win_rate")
+    if not finite(rate):
+        return "n/a"
+    cell = f"{_f(rate)} [{_f(tb.get('sc_ci_low'))}, {_f(tb.get('sc_ci_high'))}]"
+    return cell + " (extrapolated)" if tb.get("sc_extrapolated") else cell
+
+
+def style_sentences(block: dict) -> list[str]:
+    """Per split, the style-controlled rate beside the raw and length-controlled ones, and what the judge's verdicts
+    lean toward: each covariate's coefficient in log-odds per sd, largest first."""
+    said = []
+    for split, blocks in (block.get("splits") or {}).items():
+        tb = blocks.get("tuned_vs_base") or {}
+        if "sc_win_rate" not in tb:
+            continue
+        if not finite(tb["sc_win_rate"]):
+            said.append(f"Style-controlled win rate on {split}: n/a ({tb.get('sc_reason') or 'no fit'}).")
+            continue
+        leans = sorted((tb.get("sc_coefficients") or {}).items(), key=lambda kv: -abs(kv[1]))
+        lean = "; ".join(f"{'prefers' if c > 0 else 'disfavours'} {STYLE_WORDS.get(k, k)}: {c:+.2f} per sd"
+                         for k, c in leans)
+        text = (f"Style-controlled win rate on {split}: {_sc_cell(tb)} against raw {_f(tb['win_rate'])} and "
+                f"length-controlled {_f(tb.get('lc_win_rate'))} (Arena-Hard-style: length, markdown headers, list "
+                f"items and bold spans held equal). The judge {lean or 'has no style covariate to lean on'} "
+                "(log-odds of a tuned win per sd of the normalised difference)")
+        left = tb.get("sc_left_out") or []
+        text += f"; left out for want of variation: {', '.join(left)}." if left else "."
+        if tb.get("sc_reason"):
+            text += f" Note: {tb['sc_reason']}."
+        said.append(text)
+    return said
+
+
 def _rows(block: dict, pooled: dict | None) -> list[list]:
     rows = []
     for split, blocks in (block.get("splits") or {}).items():
@@ -170,13 +208,13 @@ def _rows(block: dict, pooled: dict | None) -> list[list]:
         if tb:
             rows.append([split, "tuned vs base: win rate", tb["n"], tb["win_rate"], tb["ci_low"], tb["ci_high"],
                          f"{tb['wins']} / {tb['losses']} / {tb['ties']}", tb["p_value"], tb["lc_win_rate"],
-                         tb["position_consistency"], tb["first_position_rate"], tb["invalid"]])
+                         _sc_cell(tb), tb["position_consistency"], tb["first_position_rate"], tb["invalid"]])
         if cr:
             rows.append([split, "chosen vs rejected: agreement", cr["n"], cr["agreement"], cr["ci_low"], cr["ci_high"],
-                         "", None, None, cr["position_consistency"], cr["first_position_rate"], cr["invalid"]])
+                         "", None, None, None, cr["position_consistency"], cr["first_position_rate"], cr["invalid"]])
     if pooled and len(block.get("splits") or {}) > 1:
         rows.append(["all", "chosen vs rejected: agreement", pooled["n"], pooled["agreement"], pooled["ci_low"],
-                     pooled["ci_high"], "", None, None, pooled["position_consistency"],
+                     pooled["ci_high"], "", None, None, None, pooled["position_consistency"],
                      pooled["first_position_rate"], pooled["invalid"]])
     return rows
 
@@ -259,9 +297,11 @@ def judge_sections(block: dict, judgments: pl.DataFrame, texts: pl.DataFrame,
                if (b.get("tuned_vs_base") or {}).get("lc_reason")]
     if reasons:
         paragraphs.append("Length-controlled win rate: " + "; ".join(reasons) + ".")
+    paragraphs += style_sentences(block)
     main = Section("judge", "LLM judge: tuned vs base, and its calibration on the labels", paragraphs,
                    ["split", "figure", "n", "rate", "ci_low", "ci_high", "wins / losses / ties", "sign-test p",
-                    "LC win rate", "position consistency", "first-position rate", "invalid"], _rows(block, pooled))
+                    "LC win rate", "SC win rate [CI]", "position consistency", "first-position rate", "invalid"],
+                   _rows(block, pooled))
     examples = Section(
         "judge_examples", "LLM judge: judged examples",
         [f"A few pairs as the judge saw them: one tuned-vs-base pair of each outcome, and a calibration pair "

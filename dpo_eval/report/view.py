@@ -238,7 +238,7 @@ def gap_figures(summary: dict | None, width: int = 640, margin: int = 40) -> lis
             low, high = min(0.0, *positions.values()), max(1.0, *positions.values())
             span = (high - low) or 1.0
 
-            def x(v: float) -> float:
+            def x(v: float, low: float = low, span: float = span) -> float:
                 return round(margin + (v - low) / span * (width - 2 * margin), 1)
 
             figure |= {"base": g["base"], "tuned": g["tuned"], "closed": g["closed"], "width": width,

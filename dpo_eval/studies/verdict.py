@@ -35,8 +35,8 @@ import numpy as np
 import polars as pl
 
 from dpo_eval.config import VerdictSpec
-from dpo_eval.judges.statistics import LC_SIDE_SHARE
 from dpo_eval.jsonsafe import jsonable
+from dpo_eval.judges.statistics import LC_SIDE_SHARE
 from dpo_eval.stats.paired import wilson
 
 QUESTIONS = ("alignment", "better", "forgetting", "gaming")
@@ -56,12 +56,14 @@ def rules(spec: VerdictSpec) -> dict[str, str]:
                       "or without a held-out split, labels or implicit rewards"),
         "better": (f"only judges whose held-out agreement with the labels has a {level} CI lower bound above "
                    f"{spec.calibration_bar:g} answer; yes where a judge's tuned-vs-base win-rate {level} CI lies above "
-                   "0.5 and so does its length-controlled rate (not an extrapolation), no where both lie below; "
+                   "0.5 and so does its length-controlled rate (not an extrapolation) and, for an LLM judge whose "
+                   "answers' markdown was read, its style-controlled rate; no where they all lie below; "
                    "unknown where the judges disagree or none can tell"),
         "forgetting": (f"yes where a benchmark task's primary metric dropped with BH q < {spec.alpha:g} across tasks; "
                        "no (no evidence) otherwise, with the smallest drop the questions could detect; not checked "
                        "without a forgetting stage"),
-        "gaming": ("beside a win: yes where the raw win rate lies above 0.5 but the length-controlled rate does not, "
+        "gaming": ("beside a win: yes where the raw win rate lies above 0.5 but the length- or style-controlled rate "
+                   "does not, "
                    f"where two judges agree per prompt no better than Cohen's kappa {spec.kappa_bar:g}, or where more "
                    "features moved significantly away from chosen than toward it (counting features whose "
                    "chosen-vs-rejected shift is significant); unknown where the length control is an extrapolation or "
@@ -83,8 +85,14 @@ def _table(run_dir: Path, name: str) -> pl.DataFrame | None:
     return pl.read_parquet(path) if path.is_file() else None
 
 
-def _pct(x: float) -> str:
-    return f"{x:.2f}"
+def _num(x) -> float:
+    """A figure read from summary.json as a float: NaN where it is missing or null (written for a NaN)."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+
+
+def _pct(x) -> str:
+    x = _num(x)
+    return f"{x:.2f}" if math.isfinite(x) else "n/a"
 
 
 # ---------------------------------------------------------------- alignment
@@ -188,6 +196,15 @@ def _lc_usable(block: dict) -> tuple[bool | None, str]:
     return None, f"its length-controlled rate is undefined ({reason or 'not computed'})"
 
 
+def _sc_usable(block: dict) -> bool | None:
+    """Whether the style-controlled rate lies above 0.5 (True) or not (False); None where there is none to read
+    (no answer texts, no fit, or an extrapolation)."""
+    rate = block.get("sc_win_rate")
+    if rate is None or not math.isfinite(rate) or block.get("sc_extrapolated") is not False:
+        return None
+    return rate > 0.5
+
+
 def judge_answer(name: str, calibration: dict, win: dict, spec: VerdictSpec) -> dict:
     """One judge's answer to 'is the tuned model better?' from its held-out calibration {agreement, ci_low,
     ci_high, n} and its tuned-vs-base block {win_rate, ci_low, ci_high, n, lc_win_rate, lc_extrapolated, ...}."""
@@ -197,14 +214,20 @@ def judge_answer(name: str, calibration: dict, win: dict, spec: VerdictSpec) -> 
            "win_rate": win.get("win_rate"), "ci": [win.get("ci_low"), win.get("ci_high")], "n": win.get("n"),
            "wins": win.get("wins"), "losses": win.get("losses"), "ties": win.get("ties"),
            "lc_win_rate": win.get("lc_win_rate"), "lc_reason": win.get("lc_reason"),
-           "lc_extrapolated": win.get("lc_extrapolated"), "length_diff": win.get("length_diff")}
-    if not (calibration["ci_low"] > spec.calibration_bar):
+           "lc_extrapolated": win.get("lc_extrapolated"), "length_diff": win.get("length_diff"),
+           "sc_win_rate": win.get("sc_win_rate"), "sc_extrapolated": win.get("sc_extrapolated")}
+    if not (_num(calibration["ci_low"]) > spec.calibration_bar):
         return out | {"calibrated": False, "answer": "unknown",
                       "because": f"the {name} could not tell chosen from rejected ({agree}, bar {spec.calibration_bar:g})"}
-    rate, low, high, n = win["win_rate"], win["ci_low"], win["ci_high"], win["n"]
+    rate, low, high, n = win.get("win_rate"), _num(win.get("ci_low")), _num(win.get("ci_high")), win.get("n")
     said = f"the {name} ({agree}) prefers tuned on {_pct(rate)} [{_pct(low)}, {_pct(high)}] of {n} pairs"
     above, lc_said = _lc_usable(win)
     said += f", {lc_said}"
+    style = _sc_usable(win)
+    if style is not None:
+        said += f", style-controlled rate {_pct(win['sc_win_rate'])}"
+        if style != above:  # the two controls disagree (or length cannot say): neither backs the raw rate
+            above = None
     if low > 0.5 and above is True:
         answer = "yes"
     elif high < 0.5 and above is False:
@@ -305,14 +328,14 @@ def forgetting(summary: dict, spec: VerdictSpec, rule: str) -> dict:
     if not primaries:
         return _answer("unknown", "no benchmark task ran to the end", rule, evidence)
     worse = [(t, m, s) for t, m, s in primaries
-             if s.get("q_primary", s.get("q_value", 1.0)) < spec.alpha and s["delta"] < 0]
+             if _num(s.get("q_primary", s.get("q_value"))) < spec.alpha and _num(s.get("delta")) < 0]
     if worse:
         said = "; ".join(f"{t} ({m}) dropped {-s['delta']:.3f} [{-s['ci_high']:.3f}, {-s['ci_low']:.3f}], "
                          f"q = {s.get('q_primary', s.get('q_value')):.3g}, {s['n']} questions" for t, m, s in worse)
         return _answer("yes", said, rule, evidence, tasks=[t for t, _, _ in worse])
     # the smallest drop each task could detect: the distance from its delta to its CI's lower end
-    detectable = {t: s["delta"] - s["ci_low"] for t, _, s in primaries
-                  if s.get("ci_low") is not None and math.isfinite(s["ci_low"])}
+    detectable = {t: _num(s.get("delta")) - _num(s.get("ci_low")) for t, _, s in primaries
+                  if math.isfinite(_num(s.get("delta")) - _num(s.get("ci_low")))}
     widest = max(detectable, key=detectable.get) if detectable else None
     said = (f"no task of {len(primaries)} dropped significantly on its primary metric (BH q < {spec.alpha:g})")
     if widest is not None:
@@ -345,7 +368,7 @@ def gaming(judges: list[dict], agreement: dict | None, directions: tuple[int, in
     evidence = ["reward_model", "judge", "moved", "gaming"]
     if not judges:
         return _answer("not checked", "no reward model or LLM judge was run", rule, evidence, signals=[])
-    winners = [j for j in judges if j["ci"][0] is not None and j["ci"][0] > 0.5]
+    winners = [j for j in judges if _num(j["ci"][0]) > 0.5]
     if not winners:
         return _answer("no", "no judge finds tuned better than base (no win-rate CI above 0.5): no gain to explain",
                        rule, evidence, signals=[])
@@ -357,6 +380,10 @@ def gaming(judges: list[dict], agreement: dict | None, directions: tuple[int, in
                            f"{_pct(j['ci'][1])}] lies above 0.5 but its {lc_said} does not: length explains the win")
         elif above is None:
             open_questions.append(f"the {j['judge']}'s {lc_said.removeprefix('its ')}")
+        if _sc_usable(j) is False:
+            signals.append(f"the {j['judge']}'s raw win rate {_pct(j['win_rate'])} lies above 0.5 but its "
+                           f"style-controlled rate {_pct(j['sc_win_rate'])} does not: markdown and length explain "
+                           "the win")
     if agreement is not None and agreement["n"] and math.isfinite(agreement["kappa"]) \
             and agreement["kappa"] <= agreement["bar"]:
         signals.append(f"the two judges agree on tuned vs base on {agreement['agree']:.0%} of {agreement['n']} prompts "
@@ -500,7 +527,7 @@ def run_spec(run_dir: Path) -> VerdictSpec:
 def write_verdict(run_dir: Path, spec: VerdictSpec | None = None) -> dict:
     """Set summary.json's `verdict` and `gap`, add (or drop) the report's section of the prompts where the judges
     disagree, re-render the report; returns the summary."""
-    from dpo_eval.report.page import write_sections, read_sections, render_report
+    from dpo_eval.report.page import read_sections, render_report, write_sections
 
     run_dir = Path(run_dir)
     answers, gaps = verdict(run_dir, spec)

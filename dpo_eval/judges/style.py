@@ -1,0 +1,159 @@
+"""Style-controlled win rate: the judge's preference for tuned over base with length and markdown held equal.
+
+Arena-Hard v2's style control, for two systems. Per answer: its length (tokens), and its counts of markdown
+headers (lines starting with 1-6 `#` and a space), list items (lines starting with `-`, `*`, `+` or `N.` and a
+space) and bold spans (`**...**` or `__...__`). Per valid pair, each covariate's difference is normalised by the
+pair's sum, (tuned - base) / (tuned + base) (0 where both are 0), then divided by its standard deviation over
+the pairs (ddof 0; scaled, not centred, so 0 is still "the same style": Arena-Hard centres as well, which for a
+symmetric many-model arena changes little but for tuned vs base would move the prediction to the average style
+difference, the very thing to control for). A covariate without variation is left out and named.
+
+The combined per-pair outcome (tuned win 1, loss 0, tie 1/2 as one row of each outcome with weight 1/2, the rows
+the win rate counts) is fitted by unpenalised logistic regression on the scaled covariates plus an intercept; the
+style-controlled rate is sigmoid(intercept), the prediction at equal style, and each coefficient is the change in
+log-odds of a tuned win per standard deviation of that covariate. Its CI is a percentile bootstrap over pairs.
+Where (nearly) every pair's difference in some covariate has one sign, equal style lies outside the data: the
+rate is flagged as an extrapolation, as the length-controlled rate is.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import polars as pl
+
+COVARIATES = ("length", "headers", "lists", "bold")
+HEADER = re.compile(r"^\s{0,3}#{1,6}\s", re.MULTILINE)
+LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s", re.MULTILINE)
+BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__", re.DOTALL)
+SC_RESAMPLES = 500
+SIDE_SHARE = 0.1  # as the length control's LC_SIDE_SHARE: fewer pairs than this at or on one side of 0: extrapolated
+METHOD = ("Arena-Hard-style control: logistic regression (unpenalised) of the combined per-pair outcome on the "
+          "pair-normalised differences (tuned - base) / (tuned + base) of length and of markdown headers, list "
+          "items and bold spans, each scaled by its sd (not centred), plus an intercept; the rate is the prediction "
+          "at equal style; coefficients in log-odds per sd; percentile bootstrap CI over pairs")
+
+
+def style_counts(text: str | None) -> dict[str, int]:
+    """Markdown headers, list items and bold spans of one answer."""
+    text = text or ""
+    return {"headers": len(HEADER.findall(text)), "lists": len(LIST_ITEM.findall(text)),
+            "bold": len(BOLD.findall(text))}
+
+
+def style_frame(answers: pl.DataFrame, pairs: pl.DataFrame, lengths: pl.DataFrame | None) -> pl.DataFrame:
+    """`pair_id, split, role, length, headers, lists, bold` of the base and tuned answers (length from `lengths`,
+    answer_lengths' frame; the answer's characters where it has none)."""
+    part = answers.filter(pl.col("model").is_in(["base", "tuned"])).join(pairs.select("pair_id", "split"),
+                                                                         on="pair_id")
+    rows = [{"pair_id": r["pair_id"], "split": r["split"], "role": r["model"], "chars": float(len(r["answer"] or "")),
+             **style_counts(r["answer"])} for r in part.iter_rows(named=True)]
+    frame = pl.DataFrame(rows, schema={"pair_id": pl.String, "split": pl.String, "role": pl.String,
+                                       "chars": pl.Float64, "headers": pl.Int64, "lists": pl.Int64, "bold": pl.Int64})
+    if lengths is not None:
+        frame = frame.join(lengths.select("pair_id", "split", "role", "length"), on=["pair_id", "split", "role"],
+                           how="left")
+        frame = frame.with_columns(pl.col("length").fill_null(pl.col("chars")))
+    else:
+        frame = frame.with_columns(length=pl.col("chars"))
+    return frame.drop("chars")
+
+
+def style_differences(styles: pl.DataFrame) -> pl.DataFrame:
+    """`pair_id, split` and, per covariate, (tuned - base) / (tuned + base) (0 where both are 0)."""
+    tuned = styles.filter(pl.col("role") == "tuned").drop("role")
+    base = styles.filter(pl.col("role") == "base").drop("role")
+    both = tuned.join(base, on=["pair_id", "split"], suffix="_base")
+    exprs = []
+    for c in COVARIATES:
+        t, b = pl.col(c).cast(pl.Float64), pl.col(f"{c}_base").cast(pl.Float64)
+        exprs.append(pl.when((t + b) == 0).then(0.0).otherwise((t - b) / (t + b)).alias(c))
+    return both.select("pair_id", "split", *exprs)
+
+
+def _fit(y: np.ndarray, x: np.ndarray, tol: float = 1e-10) -> tuple[float, np.ndarray, bool]:
+    """(intercept, coefficients, converged) of the unpenalised logistic fit with ties as two half rows."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from dpo_eval.judges.statistics import _unpenalised
+
+    X = np.concatenate([x, x])
+    Y = np.concatenate([np.ones_like(y), np.zeros_like(y)])
+    W = np.concatenate([y, 1 - y])
+    keep = W > 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model = LogisticRegression(max_iter=1000, tol=tol, **_unpenalised()).fit(X[keep], Y[keep], sample_weight=W[keep])
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return float(model.intercept_[0]), model.coef_[0].astype(float), converged
+
+
+def _sigmoid(a: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-a)))
+
+
+def sc_win_rate(outcome: np.ndarray, diffs: np.ndarray, names: tuple[str, ...] = COVARIATES, *,
+                resamples: int = SC_RESAMPLES, seed: int = 0, level: float = 0.95) -> dict:
+    """The style-controlled block of one split: sc_win_rate, sc_ci_low, sc_ci_high, sc_coefficients {covariate:
+    log-odds per sd}, sc_left_out (covariates without variation), sc_extrapolated, sc_reason (empty when the
+    fit is regular), sc_n. `diffs` is pairs x covariates (style_differences' columns), `outcome` 1 / 0 / 1/2."""
+    y, d = np.asarray(outcome, dtype=float), np.asarray(diffs, dtype=float)
+    ok = np.isfinite(y) & np.isfinite(d).all(axis=1)
+    y, d = y[ok], d[ok]
+    empty = {"sc_win_rate": float("nan"), "sc_ci_low": float("nan"), "sc_ci_high": float("nan"),
+             "sc_coefficients": {}, "sc_left_out": [], "sc_extrapolated": None, "sc_n": int(y.size)}
+    if y.size < 3:
+        return empty | {"sc_reason": "fewer than 3 valid pairs with both answers' texts"}
+    if np.all(y == 1) or np.all(y == 0):
+        return empty | {"sc_reason": f"every valid pair is a {'win' if y[0] == 1 else 'loss'} for tuned: no finite fit"}
+    sd = d.std(axis=0)
+    used = [i for i in range(d.shape[1]) if sd[i] > 0]
+    left_out = [names[i] for i in range(d.shape[1]) if sd[i] == 0]
+    x = d[:, used] / sd[used] if used else np.zeros((y.size, 0))
+    sides = [min(float((x[:, j] >= 0).mean()), float((x[:, j] <= 0).mean())) for j in range(x.shape[1])]
+    extrapolated = any(s < SIDE_SHARE for s in sides)
+    if x.shape[1] == 0:
+        rate = float(y.mean())
+        return empty | {"sc_win_rate": rate, "sc_left_out": left_out, "sc_extrapolated": False,
+                        "sc_reason": "no style covariate varies: the rate is the raw win rate"}
+    intercept, coefs, converged = _fit(y, x)
+    notes = [] if converged else [("the logistic fit did not converge in 1000 iterations (separation: a covariate "
+                                   "decides the verdicts)")]
+    if extrapolated:
+        worst = [names[used[j]] for j, s in enumerate(sides) if s < SIDE_SHARE]
+        notes.append(f"an extrapolation: nearly every pair differs in the same direction in {', '.join(worst)}, so "
+                     "equal style lies outside the data; do not read it as the judge's preference")
+    rng = np.random.default_rng(seed)
+    rates = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(resamples):
+            pick = rng.integers(0, y.size, y.size)
+            yb, xb = y[pick], x[pick]
+            if np.all(yb == yb[0]) or (xb.std(axis=0) == 0).any():
+                continue  # no fit on this resample (one outcome, or a covariate without variation)
+            rates.append(_sigmoid(_fit(yb, xb, tol=1e-6)[0]))
+    tail = (1 - level) / 2
+    low, high = (np.quantile(rates, [tail, 1 - tail]) if len(rates) >= resamples // 2 else (np.nan, np.nan))
+    if len(rates) < resamples:
+        notes.append(f"{resamples - len(rates)} of {resamples} resamples had no fit and were left out")
+    return {"sc_win_rate": _sigmoid(intercept), "sc_ci_low": float(low), "sc_ci_high": float(high),
+            "sc_coefficients": {names[i]: float(c) for i, c in zip(used, coefs)}, "sc_left_out": left_out,
+            "sc_extrapolated": bool(extrapolated), "sc_reason": "; ".join(notes), "sc_n": int(y.size)}
+
+
+def split_sc_win_rate(combined: pl.DataFrame, diffs: pl.DataFrame | None, **options) -> dict:
+    """sc_win_rate's block over the valid tuned-vs-base pairs of one split (`combined`: combine_orders' rows),
+    style differences joined by pair; an empty block with the reason where there are no answer texts."""
+    if diffs is None:
+        return {"sc_win_rate": float("nan"), "sc_ci_low": float("nan"), "sc_ci_high": float("nan"),
+                "sc_coefficients": {}, "sc_left_out": [], "sc_extrapolated": None, "sc_n": 0,
+                "sc_reason": "no answer texts given"}
+    rows = combined.filter(pl.col("winner").is_in(["tuned", "base", "tie"])).join(diffs, on=["pair_id", "split"],
+                                                                                 how="left")
+    outcome = np.where(rows["winner"] == "tuned", 1.0, np.where(rows["winner"] == "tie", 0.5, 0.0))
+    x = rows.select(*COVARIATES).to_numpy().astype(float) if rows.height else np.zeros((0, len(COVARIATES)))
+    return sc_win_rate(outcome, x, **options)
