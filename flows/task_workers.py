@@ -8,21 +8,30 @@ the model identity) serves every later shard of that identity. Shards keep their
 to the shared result storage, so a shard done by any worker, in any run, is never redone.
 
 A worker lost mid-shard is found by its lease (tasks/leases.py) and the shard is submitted again; the
-stale task run is marked Crashed so the UI tells the truth.
+stale task run is marked Crashed so the UI tells the truth. A worker taken for lost that was alive (its lease
+writes failed for the lease time) stops before writing when it sees that mark, and results are written under
+a temporary name and renamed (AtomicLocalFileSystem), so two copies of a shard never leave a result half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import time
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dpo_eval.tasks.leases import end_worker_lease, lease_name, start_worker_lease
+from prefect.filesystems import LocalFileSystem
 
 from dpo_eval.errors import DpoEvalError
 
 POLL_S = 1.0
 READ_PAGE = 200
 MAX_RESUBMITS = 3  # per shard: a shard that loses its worker more often than this stops the run
+SAVE_TRIES = 5  # saves of the result storage block: workers starting together race to register its type
 
 
 def serve_shards(limit: int = 1) -> None:
@@ -53,8 +62,85 @@ def serve_shards(limit: int = 1) -> None:
 
 # What ShardWorker uses of Prefect, all public: TaskWorker(*tasks, limit), `async with` it, its client_id and
 # task_keys, and execute_task_run(task_run); Subscription (prefect.client.subscriptions) on the REST route that
-# Prefect's own worker reads. tests/test_prefect_api.py pins each of them and names what changed on an upgrade.
+# Prefect's own worker reads, and its websocket's close(). tests/test_prefect_api.py pins each of them and names what changed on an upgrade.
+# For its results: aget_default_result_storage, a LocalFileSystem subclass (write_path and awrite_path, the names
+# Prefect's result store calls) saved with Block.asave, and Task.with_options(result_storage=...).
 SCHEDULED_ROUTE = "/task_runs/subscriptions/scheduled"
+
+
+class AtomicLocalFileSystem(LocalFileSystem):
+    """Prefect's local result folder, each file written whole: to a temporary name beside it, then renamed over
+    it (os.replace), so a reader sees the old file or the new one, never a part. Two copies of a shard (one
+    taken for lost, then submitted again) write the same key; Prefect's LocalFileSystem truncates and rewrites
+    the file in place."""
+
+    _block_type_name = "dpo-eval atomic local file system"  # its own block type: Prefect's stays Prefect's
+
+    def write_path(self, path: str, content: bytes, **dispatch) -> str:
+        """Write `content` at `path` (relative to basepath, or absolute inside it); `dispatch`: the `_sync` flag
+        Prefect's result store passes, which a synchronous method does not need."""
+        target = self._target(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not target.is_file():
+            raise ValueError(f"Path {target} already exists and is not a file.")
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(temporary, "xb") as file:
+                file.write(content)
+                file.flush()
+                os.fsync(file.fileno())  # on disk before it takes the name: a machine lost after it is whole too
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return str(target)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        import anyio
+
+        return await anyio.to_thread.run_sync(self.write_path, path, content)
+
+    def _target(self, path: str) -> Path:
+        """`path` resolved as LocalFileSystem resolves it: under basepath (the working folder without one)."""
+        base = Path(self.basepath).expanduser().resolve() if self.basepath else Path(".").resolve()
+        target = Path(path).expanduser()
+        target = (target if target.is_absolute() else base / target).resolve()
+        if base != target and base not in target.parents:
+            raise ValueError(f"Provided path {target} is outside of the base path {base}.")
+        return target
+
+
+async def atomic_result_storage():
+    """An AtomicLocalFileSystem on the folder this process writes results to by default, where that is Prefect's
+    local folder (PREFECT_RESULTS_LOCAL_STORAGE_PATH), which also holds the task parameters; None otherwise (a
+    storage block such as S3 writes each object whole already). Saved as a block named after the folder, as
+    Prefect requires of a task's result storage: a reader of a result loads it to find the file."""
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.results import aget_default_result_storage
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    default = await aget_default_result_storage()
+    if (type(default) is not LocalFileSystem or settings.tasks.scheduling.default_storage_block is not None
+            or Path(default.basepath) != Path(settings.results.local_storage_path)):
+        return None
+    storage = AtomicLocalFileSystem(basepath=default.basepath)
+    folder = str(Path(default.basepath).expanduser().resolve())
+    name = f"dpo-eval-results-{hashlib.sha256(folder.encode()).hexdigest()[:16]}"
+    for attempt in range(1, SAVE_TRIES + 1):
+        try:
+            await storage.asave(name, overwrite=True)
+            return storage
+        except ObjectAlreadyExists:  # a worker starting beside this one registered the block type first
+            if attempt == SAVE_TRIES:
+                raise
+
+
+def with_atomic_results(tasks, storage) -> list:
+    """Copies of `tasks` (the same task keys) whose results go to `storage`; the tasks themselves without one,
+    and any task that names its own result storage."""
+    if storage is None:
+        return list(tasks)
+    return [task.with_options(result_storage=storage) if task.result_storage is None else task for task in tasks]
 
 
 class ShardWorker:
@@ -72,10 +158,8 @@ class ShardWorker:
     """
 
     def __init__(self, *tasks, limit: int = 1):
-        from prefect.task_worker import TaskWorker
-
-        self.limit = limit
-        self.worker = TaskWorker(*tasks, limit=limit)
+        self.tasks, self.limit = tasks, limit
+        self.worker = None  # the TaskWorker, made by astart once the result storage is known
         self._scope = None
         self._in_flight: set = set()  # task run ids running here: one delivered twice runs (and is leased) once
 
@@ -84,16 +168,24 @@ class ShardWorker:
         from prefect.client.schemas.objects import TaskRun
         from prefect.client.subscriptions import Subscription
         from prefect.settings import get_current_settings
+        from prefect.task_worker import TaskWorker
 
+        self.worker = TaskWorker(*with_atomic_results(self.tasks, await atomic_result_storage()), limit=self.limit)
         slots = anyio.Semaphore(self.limit)  # taken by the reading loop, given back by the run's own task
         subscription = Subscription(model=TaskRun, path=SCHEDULED_ROUTE, keys=self.worker.task_keys,
                                     client_id=self.worker.client_id, base_url=get_current_settings().api.url)
-        with anyio.CancelScope() as self._scope:
-            async with self.worker, anyio.create_task_group() as group:
-                while True:
-                    await slots.acquire()  # room to run one more: only now read one
-                    task_run = await anext(subscription)
-                    group.start_soon(self._run, task_run, slots)
+        try:
+            with anyio.CancelScope() as self._scope:
+                async with self.worker, anyio.create_task_group() as group:
+                    while True:
+                        await slots.acquire()  # room to run one more: only now read one
+                        task_run = await anext(subscription)
+                        group.start_soon(self._run, task_run, slots)
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(RuntimeError):  # RuntimeError: never connected
+                # closed now, not when this process ends: until then the server would hand a run to this stopped
+                # worker and wait for an acknowledgement that never comes before giving it to another
+                await subscription.websocket.close()
 
     async def _run(self, task_run, slots) -> None:
         import anyio

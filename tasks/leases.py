@@ -21,30 +21,49 @@ there, not only while the task body runs:
   hangs keeps its process and its renewal thread alive, but its renewals stop and the flow gives the
   shard to another worker.
 Elsewhere (a plain Prefect task worker) the task holds its own lease while its body runs, as before.
+
+A live worker whose lease writes fail (a loaded API) logs the failure and retries with back-off; if they fail
+for longer than the lease, the flow takes the shard as lost, marks the run Crashed and submits it again. The
+first copy then stops on its own: the task checks its run's states when its body starts and again before Prefect
+writes its result, and raises GivenToAnother where the flow marked the run Crashed, so it writes nothing.
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 import time
 from contextlib import contextmanager
 
 PREFIX = "dpo-eval-lease-"
 RECEIVED = "received"
+RETRY_FIRST_S = 0.25  # a failed lease write is retried after this, then twice as long each time, at most `every`
+CHECK_TRIES = 3  # reads of a task run's states before a worker takes it as still its own
+
+log = logging.getLogger(__name__)
 
 
 def lease_name(task_run_id) -> str:
     return f"{PREFIX}{task_run_id}"
 
 
+def retry_delay(every: float, failures: int) -> float:
+    """The wait before retrying a lease write after `failures` failed in a row: RETRY_FIRST_S, doubled after each
+    failure, never longer than the renewal interval."""
+    return min(every, RETRY_FIRST_S * 2 ** (failures - 1))
+
+
 class Renewal:
     """Renews one lease through `write(beat)` every `every` seconds on a thread, while the work has reported
-    progress within stall_s (None: always); `progress()` is that report, `configure()` sets both."""
+    progress within stall_s (None: always); `progress()` is that report, `configure()` sets both. A write that
+    fails is logged (once per run of failures, and again when one succeeds) and retried with back-off."""
 
-    def __init__(self, write, every: float, stall_s: float | None = None, first=0):
-        self.write, self.every, self.stall_s = write, every, stall_s
+    def __init__(self, write, every: float, stall_s: float | None = None, first=0, name: str = "lease"):
+        self.write, self.every, self.stall_s, self.name = write, every, stall_s, name
         self.beat, self.stalled = first, False
+        self.failures = 0  # failed writes in a row
+        self._next_s = every  # the wait before the next write
         self._last_progress = time.monotonic()
         self._stop = threading.Event()
         # the creator's context: Prefect settings (the API URL) can be context-local
@@ -59,7 +78,7 @@ class Renewal:
         self.progress()
 
     def start(self) -> "Renewal":
-        self.write(self.beat)
+        self._next_s = self._renew()
         self._thread.start()
         return self
 
@@ -68,16 +87,29 @@ class Renewal:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every):
+        while not self._stop.wait(self._next_s):
             if self.stall_s is not None and time.monotonic() - self._last_progress > self.stall_s:
                 self.stalled = True  # no renewal: the lease lapses and the flow gives the shard to another worker
+                self._next_s = self.every
                 continue
             self.stalled = False
             self.beat = self.beat + 1 if isinstance(self.beat, int) else 1
-            try:
-                self.write(self.beat)
-            except Exception:  # noqa: BLE001 - a missed renewal is what the lease time allows for
-                pass
+            self._next_s = self._renew()
+
+    def _renew(self) -> float:
+        """Write the current beat; the wait before the next write: `every`, or a back-off retry after a failure."""
+        try:
+            self.write(self.beat)
+        except Exception as exc:  # noqa: BLE001 - any failure of the API: retried, and lapsing is the flow's call
+            self.failures += 1
+            if self.failures == 1:
+                log.warning("%s: write failed (%s: %s); retrying with back-off", self.name,
+                            type(exc).__name__, exc)
+            return retry_delay(self.every, self.failures)
+        if self.failures:
+            log.warning("%s: written again after %d failed writes", self.name, self.failures)
+            self.failures = 0
+        return self.every
 
 
 # Leases the worker process holds, by task run id (dpo_eval.flows.task_workers.ShardWorker starts and ends them).
@@ -86,10 +118,50 @@ RECEIVED_EVERY_S = 1.0  # renewal of a received run until its task sets the leas
 
 
 def _writer(task_run_id, worker: str):
+    """A write of this task run's lease that fails at once, without the Prefect client's own retries (up to a
+    minute of back-off on a refused connection or a 503, longer than a renewal interval): Renewal retries it,
+    with a back-off no longer than the interval."""
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
     from prefect.variables import Variable
 
     name = lease_name(task_run_id)
-    return lambda beat: Variable.set(name, {"worker": worker, "beat": beat}, overwrite=True)
+
+    def write(beat) -> None:
+        with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}):
+            Variable.set(name, {"worker": worker, "beat": beat}, overwrite=True)
+
+    return write
+
+
+class GivenToAnother(RuntimeError):
+    """This task run's lease lapsed and the flow gave its shard to another worker: this copy stops, unwritten."""
+
+
+def given_to_another(task_run_id) -> bool:
+    """Whether the flow took this task run as lost: it marks such a run Crashed (flows/task_workers.py), and a
+    later state proposed here (a retry) does not undo that, so the run's states are read, not only its last. A
+    run whose states cannot be read after CHECK_TRIES reads is taken as still this worker's: its result is
+    written under a temporary name and renamed (dpo_eval.flows.task_workers.AtomicLocalFileSystem), so a second
+    copy replaces it whole."""
+    from prefect import get_client
+
+    for attempt in range(1, CHECK_TRIES + 1):
+        try:
+            with get_client(sync_client=True) as client:
+                return any(state.is_crashed() for state in client.read_task_run_states(task_run_id))
+        except Exception as exc:  # noqa: BLE001 - an API that does not answer now: ask again, then carry on
+            log.warning("task run %s: its states could not be read (%s: %s), attempt %d of %d", task_run_id,
+                        type(exc).__name__, exc, attempt, CHECK_TRIES)
+            if attempt < CHECK_TRIES:
+                time.sleep(retry_delay(1.0, attempt))
+    return False
+
+
+def stop_if_given_to_another(task_run_id) -> None:
+    if given_to_another(task_run_id):
+        raise GivenToAnother(f"dpo-eval: task run {task_run_id} was given to another worker (its lease was not "
+                             "renewed for the lease time: a loaded API or a stalled worker); this copy stops "
+                             "without writing its result")
 
 
 class _NoLease:
@@ -102,7 +174,8 @@ def held_lease(lease_s: float | None, stall_s: float | None = None):
     """This task run's lease while the body runs (no-op without lease_s): on `dpo-eval worker` the worker's
     lease, set to renew every lease_s / 4 and to watch progress within stall_s, then back to plain renewal
     (the run may wait for a retry on this worker); elsewhere a lease of its own. Yields an object whose
-    `progress()` the body calls after each unit of work."""
+    `progress()` the body calls after each unit of work. Raises GivenToAnother, before the body and again
+    before Prefect writes the result, where the flow has given the run to another worker."""
     if lease_s is None:
         yield _NoLease()
         return
@@ -110,20 +183,23 @@ def held_lease(lease_s: float | None, stall_s: float | None = None):
 
     from dpo_eval.stages import worker_label
 
-    held = WORKER_LEASES.get(str(task_run.id))
+    run_id = task_run.id
+    stop_if_given_to_another(run_id)
+    held = WORKER_LEASES.get(str(run_id))
     if held is not None:
         held.configure(lease_s / 4, stall_s)
         try:
             yield held
         finally:
             held.configure(lease_s / 4, None)
-        return
-    renewal = Renewal(_writer(task_run.id, worker_label()), lease_s / 4, stall_s).start()
-    try:
-        yield renewal
-    finally:
-        renewal.stop()
-        _unset(task_run.id)
+    else:
+        renewal = Renewal(_writer(run_id, worker_label()), lease_s / 4, stall_s, name=lease_name(run_id)).start()
+        try:
+            yield renewal
+        finally:
+            renewal.stop()
+            _unset(run_id)
+    stop_if_given_to_another(run_id)
 
 
 def _unset(task_run_id) -> None:
@@ -137,14 +213,12 @@ def _unset(task_run_id) -> None:
 
 def start_worker_lease(task_run_id) -> Renewal:
     """The lease of a task run this worker has just taken off the server (beat `received`, renewed every
-    second until its task sets the interval); registered for the task's held_lease."""
+    second until its task sets the interval); registered for the task's held_lease. A first write that fails is
+    retried with back-off like any renewal."""
     from dpo_eval.stages import worker_label
 
-    renewal = Renewal(_writer(task_run_id, worker_label()), RECEIVED_EVERY_S, first=RECEIVED)
-    try:
-        renewal.start()
-    except Exception:  # noqa: BLE001 - the first write failed: renewals will retry it
-        renewal._thread.start()
+    renewal = Renewal(_writer(task_run_id, worker_label()), RECEIVED_EVERY_S, first=RECEIVED,
+                      name=lease_name(task_run_id)).start()
     WORKER_LEASES[str(task_run_id)] = renewal
     return renewal
 
