@@ -318,6 +318,11 @@ class JudgeSpec(Spec):
                                   "None: the project's pairwise template.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge (0: its most likely verdict).")
     max_tokens: int = Field(16, ge=1, description="Tokens the judge may answer with (the verdict only).")
+    price_in: float | None = Field(None, ge=0, title="Price of prompt tokens", description="Price per million "
+                                   "prompt tokens (any currency): with it, `--dry-run` states the expected cost and "
+                                   "a run records what its calls cost in summary.json. None: no cost is stated.")
+    price_out: float | None = Field(None, ge=0, title="Price of completion tokens", description="Price per million "
+                                    "completion tokens (the same currency as price_in).")
     logprobs: bool = Field(True, description="Ask for token log-probabilities (p_first where the API returns them; "
                            "servers that ignore them give null).")
     context_chars: int = Field(12000, ge=200, description="Character budget of the rendered judge prompt "

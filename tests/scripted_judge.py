@@ -50,6 +50,7 @@ class ScriptedJudge:
         self.rule, self.delay_s, self.model, self.on_request = rule, delay_s, model, on_request
         self.requests = 0
         self.seen: list[tuple[str, str]] = []
+        self.messages: list[list[dict]] = []  # each request's messages, as sent
         self._lock = threading.Lock()
         owner = self
 
@@ -67,6 +68,7 @@ class ScriptedJudge:
                 with owner._lock:
                     owner.requests += 1
                     owner.seen.append((a, b))
+                    owner.messages.append(body.get("messages", []))
                     number = owner.requests
                 if owner.on_request is not None:
                     owner.on_request(number)

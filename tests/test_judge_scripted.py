@@ -248,3 +248,33 @@ def test_a_pair_listed_twice_is_refused_before_any_call(tmp_path):
         with pytest.raises(DpoEvalError, match="pair_id 'p0' appears more than once"):
             judge_run(run, JudgeSpec(model="m", base_url=server.url, cache_dir=tmp_path / "cache"))
         assert server.requests == 0  # nothing paid for
+
+
+def test_a_dry_run_states_the_calls_tokens_and_cost_and_a_real_run_records_them(tmp_path, capsys):
+    """--dry-run makes no call and writes nothing; its call count is the calls the real run then makes, its prompt
+    tokens are the characters of the messages the server then received / 4, and its cost follows the prices; the
+    real run records the tokens the API reported and their cost; a second dry run has nothing left to call."""
+    run = make_run(tmp_path / "run")
+    before = (run / "summary.json").read_text()
+    prices = ["--price-in", "2.5", "--price-out", "10"]
+    with ScriptedJudge(marker_rule()) as server:
+        judge_cli(run, server, tmp_path / "cache", "--dry-run", *prices)
+        printed = capsys.readouterr().out
+        plan, _ = json.JSONDecoder().raw_decode(printed)
+        assert server.requests == 0 and not (run / "judgments.parquet").exists()
+        assert (run / "summary.json").read_text() == before
+        assert "nothing was called or written" in printed
+        summary = judge_cli(run, server, tmp_path / "cache", *prices)
+        sent = list(server.messages)
+        capsys.readouterr()
+        judge_cli(run, server, tmp_path / "cache", "--dry-run")  # the same server: the same judge identity
+        again, _ = json.JSONDecoder().raw_decode(capsys.readouterr().out)
+    assert plan["judgments"] == 4 * len(DESIGN) and plan["cached"] == 0 and plan["over_budget"] == 0
+    assert plan["calls"] == len(sent) == summary["judge"]["calls"]
+    chars = sum(len(m["content"]) for messages in sent for m in messages)
+    assert plan["prompt_tokens"] == math.ceil(chars / 4)
+    assert plan["completion_tokens"] == plan["calls"] * 8  # --max-tokens 8 in judge_cli
+    assert plan["cost"] == pytest.approx((plan["prompt_tokens"] * 2.5 + plan["completion_tokens"] * 10) / 1e6)
+    tokens = summary["judge"]["tokens"]
+    assert summary["judge"]["cost"] == pytest.approx((tokens["prompt"] * 2.5 + tokens["completion"] * 10) / 1e6)
+    assert again["calls"] == 0 and again["cached"] == again["distinct"] and again["cost"] is None

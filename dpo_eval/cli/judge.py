@@ -19,7 +19,7 @@ FLAGS = {"kind": "--judge", "model": "--judge-model", "base_url": "--base-url", 
          "context_chars": "--context-chars", "answer_share": "--answer-share", "logprobs": "--logprobs",
          "quantization": "--quantization", "compute_dtype": "--compute-dtype", "batch_size": "--batch-size",
          "context_tokens": "--context-tokens", "tie_margin": "--tie-margin", "revision": "--judge-revision",
-         "max_invalid_share": "--max-invalid-share"}
+         "max_invalid_share": "--max-invalid-share", "price_in": "--price-in", "price_out": "--price-out"}
 
 
 def _option(name: str):
@@ -55,6 +55,11 @@ def judge(
     compute_dtype: str = _option("compute_dtype"),
     context_tokens: Optional[int] = _option("context_tokens"),
     tie_margin: float = _option("tie_margin"),
+    price_in: Optional[float] = _option("price_in"),
+    price_out: Optional[float] = _option("price_out"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the judgments, the calls still to make (the cache "
+                                 "and --max-calls counted) and their expected tokens and cost (--price-in, "
+                                 "--price-out), then stop: no call, nothing written."),
 ) -> None:
     """Judge tuned vs base answers (and chosen vs rejected, the judge's calibration) in both orders; write
     judgments.parquet and summary.json's judge block; print that block. --judge openai calls an
@@ -68,6 +73,8 @@ def judge(
     if not run_dir.is_dir():
         raise DpoEvalError(f"RUN_DIR {run_dir}: no such directory")
     if reward_model is not None:
+        if dry_run:
+            raise DpoEvalError("--dry-run estimates an LLM judge's calls: give --judge-model, not --reward-model")
         if model is not None:
             raise DpoEvalError("give --judge-model (an LLM judge) or --reward-model, not both")
         from dpo_eval.cli.reward import judge_reward
@@ -91,7 +98,18 @@ def judge(
                  max_invalid_share=max_invalid_share, api_key_env=api_key_env,
                  comparisons=chosen, split=split, limit=limit, max_calls=max_calls, concurrency=concurrency,
                  template=template, max_tokens=max_tokens, context_chars=context_chars, answer_share=answer_share,
-                 logprobs=logprobs, **local)
+                 logprobs=logprobs, price_in=price_in, price_out=price_out, **local)
+    if dry_run:
+        from dpo_eval.judges.pairwise import dry_run as estimate
+
+        plan = estimate(run_dir, spec)
+        print(json.dumps(plan, indent=2))
+        money = "" if plan["cost"] is None else f", about {plan['cost']:.4f} at the given prices"
+        print(f"dry run: {plan['calls']} calls to make ({plan['cached']} of {plan['distinct']} distinct judgments "
+              f"cached, {plan['over_budget']} over --max-calls)"
+              + (f", about {plan['prompt_tokens']} prompt and at most {plan['completion_tokens']} completion "
+                 f"tokens{money}" if plan["prompt_tokens"] is not None else "") + "; nothing was called or written")
+        return
     try:
         block = judge_run(run_dir, spec)
     finally:  # a budget stop keeps what was judged: the report and the four answers say so too

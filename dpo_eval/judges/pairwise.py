@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import polars as pl
@@ -25,6 +26,7 @@ from dpo_eval.judges.api import (
     judge_id,
     judge_identity,
     normalised_url,
+    plan_calls,
     request_record,
     run_calls,
 )
@@ -138,6 +140,50 @@ def update_summary(run_dir: Path, block: dict) -> None:
     path.write_text(json.dumps(summary, indent=2, allow_nan=False))
 
 
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text where no tokenizer is at hand
+
+
+def cost(prompt_tokens: float, completion_tokens: float, spec: JudgeSpec) -> float | None:
+    """The price of these tokens at spec.price_in / spec.price_out per million; None without prices."""
+    if spec.price_in is None and spec.price_out is None:
+        return None
+    return (prompt_tokens * (spec.price_in or 0.0) + completion_tokens * (spec.price_out or 0.0)) / 1e6
+
+
+def dry_run(run_dir: Path, spec: JudgeSpec) -> dict:
+    """What `judge_run` would do, without a call or a write: judgments in all, how many the cache already holds,
+    the calls to make (within --max-calls), and their expected tokens: the prompt's characters / CHARS_PER_TOKEN
+    (the API's tokenizer is not at hand) and at most max_tokens per reply, with the cost at spec's prices. A local
+    (hf) judge computes on this machine: it has judgments to compute, no tokens to pay for."""
+    run_dir = Path(run_dir)
+    pairs = select_pairs(read_table(run_dir, "pairs.parquet"), spec)
+    needs_answers = "tuned_vs_base" in spec.comparisons or (run_dir / "answers.parquet").is_file()
+    answers = read_table(run_dir, "answers.parquet") if needs_answers else None
+    template = load_template(spec.template)
+    rows = comparison_rows(pairs, answers, spec.comparisons)
+    if spec.kind == "hf":
+        from dpo_eval.judges.local import HFJudge
+
+        local = HFJudge(spec, template)
+        judge = judge_id(local.identity)
+        requests = local.build_requests(rows, judge)
+    else:
+        judge = judge_id(judge_identity(spec, template))
+        requests = build_requests(rows, spec, template, judge)
+    by_key = {req["key"]: req for req in requests}
+    outcome, allowed = plan_calls(list(by_key), JudgmentCache(spec.cache_dir), spec.max_calls)
+    chars = sum(len(m.get("content") or "") for key in allowed for m in by_key[key].get("messages") or [])
+    prompt_tokens = math.ceil(chars / CHARS_PER_TOKEN)
+    completion_tokens = len(allowed) * spec.max_tokens
+    return {"judge": judge, "kind": spec.kind, "model": spec.model, "judgments": len(requests),
+            "distinct": len(by_key), "cached": len(outcome.replies), "calls": len(allowed),
+            "over_budget": outcome.pending, "prompt_tokens": prompt_tokens if spec.kind != "hf" else None,
+            "completion_tokens": completion_tokens if spec.kind != "hf" else None,
+            "token_method": (f"prompt characters / {CHARS_PER_TOKEN}; replies at most max_tokens = {spec.max_tokens}"
+                             if spec.kind != "hf" else "a local judge: computed here, nothing to pay per token"),
+            "cost": cost(prompt_tokens, completion_tokens, spec) if spec.kind != "hf" else None}
+
+
 def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
     """Judge the run in `run_dir` with `spec`: write judgments.parquet, set summary.json's `judge`, return it.
 
@@ -196,12 +242,13 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
         first = table.filter(pl.col("verdict") == "failed")["raw"][0]
         problems.append(f"{failed} judgments were refused by the server (e.g. {first}); they are asked again on the "
                         "next run")
+    tokens = {"prompt": int(fresh["prompt_tokens"].fill_null(0).sum()),
+              "completion": int(fresh["completion_tokens"].fill_null(0).sum())}
     block = {"id": judge, "kind": spec.kind, "model": spec.model, "base_url": normalised_url(spec.base_url) or None,
              "revision": spec.revision, "template_sha": template.sha,
              "calls": outcome.calls, "cached": int(table["cached"].sum()), "invalid": invalid,
              "invalid_share": invalid_share, "failed": failed,
-             "tokens": {"prompt": int(fresh["prompt_tokens"].fill_null(0).sum()),
-                        "completion": int(fresh["completion_tokens"].fill_null(0).sum())},
+             "tokens": tokens, "cost": cost(tokens["prompt"], tokens["completion"], spec),
              "truncated": int(table["truncated"].sum()),
              "complete": outcome.pending == 0 and not problems, "problems": problems,
              "pending": outcome.pending, **stats, **getattr(outcome, "extra", {})}

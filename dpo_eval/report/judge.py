@@ -163,6 +163,11 @@ def judge_markdown(summary: dict) -> str:
     return "\n\n## Judges\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""
 
 
+def _cost(block: dict) -> str:
+    cost = block.get("cost")
+    return f" (cost {cost:.4f} at the prices given, per million tokens)" if finite(cost) else ""
+
+
 STYLE_WORDS = {"length": "the longer answer", "headers": "the answer with more markdown headers",
                "lists": "the answer with more list items", "bold": "the answer with more bold spans"}
 
@@ -279,7 +284,8 @@ def judge_sections(block: dict, judgments: pl.DataFrame, texts: pl.DataFrame,
         f"{block.get('calls')} {'judgments computed' if block.get('kind') == 'hf' else 'API calls'} this run, "
         f"{block.get('cached')} judgments from the cache, tokens "
         f"{(block.get('tokens') or {}).get('prompt')} prompt + {(block.get('tokens') or {}).get('completion')} "
-        f"completion, {block.get('truncated', 0)} judgments with a text cut to fit the judge's context.",
+        f"completion{_cost(block)}, {block.get('truncated', 0)} judgments with a text cut to fit the judge's "
+        "context.",
         "Every pair is judged in both orders (each answer shown first once); the two verdicts combine into one "
         "(both agree: that winner; they disagree: a tie). Win rate: (wins + ties / 2) / n; agreement: the same "
         "share for chosen over rejected, the judge's calibration on the data set's own labels. "
