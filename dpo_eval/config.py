@@ -197,6 +197,9 @@ class VerdictSpec(Spec):
     kappa_bar: float = Field(0.2, ge=-1, le=1, title="Judge agreement bar", description="Gaming signal: beside a "
                              "win, the two judges' per-prompt verdicts of tuned vs base agree no better than this "
                              "Cohen's kappa (0.2: 'slight' agreement at most).")
+    disagreement_bar: float = Field(1 / 3, gt=0, le=1, title="Judge disagreement bar", description="Gaming signal: "
+                                    "the two judges name different winners of tuned vs base on at least this share "
+                                    "of prompts (and their kappa is at most kappa_bar).")
     resamples: int = Field(2000, ge=100, description="Bootstrap resamples (over prompts) of the gap closed.")
     seed: int = Field(0, description="Seed of the gap's bootstrap.")
     recommend: Literal["earliest-within-ci", "best"] = Field(

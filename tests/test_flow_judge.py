@@ -398,7 +398,9 @@ def test_a_zero_adapter_took_no_alignment_and_closed_no_gap(storage, reward_mode
     scores = pl.read_parquet(storage / "zero-run" / "reward_scores.parquet")
     wide = scores.pivot(on="role", index="pair_id", values="reward_model")
     assert (wide["tuned"] == wide["base"]).all()  # the same answers, the same scores
-    assert summary["verdict"]["better"]["answer"] == "unknown"
+    valid = summary["reward_model"]["splits"]["valid"]
+    assert valid["win_ties"] == valid["win_n"] > 0 and valid["win_rate"] == 0.5  # every prompt a tie
+    assert summary["verdict"]["better"]["answer"] == "unknown"  # a win rate of exactly 1/2, calibrated or not
     block = summary["gap"]["reward model"]
     assert block.get("closed", 0.0) == 0.0 and (block.get("ci") in (None, [0.0, 0.0]))
     assert "closed" in block or "not separated" in block["undefined"]

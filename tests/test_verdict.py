@@ -362,3 +362,90 @@ def test_judges_that_agree_no_better_than_chance_beside_a_win_are_a_gaming_signa
     assert [row[4] for row in section["rows"]] == [f"tuned answer {i}" for i in shown]
     assert all(row[5].startswith("tuned (+0.3") and row[6] == "base" for row in section["rows"])
     assert f"on {len(disagree)} of {n} prompts" in section["paragraphs"][0]
+
+
+# ---------------------------------------------------------------- review findings, each a constructed case
+
+def test_a_prompt_with_several_pairs_counts_once_in_the_win_rate(tmp_path):
+    """10 prompts x 4 pairs, tuned scored above base on 8 prompts: the reward model's win rate counts 10 prompts
+    (Wilson 8/10 reaches 0.49: unknown), not 40 copies of them (whose CI would lie above 0.5)."""
+    from dpo_eval.judges.reward_model import calibration
+
+    n = 40
+    scores = planted(n=n)
+    wins = np.array([i // 4 < 8 for i in range(n)])  # prompts 0-7 win, 8-9 lose
+    scores["tuned"] = scores["base"] + np.where(wins, 0.2, -0.2)
+    prompts = [f"prompt {i // 4}" for i in range(n)]
+    lengths = {r: np.tile(np.random.default_rng(13).integers(5, 40, 10).astype(float), 4)[np.argsort(
+        np.arange(n) % 10, kind="stable")] for r in scores}
+    run = write_run(tmp_path / "run", scores, lengths, prompts=prompts)
+    from dpo_eval.data.pairs import prompt_ids
+
+    pairs = pl.read_parquet(run / "pairs.parquet")
+    features = (pl.read_parquet(run / "reward_scores.parquet").select("pair_id", "split", "role", "reward_model")
+                .join(pairs.select("pair_id", prompt_id=pl.Series(prompt_ids(pairs))), on="pair_id"))
+    block = calibration(features)["valid"]
+    assert (block["win_n"], block["wins"], block["losses"]) == (10, 8, 2) and block["n"] == n
+    assert [block["win_ci_low"], block["win_ci_high"]] == pytest.approx(list(wilson(8, 10)))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["reward_model"]["splits"]["valid"] |= {k: block[k] for k in ("win_rate", "win_ci_low", "win_ci_high",
+                                                                       "wins", "losses", "win_ties", "win_n")}
+    (run / "summary.json").write_text(json.dumps(summary))
+    judge = verdict(run, SPEC)[0]["better"]["judges"][0]
+    assert judge["n"] == 10 and judge["ci"][0] == pytest.approx(wilson(8, 10)[0]) and judge["answer"] == "unknown"
+
+
+def test_the_intervals_are_taken_at_the_verdicts_own_level(tmp_path):
+    """39 of 60 prompts won: at 95% the Wilson CI lies above 0.5, at 99% it reaches below 0.5 (statsmodels)."""
+    scores = planted(n=60)
+    scores["tuned"] = scores["base"] + np.where(np.arange(60) < 39, 0.2, -0.2)
+    run = write_run(tmp_path / "run", scores, {r: np.random.default_rng(14).integers(5, 40, 60).astype(float)
+                                              for r in scores})
+    at95 = verdict(run, VerdictSpec(resamples=200))[0]["better"]["judges"][0]
+    at99 = verdict(run, VerdictSpec(alpha=0.01, resamples=200))[0]["better"]["judges"][0]
+    low99, _ = proportion_confint(39, 60, alpha=0.01, method="wilson")
+    assert at95["ci"][0] == pytest.approx(wilson(39, 60)[0]) and at95["ci"][0] > 0.5
+    assert at99["ci"][0] == pytest.approx(low99) and at99["ci"][0] <= 0.5 and at99["answer"] == "unknown"
+
+
+def test_judges_that_mostly_agree_are_no_gaming_signal_and_an_uncalibrated_win_is_no_gain(tmp_path):
+    from dpo_eval.judges.statistics import judge_summary
+
+    n = 60
+    scores = planted(n=n)
+    scores["tuned"] = scores["base"] + 0.3
+    lengths = {r: np.random.default_rng(15).integers(5, 40, n).astype(float) for r in scores}
+    run = write_run(tmp_path / "run", scores, lengths)
+    llm = ["tuned"] * 57 + ["base"] * 3  # agrees with the reward model on 95% of prompts; kappa is 0 all the same
+    judgments = judgments_of({"tuned_vs_base": llm, "chosen_vs_rejected": ["chosen"] * n})
+    judgments.write_parquet(run / "judgments.parquet")
+    summary = json.loads((run / "summary.json").read_text()) | {"judge": judge_summary(judgments)}
+    (run / "summary.json").write_text(json.dumps(summary))
+    answers = verdict(run, SPEC)[0]
+    agreement = answers["gaming"]["judge_agreement"]
+    assert agreement["kappa"] == 0.0 and agreement["agree"] == pytest.approx(0.95)
+    assert answers["gaming"]["answer"] != "yes" and answers["better"]["answer"] == "yes"
+    # the same scores from a reward model that cannot tell chosen from rejected: its win explains nothing
+    rng = np.random.default_rng(16)
+    scores = {"chosen": rng.normal(0, 1, n), "rejected": rng.normal(0, 1, n), "base": rng.normal(0, 1, n)}
+    scores["tuned"] = scores["base"] + 1.0
+    run = write_run(tmp_path / "uncalibrated", scores, {r: rng.integers(5, 40, n).astype(float) for r in scores})
+    answers = verdict(run, SPEC)[0]
+    assert not answers["better"]["judges"][0]["calibrated"] and answers["gaming"]["answer"] == "no"
+    assert "no calibrated judge" in answers["gaming"]["because"]
+
+
+def test_a_benchmark_task_that_did_not_run_leaves_forgetting_unknown(tmp_path):
+    summary = forgetting_summary({"piqa": (70, 5, 6, 19)})
+    summary["forgetting"]["failed"] = {"arc_easy": "could not load its data"}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    answer = verdict(tmp_path, SPEC)[0]["forgetting"]
+    assert answer["answer"] == "unknown" and "arc_easy" in answer["because"]
+
+
+def test_write_verdict_names_a_folder_that_is_not_a_run(tmp_path):
+    from dpo_eval.errors import DpoEvalError
+
+    with pytest.raises(DpoEvalError, match="no summary.json"):
+        write_verdict(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()

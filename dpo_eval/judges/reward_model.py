@@ -151,8 +151,10 @@ class RewardScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(self.name, revision=self.revision)
-        model = AutoModelForSequenceClassification.from_pretrained(self.name, revision=self.revision,
+        source = self.identity["source"]
+        revision = source.get("commit") if source.get("commit") not in (None, "unpinned") else self.revision
+        tokenizer = AutoTokenizer.from_pretrained(self.name, revision=revision)  # the commit the identity resolved
+        model = AutoModelForSequenceClassification.from_pretrained(self.name, revision=revision,
                                                                    dtype=getattr(torch, self.dtype))
         model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         text_config = model.config.get_text_config()
@@ -332,7 +334,8 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
 
     accuracy = #{d_cr > 0} / n over the n pairs with finite chosen and rejected scores, d_cr = chosen -
     rejected; ties (d_cr = 0) count as not correct and are given. win_rate = (wins + win_ties / 2) / win_n
-    over the win_n pairs with finite tuned and base scores, d_tb = tuned - base; p_value = two-sided sign
+    over the win_n prompts with finite tuned and base scores (one pair per prompt_id where the table has it: a
+    prompt's pairs share its answers), d_tb = tuned - base; p_value = two-sided sign
     test of wins vs losses (ties excluded). CIs at `ci_level`: accuracy, a Wilson score interval (never
     zero-width at 0 or n correct); win rate, the same Wilson interval on k = wins + win_ties / 2 (a percentile
     bootstrap collapses to [1, 1] when every pair is a win). n_boot is kept for the callers and not used.
@@ -340,8 +343,9 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
     from dpo_eval.judges.statistics import sign_test
     from dpo_eval.stats.paired import wilson
 
-    wide = features.select("pair_id", "split", "role", column).pivot(on="role", index=["pair_id", "split"],
-                                                                       values=column)
+    prompt = ["prompt_id"] if "prompt_id" in features.columns else []  # tuned-vs-base counts each prompt once
+    wide = features.select("pair_id", "split", *prompt, "role", column).pivot(
+        on="role", index=["pair_id", "split", *prompt], values=column)
     for role in ROLES:
         if role not in wide.columns:
             wide = wide.with_columns(pl.lit(None, dtype=pl.Float64).alias(role))
@@ -351,7 +355,9 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
         values = {r: part[r].cast(pl.Float64).fill_null(np.nan).to_numpy() for r in ROLES}
         cr = values["chosen"] - values["rejected"]
         cr = cr[np.isfinite(cr)]
-        tb = values["tuned"] - values["base"]
+        once = part.sort("pair_id").unique("prompt_id", keep="first", maintain_order=True) if prompt else part
+        tb = (once["tuned"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+              - once["base"].cast(pl.Float64).fill_null(np.nan).to_numpy())
         tb = tb[np.isfinite(tb)]
         if cr.size == 0 and tb.size == 0:
             continue  # a split left out (--split, --limit): nothing to report

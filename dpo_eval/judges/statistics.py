@@ -206,9 +206,24 @@ def _scores(combined: pl.DataFrame, first_role: str) -> np.ndarray:
     return np.where(valid["winner"] == first_role, 1.0, np.where(valid["winner"] == "tie", 0.5, 0.0))
 
 
+def one_per_prompt(judgments: pl.DataFrame, prompts: pl.DataFrame | None) -> pl.DataFrame:
+    """The judgments of one pair per prompt (the smallest pair_id) where `prompts` (pair_id, prompt_id) is given: a
+    prompt's pairs share its tuned and base answers, so their tuned-vs-base judgments are copies of one."""
+    if prompts is None or judgments.height == 0:
+        return judgments
+    keep = (judgments.select("pair_id").unique().join(prompts, on="pair_id", how="left")
+            .with_columns(pl.col("prompt_id").fill_null(pl.col("pair_id")))
+            .sort("pair_id").unique("prompt_id", keep="first")["pair_id"])
+    return judgments.filter(pl.col("pair_id").is_in(keep.implode()))
+
+
 def comparison_summary(judgments: pl.DataFrame, comparison: str, diffs: pl.DataFrame | None, *, seed: int,
-                       n_boot: int, alpha: float, style_diffs: pl.DataFrame | None = None) -> dict:
-    """The summary block of one split and comparison (judgments already filtered to them)."""
+                       n_boot: int, alpha: float, style_diffs: pl.DataFrame | None = None,
+                       prompts: pl.DataFrame | None = None) -> dict:
+    """The summary block of one split and comparison (judgments already filtered to them); tuned vs base counts
+    one pair per prompt where `prompts` is given (one_per_prompt)."""
+    if comparison == "tuned_vs_base":
+        judgments = one_per_prompt(judgments, prompts)
     combined = combine_orders(judgments)
     roles = ROLES[comparison]
     counts, scores = _counts(combined, roles), _scores(combined, roles[0])
@@ -264,11 +279,12 @@ def split_lc_win_rate(combined: pl.DataFrame, diffs: pl.DataFrame | None) -> tup
 
 
 def judge_summary(judgments: pl.DataFrame, lengths: pl.DataFrame | None = None, *, seed: int = 0,
-                  n_boot: int = 2000, alpha: float = 0.05, styles: pl.DataFrame | None = None) -> dict:
+                  n_boot: int = 2000, alpha: float = 0.05, styles: pl.DataFrame | None = None,
+                  prompts: pl.DataFrame | None = None) -> dict:
     """`summary.json`'s judge statistics for one judge: {invalid, incomplete, ci_method, lc_method, splits:
     {split: {comparison: block}}}, comparisons present in the table only.
 
-    tuned_vs_base: n (valid pairs), wins, losses, ties, win_rate = (wins + ties/2) / n, its Wilson CI on
+    tuned_vs_base (one pair per prompt where `prompts` {pair_id, prompt_id} is given): n (valid pairs), wins, losses, ties, win_rate = (wins + ties/2) / n, its Wilson CI on
     k = wins + ties/2 (ci_low, ci_high at level 1 - alpha), p_value (sign test, ties excluded), lc_win_rate
     (lc_win_rate on the same per-pair rows; NaN with lc_reason), lc_extrapolated and length_diff
     (length_sides), the style-controlled sc_* block (dpo_eval.judges.style: sc_win_rate with its CI and the
@@ -288,7 +304,7 @@ def judge_summary(judgments: pl.DataFrame, lengths: pl.DataFrame | None = None, 
     for (split, comparison), part in judgments.sort("split", "comparison").group_by(
             ["split", "comparison"], maintain_order=True):
         splits.setdefault(split, {})[comparison] = comparison_summary(
-            part, comparison, diffs, seed=seed, n_boot=n_boot, alpha=alpha, style_diffs=style_diffs)
+            part, comparison, diffs, seed=seed, n_boot=n_boot, alpha=alpha, style_diffs=style_diffs, prompts=prompts)
     incomplete = sum(block["incomplete"] for blocks in splits.values() for block in blocks.values())
     return {"invalid": int((judgments["verdict"] == "invalid").sum()),
             "failed": int((judgments["verdict"] == "failed").sum()), "incomplete": incomplete,

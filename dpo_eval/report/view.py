@@ -235,7 +235,9 @@ def gap_figures(summary: dict | None, width: int = 640, margin: int = 40) -> lis
         figure = {"judge": judge, "sentence": g.get("sentence", ""), "closed": None, "marks": []}
         if finite(g.get("closed")) and finite(g.get("base")) and finite(g.get("tuned")):
             positions = {"rejected": 0.0, "chosen": 1.0, "base": g["base"], "tuned": g["tuned"]}
-            low, high = min(0.0, *positions.values()), max(1.0, *positions.values())
+            ci = g.get("ci") or [None, None]
+            ends = [g["base"] + c for c in ci if finite(c)]  # the CI bar stays on the canvas
+            low, high = min(0.0, *positions.values(), *ends), max(1.0, *positions.values(), *ends)
             span = (high - low) or 1.0
 
             def x(v: float, low: float = low, span: float = span) -> float:
@@ -245,7 +247,6 @@ def gap_figures(summary: dict | None, width: int = 640, margin: int = 40) -> lis
                        "x0": x(low), "x1": x(high),
                        "marks": [{"role": role, "position": v, "x": x(v), "label": f"{v:.2f}", "color": GAP_COLORS[role],
                                   "ty": LABEL_ROWS[role]} for role, v in positions.items()]}
-            ci = g.get("ci") or [None, None]
             if finite(ci[0]) and finite(ci[1]):
                 figure["ci"] = [x(g["base"] + ci[0]), x(g["base"] + ci[1])]
                 figure["ci_text"] = f"closed {g['closed']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] from base's position"

@@ -85,12 +85,12 @@ def collect(run_dirs: list[Path], split: str = "valid") -> pl.DataFrame:
     return pl.DataFrame(rows, schema=SCHEMA).sort("step", nulls_last=True)
 
 
+ELIGIBLE = ("checkpoints whose alignment took (answer yes), that forgot nothing significantly (forgetting not yes), "
+            "whose gain is not flagged as gaming (gaming not yes) and that are not shown worse than base (better not no)")
 RULES = {
-    "earliest-within-ci": ("among checkpoints whose alignment took (answer yes) and that forgot nothing significantly "
-                           "(forgetting not yes), the earliest whose win-rate CI overlaps the CI of the one with the "
-                           "highest win rate (a later checkpoint is not shown to be better)"),
-    "best": ("among checkpoints whose alignment took (answer yes) and that forgot nothing significantly (forgetting "
-             "not yes), the one with the highest win rate"),
+    "earliest-within-ci": (f"among {ELIGIBLE}, the earliest whose win-rate CI overlaps the CI of the one with the "
+                           "highest win rate (overlapping intervals: these figures do not tell the two apart)"),
+    "best": f"among {ELIGIBLE}, the one with the highest win rate",
 }
 
 
@@ -101,7 +101,8 @@ def recommend(table: pl.DataFrame, rule: str = "earliest-within-ci") -> dict:
         raise DpoEvalError(f"recommendation rule {rule!r}: use one of {', '.join(RULES)}")
     said = RULES[rule]
     rows = table.to_dicts()
-    eligible = [r for r in rows if r["alignment"] == "yes" and r["forgetting"] != "yes"]
+    eligible = [r for r in rows if r["alignment"] == "yes" and r["forgetting"] != "yes" and r.get("gaming") != "yes"
+                and r.get("better") != "no"]
     ranked = [r for r in eligible if r["win_rate"] is not None and math.isfinite(r["win_rate"])]
     if not ranked:
         why = ("no checkpoint's alignment took" if not eligible else

@@ -35,6 +35,7 @@ import numpy as np
 import polars as pl
 
 from dpo_eval.config import VerdictSpec
+from dpo_eval.errors import DpoEvalError
 from dpo_eval.jsonsafe import jsonable
 from dpo_eval.judges.statistics import LC_SIDE_SHARE
 from dpo_eval.stats.paired import wilson
@@ -60,11 +61,12 @@ def rules(spec: VerdictSpec) -> dict[str, str]:
                    "answers' markdown was read, its style-controlled rate; no where they all lie below; "
                    "unknown where the judges disagree or none can tell"),
         "forgetting": (f"yes where a benchmark task's primary metric dropped with BH q < {spec.alpha:g} across tasks; "
-                       "no (no evidence) otherwise, with the smallest drop the questions could detect; not checked "
-                       "without a forgetting stage"),
-        "gaming": ("beside a win: yes where the raw win rate lies above 0.5 but the length- or style-controlled rate "
-                   "does not, "
-                   f"where two judges agree per prompt no better than Cohen's kappa {spec.kappa_bar:g}, or where more "
+                       "no (no evidence) otherwise, with the smallest drop the questions could detect, unknown where a "
+                       "task did not run; not checked without a forgetting stage"),
+        "gaming": ("beside a calibrated judge's win: yes where the raw win rate lies above 0.5 but the length- or "
+                   "style-controlled rate does not (or length alone separates wins from losses, tuned winning where "
+                   f"longer), where two calibrated judges name different winners on at least "
+                   f"{spec.disagreement_bar:.0%} of prompts with Cohen's kappa at most {spec.kappa_bar:g}, or where more "
                    "features moved significantly away from chosen than toward it (counting features whose "
                    "chosen-vs-rejected shift is significant); unknown where the length control is an extrapolation or "
                    "undefined; no without such a signal or without a win"),
@@ -142,6 +144,20 @@ def reward_outcomes(scores: pl.DataFrame, split: str) -> pl.DataFrame:
     return wide.select("pair_id", "split", winner=winner)
 
 
+def once_per_prompt(outcomes: pl.DataFrame, run_dir: Path) -> pl.DataFrame:
+    """One row per prompt (the smallest pair_id) of a `pair_id, ...` frame, prompts read from pairs.parquet: a
+    prompt's pairs share its tuned and base answers, so their verdicts are copies of one."""
+    from dpo_eval.data.pairs import prompt_ids
+
+    pairs = _table(run_dir, "pairs.parquet")
+    if pairs is None or outcomes.height == 0:
+        return outcomes
+    prompts = pairs.select("pair_id", prompt_id=pl.Series(prompt_ids(pairs), dtype=pl.String))
+    keyed = outcomes.join(prompts, on="pair_id", how="left").with_columns(
+        pl.col("prompt_id").fill_null(pl.col("pair_id")))
+    return keyed.sort("pair_id").unique("prompt_id", keep="first", maintain_order=True).drop("prompt_id")
+
+
 def judge_outcomes(judgments: pl.DataFrame, split: str) -> pl.DataFrame:
     """`pair_id, split, winner` of the LLM judge's tuned-vs-base pairs counted in n (both orders valid)."""
     from dpo_eval.judges.statistics import combine_orders
@@ -186,7 +202,7 @@ def _lc_usable(block: dict) -> tuple[bool | None, str]:
     if rate is not None and math.isfinite(rate):
         return rate > 0.5, f"length-controlled rate {_pct(rate)}"
     if reason.startswith(SEPARATION):
-        return False, "its length-controlled rate is undefined because length alone separates wins from losses"
+        return None, "its length-controlled rate is undefined because length alone separates wins from losses"
     if spread and block.get("wins", 0) + block.get("losses", 0) > 0 and (block.get("losses") == 0 or block.get("wins") == 0):
         sides = min(spread["share_tuned_longer"], spread["share_tuned_shorter"]) + spread["share_equal"]
         if sides >= LC_SIDE_SHARE:
@@ -215,12 +231,16 @@ def judge_answer(name: str, calibration: dict, win: dict, spec: VerdictSpec) -> 
            "wins": win.get("wins"), "losses": win.get("losses"), "ties": win.get("ties"),
            "lc_win_rate": win.get("lc_win_rate"), "lc_reason": win.get("lc_reason"),
            "lc_extrapolated": win.get("lc_extrapolated"), "length_diff": win.get("length_diff"),
-           "sc_win_rate": win.get("sc_win_rate"), "sc_extrapolated": win.get("sc_extrapolated")}
+           "sc_win_rate": win.get("sc_win_rate"), "sc_extrapolated": win.get("sc_extrapolated"),
+           "longer_wins": win.get("longer_wins")}
     if not (_num(calibration["ci_low"]) > spec.calibration_bar):
         return out | {"calibrated": False, "answer": "unknown",
                       "because": f"the {name} could not tell chosen from rejected ({agree}, bar {spec.calibration_bar:g})"}
     rate, low, high, n = win.get("win_rate"), _num(win.get("ci_low")), _num(win.get("ci_high")), win.get("n")
-    said = f"the {name} ({agree}) prefers tuned on {_pct(rate)} [{_pct(low)}, {_pct(high)}] of {n} pairs"
+    if not n:
+        return out | {"calibrated": True, "answer": "unknown",
+                      "because": f"the {name} ({agree}) has no tuned-vs-base prompt with a valid verdict"}
+    said = f"the {name} ({agree}) prefers tuned on {_pct(rate)} [{_pct(low)}, {_pct(high)}] of {n} prompts"
     above, lc_said = _lc_usable(win)
     said += f", {lc_said}"
     style = _sc_usable(win)
@@ -241,6 +261,12 @@ def judge_answer(name: str, calibration: dict, win: dict, spec: VerdictSpec) -> 
     return out | {"calibrated": True, "answer": answer, "because": said}
 
 
+def _at_level(k: float, n: int, spec: VerdictSpec) -> tuple[float, float]:
+    """The Wilson interval of k successes (a tie half of one) in n at the verdict's level 1 - alpha (the stages
+    store theirs at their own level)."""
+    return wilson(k, n, 1 - spec.alpha) if n else (math.nan, math.nan)
+
+
 def _held_out_split(splits: dict, in_sample: dict | None = None) -> str | None:
     """The split a judge's answer rests on: valid, else train; never one the judge was trained on (in_sample)."""
     for split in ("valid", "train"):
@@ -249,7 +275,7 @@ def _held_out_split(splits: dict, in_sample: dict | None = None) -> str | None:
     return None
 
 
-def reward_model_blocks(summary: dict, run_dir: Path) -> tuple[dict, dict, str] | None:
+def reward_model_blocks(summary: dict, run_dir: Path, spec: VerdictSpec) -> tuple[dict, dict, str] | None:
     """(calibration, tuned-vs-base block with its length control, split) of the reward model, or None."""
     from dpo_eval.judges.pairwise import answer_lengths
     from dpo_eval.judges.statistics import split_lc_win_rate
@@ -261,28 +287,37 @@ def reward_model_blocks(summary: dict, run_dir: Path) -> tuple[dict, dict, str] 
         return None
     s = splits[split]
     labelled = (block.get("reference_splits") or {}).get(split) or s  # questions without labels: the reference's
-    calibration = {"agreement": labelled["accuracy"], "ci_low": labelled["ci_low"], "ci_high": labelled["ci_high"],
-                   "n": labelled["n"]}
-    win = {"split": split, "win_rate": s["win_rate"], "ci_low": s["win_ci_low"], "ci_high": s["win_ci_high"],
-           "n": s["win_n"], "wins": s["wins"], "losses": s["losses"], "ties": s["win_ties"]}
+    n_cal = int(labelled.get("n") or 0)
+    calibration = {"agreement": labelled["accuracy"], "n": n_cal}
+    calibration["ci_low"], calibration["ci_high"] = _at_level(round(_num(labelled["accuracy"]) * n_cal)
+                                                              if n_cal else 0, n_cal, spec)
+    n_win = int(s.get("win_n") or 0)
+    low, high = _at_level(s["wins"] + s["win_ties"] / 2, n_win, spec)
+    win = {"split": split, "win_rate": s["win_rate"], "ci_low": low, "ci_high": high,
+           "n": n_win, "wins": s["wins"], "losses": s["losses"], "ties": s["win_ties"]}
     scores, pairs = _table(run_dir, "reward_scores.parquet"), _table(run_dir, "pairs.parquet")
     lengths = answer_lengths(run_dir, _table(run_dir, "answers.parquet"), pairs) if pairs is not None else None
     if scores is not None and lengths is not None:
         from dpo_eval.judges.statistics import length_differences, length_sides
 
         diffs = length_differences(lengths)
-        outcomes = reward_outcomes(scores, split)
+        outcomes = once_per_prompt(reward_outcomes(scores, split), run_dir)
         rate, reason, side = split_lc_win_rate(outcomes, diffs)
         counted = outcomes.join(diffs, on=["pair_id", "split"])["length_diff"].to_numpy().astype(float)
         win |= {"lc_win_rate": rate, "lc_reason": reason, **side} | {
             key: value for key, value in length_sides(counted).items() if side.get(key) is None}
+        if reason.startswith(SEPARATION):  # which side length favours: tuned winning where it is longer, or shorter
+            joined = outcomes.join(diffs, on=["pair_id", "split"])
+            won = joined.filter(pl.col("winner") == "tuned")["length_diff"].mean()
+            lost = joined.filter(pl.col("winner") == "base")["length_diff"].mean()
+            win["longer_wins"] = bool(won is not None and lost is not None and won > lost)
     else:
         win |= {"lc_win_rate": None, "lc_reason": "the reward scores or the answers' lengths are not in the run folder",
                 "lc_extrapolated": None}
     return calibration, win, split
 
 
-def llm_judge_blocks(summary: dict) -> tuple[dict, dict, str] | None:
+def llm_judge_blocks(summary: dict, spec: VerdictSpec) -> tuple[dict, dict, str] | None:
     """(calibration, tuned-vs-base block, split) of the LLM judge, or None where it judged no held-out pair of
     both comparisons."""
     splits = (summary.get("judge") or {}).get("splits") or {}
@@ -291,8 +326,11 @@ def llm_judge_blocks(summary: dict) -> tuple[dict, dict, str] | None:
     if split is None:
         return None
     c, w = usable[split]["chosen_vs_rejected"], usable[split]["tuned_vs_base"]
-    calibration = {"agreement": c["agreement"], "ci_low": c["ci_low"], "ci_high": c["ci_high"], "n": c["n"]}
-    return calibration, {"split": split, **w}, split
+    calibration = {"agreement": c["agreement"], "n": c["n"]}
+    calibration["ci_low"], calibration["ci_high"] = _at_level(_num(c["agreement"]) * c["n"] if c["n"] else 0,
+                                                              c["n"], spec)
+    low, high = _at_level(w["wins"] + w["ties"] / 2, w["n"], spec) if "wins" in w else (math.nan, math.nan)
+    return calibration, {"split": split, **w, "ci_low": low, "ci_high": high}, split
 
 
 def better(judges: list[dict], rule: str) -> dict:
@@ -325,6 +363,7 @@ def forgetting(summary: dict, spec: VerdictSpec, rule: str) -> dict:
         for metric, s in metrics.items():
             if s.get("primary", True) and s.get("n"):
                 primaries.append((task, metric, s))
+    failed = sorted(block.get("failed") or [])
     if not primaries:
         return _answer("unknown", "no benchmark task ran to the end", rule, evidence)
     worse = [(t, m, s) for t, m, s in primaries
@@ -341,6 +380,9 @@ def forgetting(summary: dict, spec: VerdictSpec, rule: str) -> dict:
     if widest is not None:
         said += (f"; a drop smaller than about {detectable[widest]:.3f} could go unseen on {widest} "
                  "(its CI's half-width below the observed delta)")
+    if failed:
+        return _answer("unknown", said + f"; but {len(failed)} task(s) did not run ({', '.join(map(str, failed))}), "
+                       "so forgetting there is not checked", rule, evidence, detectable=detectable, failed=failed)
     return _answer("no", said, rule, evidence, detectable=detectable)
 
 
@@ -368,26 +410,30 @@ def gaming(judges: list[dict], agreement: dict | None, directions: tuple[int, in
     evidence = ["reward_model", "judge", "moved", "gaming"]
     if not judges:
         return _answer("not checked", "no reward model or LLM judge was run", rule, evidence, signals=[])
-    winners = [j for j in judges if _num(j["ci"][0]) > 0.5]
+    winners = [j for j in judges if j["calibrated"] and _num(j["ci"][0]) > 0.5]
     if not winners:
-        return _answer("no", "no judge finds tuned better than base (no win-rate CI above 0.5): no gain to explain",
-                       rule, evidence, signals=[])
+        return _answer("no", "no calibrated judge finds tuned better than base (no win-rate CI above 0.5): no gain "
+                       "to explain", rule, evidence, signals=[])
     signals, open_questions = [], []
     for j in winners:
         above, lc_said = _lc_usable(j)
         if above is False:
             signals.append(f"the {j['judge']}'s raw win rate {_pct(j['win_rate'])} [{_pct(j['ci'][0])}, "
                            f"{_pct(j['ci'][1])}] lies above 0.5 but its {lc_said} does not: length explains the win")
+        elif (j.get("lc_reason") or "").startswith(SEPARATION) and j.get("longer_wins"):
+            signals.append(f"length alone separates the {j['judge']}'s wins from its losses, and tuned wins where it "
+                           "is the longer answer: length explains the win")
         elif above is None:
             open_questions.append(f"the {j['judge']}'s {lc_said.removeprefix('its ')}")
         if _sc_usable(j) is False:
             signals.append(f"the {j['judge']}'s raw win rate {_pct(j['win_rate'])} lies above 0.5 but its "
                            f"style-controlled rate {_pct(j['sc_win_rate'])} does not: markdown and length explain "
                            "the win")
-    if agreement is not None and agreement["n"] and math.isfinite(agreement["kappa"]) \
-            and agreement["kappa"] <= agreement["bar"]:
-        signals.append(f"the two judges agree on tuned vs base on {agreement['agree']:.0%} of {agreement['n']} prompts "
-                       f"(Cohen's kappa {agreement['kappa']:.2f} <= {agreement['bar']:g})")
+    if agreement is not None and agreement["n"] and agreement.get("calibrated") \
+            and math.isfinite(agreement["kappa"]) and agreement["kappa"] <= agreement["bar"] \
+            and 1 - agreement["agree"] >= agreement["share_bar"]:
+        signals.append(f"the two judges name different winners of tuned vs base on {1 - agreement['agree']:.0%} of "
+                       f"{agreement['n']} prompts (Cohen's kappa {agreement['kappa']:.2f} <= {agreement['bar']:g})")
     if directions is not None and directions[1] > directions[0]:
         signals.append(f"{directions[1]} features moved significantly away from chosen and {directions[0]} toward it")
     extra = {"signals": signals, "judge_agreement": agreement}
@@ -402,20 +448,21 @@ def gaming(judges: list[dict], agreement: dict | None, directions: tuple[int, in
     return _answer("no", said + ")", rule, evidence, **extra)
 
 
-def judge_agreement(run_dir: Path, split: str | None, bar: float) -> dict | None:
+def judge_agreement(run_dir: Path, split: str | None, bar: float, share_bar: float = 1 / 3,
+                    calibrated: bool = True) -> dict | None:
     """The reward model's and the LLM judge's per-prompt verdicts of tuned vs base on `split`: n, agree share,
     Cohen's kappa, and the pairs where they disagree (reward margin largest first), or None without both."""
     scores, judgments = _table(run_dir, "reward_scores.parquet"), _table(run_dir, "judgments.parquet")
     if split is None or scores is None or judgments is None:
         return None
     rm, llm = reward_outcomes(scores, split), judge_outcomes(judgments, split)
-    both = rm.join(llm, on=["pair_id", "split"], suffix="_llm")
+    both = once_per_prompt(rm.join(llm, on=["pair_id", "split"], suffix="_llm"), run_dir)
     if both.height == 0:
         return None
     a, b = both["winner"].to_list(), both["winner_llm"].to_list()
     disagree = both.filter(pl.col("winner") != pl.col("winner_llm"))["pair_id"].to_list()
     return {"n": both.height, "agree": float(np.mean(np.array(a) == np.array(b))), "kappa": cohen_kappa(a, b),
-            "bar": bar, "disagree": disagree}
+            "bar": bar, "share_bar": share_bar, "calibrated": calibrated, "disagree": disagree}
 
 
 # ---------------------------------------------------------------- the gap
@@ -498,16 +545,17 @@ def verdict(run_dir: Path, spec: VerdictSpec | None = None) -> tuple[dict, dict]
     summary = _read_json(run_dir / "summary.json")
     said = rules(spec)
     judges, gaps = [], {}
-    rm = reward_model_blocks(summary, run_dir)
+    rm = reward_model_blocks(summary, run_dir, spec)
     if rm is not None:
         judges.append(judge_answer(RM, rm[0], rm[1], spec))
         block = reward_model_gap(run_dir, rm[2], spec)
         if block is not None:
             gaps[RM] = block | {"sentence": gap_sentence(RM, block)}
-    llm = llm_judge_blocks(summary)
+    llm = llm_judge_blocks(summary, spec)
     if llm is not None:
         judges.append(judge_answer("LLM judge", llm[0], llm[1], spec))
-    agreement = judge_agreement(run_dir, rm[2] if rm else None, spec.kappa_bar) if rm and llm else None
+    agreement = (judge_agreement(run_dir, rm[2], spec.kappa_bar, spec.disagreement_bar,
+                                 calibrated=all(j["calibrated"] for j in judges)) if rm and llm else None)
     directions = _feature_directions(_table(run_dir, "stats.parquet"), spec.alpha)
     answers = {"alignment": alignment(summary, spec, said["alignment"]),
                "better": better(judges, said["better"]),
@@ -530,6 +578,9 @@ def write_verdict(run_dir: Path, spec: VerdictSpec | None = None) -> dict:
     from dpo_eval.report.page import read_sections, render_report, write_sections
 
     run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").is_file():
+        raise DpoEvalError(f"{run_dir}: no summary.json; give the run directory of `dpo-eval evaluate` (or of a "
+                           "judge run)")
     answers, gaps = verdict(run_dir, spec)
     path = run_dir / "summary.json"
     summary = _read_json(path)
