@@ -67,6 +67,25 @@ def test_the_clients_public_request_and_calls():
         assert callable(getattr(Variable, name, None)), f"Variable.{name} is gone: {RELIED_ON}"
 
 
+def test_what_the_workers_results_and_leases_rely_on():
+    """The shard worker's atomic results and the leases' fast writes: the result store's default storage, a
+    LocalFileSystem subclass saved as a block (the result store calls write_path / awrite_path on it), a task given
+    another result storage, the task run's state history, the subscription's websocket, the client's retry setting."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.subscriptions import Subscription
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import aget_default_result_storage
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES  # noqa: F401 - imported is the pin
+    from prefect.tasks import Task
+
+    assert inspect.iscoroutinefunction(aget_default_result_storage), RELIED_ON
+    for name in ("write_path", "read_path", "asave"):
+        assert callable(getattr(LocalFileSystem, name, None)), f"LocalFileSystem.{name} is gone: {RELIED_ON}"
+    assert "result_storage" in inspect.signature(Task.with_options).parameters, RELIED_ON
+    assert callable(getattr(SyncPrefectClient, "read_task_run_states", None)), RELIED_ON
+    assert "websocket" in inspect.getsource(Subscription), f"Subscription has no websocket to close: {RELIED_ON}"
+
+
 def test_no_private_prefect_name_is_used():
     """The project's own code names no underscore attribute of a Prefect object (client._client, a worker's
     _limiter, ...): only what the tests above pin."""
