@@ -310,6 +310,10 @@ class JudgeSpec(Spec):
         ("tuned_vs_base", "chosen_vs_rejected"), min_length=1,
         description="What to judge: tuned vs base answers, and the data set's chosen vs rejected (calibration).")
     split: Literal["train", "valid", "all"] = Field("all", description="Judge pairs of this split only.")
+    gap_sample: int | None = Field(None, ge=1, title="Gap sample", description="Also judge tuned and base against "
+                                   "chosen (both orders) on this many prompts, held-out ones first, so a "
+                                   "Bradley-Terry fit places tuned and base between rejected and chosen "
+                                   "(summary.json `gap`); 4 more calls per prompt, inside max_calls. None: no gap.")
     limit: int | None = Field(None, ge=1, description="Judge only the first N selected pairs (pairs.parquet order).")
     max_calls: int | None = Field(None, ge=0, description="Hard budget of API calls (retries of a call not "
                                   "counted; hf judge: judgments computed); the run stops before exceeding it, "

@@ -19,7 +19,8 @@ FLAGS = {"kind": "--judge", "model": "--judge-model", "base_url": "--base-url", 
          "context_chars": "--context-chars", "answer_share": "--answer-share", "logprobs": "--logprobs",
          "quantization": "--quantization", "compute_dtype": "--compute-dtype", "batch_size": "--batch-size",
          "context_tokens": "--context-tokens", "tie_margin": "--tie-margin", "revision": "--judge-revision",
-         "max_invalid_share": "--max-invalid-share", "price_in": "--price-in", "price_out": "--price-out"}
+         "max_invalid_share": "--max-invalid-share", "price_in": "--price-in", "price_out": "--price-out",
+         "gap_sample": "--gap-sample"}
 
 
 def _option(name: str):
@@ -55,6 +56,7 @@ def judge(
     compute_dtype: str = _option("compute_dtype"),
     context_tokens: Optional[int] = _option("context_tokens"),
     tie_margin: float = _option("tie_margin"),
+    gap_sample: Optional[int] = _option("gap_sample"),
     price_in: Optional[float] = _option("price_in"),
     price_out: Optional[float] = _option("price_out"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the judgments, the calls still to make (the cache "
@@ -98,7 +100,7 @@ def judge(
                  max_invalid_share=max_invalid_share, api_key_env=api_key_env,
                  comparisons=chosen, split=split, limit=limit, max_calls=max_calls, concurrency=concurrency,
                  template=template, max_tokens=max_tokens, context_chars=context_chars, answer_share=answer_share,
-                 logprobs=logprobs, price_in=price_in, price_out=price_out, **local)
+                 logprobs=logprobs, price_in=price_in, price_out=price_out, gap_sample=gap_sample, **local)
     if dry_run:
         from dpo_eval.judges.pairwise import dry_run as estimate
 

@@ -32,7 +32,7 @@ from dpo_eval.judges.api import (
     run_calls,
 )
 from dpo_eval.judges.prompt import load_template, parse_verdict, render
-from dpo_eval.judges.statistics import ROLES, judge_summary
+from dpo_eval.judges.statistics import GAP_COMPARISONS, ROLES, judge_summary
 from dpo_eval.judges.style import style_frame
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,31 @@ def select_pairs(pairs: pl.DataFrame, spec: JudgeSpec) -> pl.DataFrame:
     return chosen.head(spec.limit) if spec.limit else chosen
 
 
-def comparison_rows(pairs: pl.DataFrame, answers: pl.DataFrame | None, comparisons: tuple[str, ...]) -> list[dict]:
+def gap_pairs(pairs: pl.DataFrame, spec: JudgeSpec) -> set[str]:
+    """The pair_ids whose tuned and base answers are also judged against chosen (spec.gap_sample prompts, one pair
+    each, held-out pairs first, then in table order); empty without gap_sample."""
+    if not spec.gap_sample:
+        return set()
+    labelled = pairs.filter(pl.col("chosen").is_not_null() & pl.col("rejected").is_not_null())
+    keyed = labelled.with_columns(prompt_id=pl.Series(prompt_ids(labelled), dtype=pl.String),
+                                  order=pl.int_range(pl.len()), held=pl.col("split") != "valid")
+    once = keyed.sort("held", "order").unique("prompt_id", keep="first", maintain_order=True)
+    return set(once.head(spec.gap_sample)["pair_id"].to_list())
+
+
+def comparisons_of(spec: JudgeSpec) -> tuple[str, ...]:
+    """The comparisons judged: the spec's, and the gap's links where gap_sample is set."""
+    return tuple(spec.comparisons) + (GAP_COMPARISONS if spec.gap_sample else ())
+
+
+def comparison_rows(pairs: pl.DataFrame, answers: pl.DataFrame | None, comparisons: tuple[str, ...],
+                    sample: set[str] | None = None) -> list[dict]:
     """One row per pair and comparison: pair_id, split, comparison, system, prompt and the two roles' texts.
-    chosen_vs_rejected skips pairs without labels; tuned_vs_base needs both answers of a pair."""
+    chosen_vs_rejected skips pairs without labels; tuned_vs_base needs both answers of a pair; the gap's
+    comparisons (tuned and base against chosen) are made for the pairs in `sample` only."""
     texts = pairs.select("pair_id", "split", system=pl.col("system").fill_null(""), prompt="prompt",
                          chosen="chosen", rejected="rejected")
-    if "tuned_vs_base" in comparisons:
+    if any(c != "chosen_vs_rejected" for c in comparisons):
         models = set(answers["model"].unique().to_list())
         if not {"tuned", "base"} <= models:
             raise DpoEvalError(f"answers.parquet holds answers of {sorted(models)}, not of both tuned and base: "
@@ -74,6 +93,8 @@ def comparison_rows(pairs: pl.DataFrame, answers: pl.DataFrame | None, compariso
     rows = []
     for pair in texts.iter_rows(named=True):
         for comparison in comparisons:
+            if comparison in GAP_COMPARISONS and pair["pair_id"] not in (sample or set()):
+                continue
             first, second = ROLES[comparison]
             if pair.get(first) is None or pair.get(second) is None:
                 continue
@@ -158,10 +179,11 @@ def dry_run(run_dir: Path, spec: JudgeSpec) -> dict:
     (hf) judge computes on this machine: it has judgments to compute, no tokens to pay for."""
     run_dir = Path(run_dir)
     pairs = select_pairs(read_table(run_dir, "pairs.parquet"), spec)
-    needs_answers = "tuned_vs_base" in spec.comparisons or (run_dir / "answers.parquet").is_file()
+    needs_answers = ("tuned_vs_base" in spec.comparisons or bool(spec.gap_sample)
+                     or (run_dir / "answers.parquet").is_file())
     answers = read_table(run_dir, "answers.parquet") if needs_answers else None
     template = load_template(spec.template)
-    rows = comparison_rows(pairs, answers, spec.comparisons)
+    rows = comparison_rows(pairs, answers, comparisons_of(spec), gap_pairs(pairs, spec))
     if spec.kind == "hf":
         from dpo_eval.judges.local import HFJudge
 
@@ -202,10 +224,11 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
     if repeated:  # refused before any call: two rows of one pair would be judged and paid for twice, then rejected
         raise DpoEvalError(f"{run_dir / 'pairs.parquet'}: pair_id {repeated[0]!r} appears more than once "
                            f"({len(repeated)} repeated pair(s)); keep one row per pair")
-    needs_answers = "tuned_vs_base" in spec.comparisons or (run_dir / "answers.parquet").is_file()
+    needs_answers = ("tuned_vs_base" in spec.comparisons or bool(spec.gap_sample)
+                     or (run_dir / "answers.parquet").is_file())
     answers = read_table(run_dir, "answers.parquet") if needs_answers else None
     template = load_template(spec.template)
-    rows = comparison_rows(pairs, answers, spec.comparisons)
+    rows = comparison_rows(pairs, answers, comparisons_of(spec), gap_pairs(pairs, spec))
     if spec.kind == "hf":  # a local HF judge (dpo_eval.judges.local): cut in tokens, verdicts from log-probs
         from dpo_eval.judges.local import HFJudge
 

@@ -27,7 +27,11 @@ from dpo_eval.errors import DpoEvalError
 from dpo_eval.judges.style import SC_RESAMPLES, split_sc_win_rate, style_differences
 from dpo_eval.stats.paired import wilson
 
-ROLES = {"tuned_vs_base": ("tuned", "base"), "chosen_vs_rejected": ("chosen", "rejected")}
+ROLES = {"tuned_vs_base": ("tuned", "base"), "chosen_vs_rejected": ("chosen", "rejected"),
+         "tuned_vs_chosen": ("tuned", "chosen"), "base_vs_chosen": ("base", "chosen")}
+# judged on a budgeted sample of prompts (JudgeSpec.gap_sample) so a Bradley-Terry fit links {tuned, base} with
+# {chosen, rejected}: the LLM judge's gap (dpo_eval.studies.verdict)
+GAP_COMPARISONS = ("tuned_vs_chosen", "base_vs_chosen")
 ORDERS = ("ab", "ba")
 VERDICTS = ("first", "second", "tie", "invalid", "failed")  # failed: the server refused the request (a 4xx)
 REQUIRED = ("pair_id", "split", "comparison", "judge", "order", "shown_first", "verdict", "winner")
@@ -236,6 +240,9 @@ def comparison_summary(judgments: pl.DataFrame, comparison: str, diffs: pl.DataF
               "invalid": counts["invalid"], "incomplete": counts["incomplete"], "failed": counts["failed"]}
     if comparison == "chosen_vs_rejected":
         return {"n": counts["n"], "agreement": rate, **common}
+    if comparison in GAP_COMPARISONS:  # the gap's links: counts and rate only (lengths are tuned - base)
+        return {"n": counts["n"], "wins": counts["wins"], "losses": counts["losses"], "ties": counts["ties"],
+                "win_rate": rate, **common}
     lc, why, side = split_lc_win_rate(combined, diffs)
     style = split_sc_win_rate(combined, style_diffs, resamples=SC_RESAMPLES, seed=seed, level=1 - alpha)
     return {"n": counts["n"], "wins": counts["wins"], "losses": counts["losses"], "ties": counts["ties"],

@@ -527,13 +527,100 @@ def reward_model_gap(run_dir: Path, split: str, spec: VerdictSpec) -> dict | Non
     return block | {"split": split}
 
 
+BT_SYSTEMS = ("chosen", "base", "tuned")  # rejected is the reference (strength 0)
+
+
+def bradley_terry(first: list[str], second: list[str], outcome: np.ndarray) -> np.ndarray | None:
+    """Strengths of chosen, base, tuned (rejected 0) from pairwise outcomes (1: first wins, 0: second, 1/2: tie as a
+    half row of each), by unpenalised logistic regression without intercept on +1 / -1 indicator differences.
+    None where the fit does not converge (a system that wins or loses every comparison: no finite strength)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from dpo_eval.judges.statistics import _unpenalised
+
+    x = np.zeros((len(first), len(BT_SYSTEMS)))
+    for i, (a, b) in enumerate(zip(first, second)):
+        if a in BT_SYSTEMS:
+            x[i, BT_SYSTEMS.index(a)] += 1.0
+        if b in BT_SYSTEMS:
+            x[i, BT_SYSTEMS.index(b)] -= 1.0
+    y = np.asarray(outcome, dtype=float)
+    X, Y, W = np.concatenate([x, x]), np.concatenate([np.ones_like(y), np.zeros_like(y)]), np.concatenate([y, 1 - y])
+    keep = W > 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model = LogisticRegression(fit_intercept=False, max_iter=2000, tol=1e-10, **_unpenalised()).fit(
+            X[keep], Y[keep], sample_weight=W[keep])
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught) or np.abs(model.coef_).max() > 30:
+        return None
+    return model.coef_[0].astype(float)
+
+
+def llm_judge_gap(run_dir: Path, split: str, spec: VerdictSpec) -> dict | None:
+    """The LLM judge's gap on `split`: a Bradley-Terry fit over rejected, chosen, base and tuned from the judged
+    pairs of the gap sample (chosen vs rejected, tuned vs base, tuned and base vs chosen, both orders combined),
+    positions = strength / strength(chosen), a percentile bootstrap over prompts; None without a gap sample."""
+    from dpo_eval.judges.statistics import GAP_COMPARISONS, ROLES, combine_orders
+
+    judgments = _table(run_dir, "judgments.parquet")
+    if judgments is None:
+        return None
+    part = judgments if split == "all" else judgments.filter(pl.col("split") == split)
+    sample = set(part.filter(pl.col("comparison").is_in(GAP_COMPARISONS))["pair_id"].to_list())
+    if not sample:
+        return None
+    combined = combine_orders(part.filter(pl.col("pair_id").is_in(sorted(sample))))
+    rows = combined.filter(pl.col("winner").is_in(["chosen", "rejected", "base", "tuned", "tie"]))
+    first = [ROLES[c][0] for c in rows["comparison"].to_list()]
+    second = [ROLES[c][1] for c in rows["comparison"].to_list()]
+    outcome = np.array([1.0 if w == f else 0.5 if w == "tie" else 0.0 for w, f in zip(rows["winner"].to_list(), first)])
+    pairs = _table(run_dir, "pairs.parquet")
+    clusters = rows["pair_id"].to_numpy()
+    if pairs is not None:
+        from dpo_eval.data.pairs import prompt_ids
+
+        key = dict(zip(pairs["pair_id"].to_list(), prompt_ids(pairs)))
+        clusters = np.array([key.get(p, p) for p in clusters])
+    base_block = {"n": len(sample), "comparisons": int(rows.height), "split": split, "method":
+                  "Bradley-Terry (unpenalised logistic, rejected at 0) over the gap sample's judged pairs; percentile "
+                  "bootstrap over prompts"}
+    strengths = bradley_terry(first, second, outcome)
+    if strengths is None:
+        return base_block | {"undefined": "the Bradley-Terry fit has no finite solution (a system won or lost every "
+                                          "comparison of the sample)"}
+    chosen, base, tuned = strengths
+    labels, index = np.unique(clusters, return_inverse=True)
+    rng = np.random.default_rng(spec.seed)
+    boots = []
+    for _ in range(spec.resamples // 4):  # each resample is a fit: a quarter of the reward model's resamples
+        pick = np.concatenate([np.flatnonzero(index == g) for g in rng.integers(0, labels.size, labels.size)])
+        fit = bradley_terry([first[i] for i in pick], [second[i] for i in pick], outcome[pick])
+        if fit is not None:
+            boots.append(fit)
+    tail = spec.alpha / 2
+    boots = np.array(boots) if boots else np.zeros((0, 3))
+    low_c, high_c = (np.quantile(boots[:, 0], [tail, 1 - tail]) if len(boots) else (np.nan, np.nan))
+    base_block |= {"resamples": spec.resamples // 4, "fitted_resamples": len(boots), "level": 1 - spec.alpha,
+                   "strengths": {"chosen": float(chosen), "base": float(base), "tuned": float(tuned)}}
+    if not (chosen > 0 and low_c > 0):
+        return base_block | {"undefined": f"chosen and rejected are not separated on this judge's scale (strength of "
+                                          f"chosen {chosen:.3g}, {1 - spec.alpha:.0%} CI [{low_c:.3g}, {high_c:.3g}])"}
+    closed = (boots[:, 2] - boots[:, 1]) / boots[:, 0]
+    low, high = np.quantile(closed, [tail, 1 - tail])
+    return base_block | {"base": float(base / chosen), "tuned": float(tuned / chosen),
+                         "closed": float((tuned - base) / chosen), "ci": [float(low), float(high)]}
+
+
 def gap_sentence(name: str, block: dict) -> str:
     if "undefined" in block:
         return f"Gap closed on the {name}'s scale: undefined: {block['undefined']}."
     low, high = block["ci"]
     return (f"DPO closed {block['closed']:.1%} [{low:.1%}, {high:.1%}] of the rejected-to-chosen gap (base at "
             f"{block['base']:.2f}, tuned at {block['tuned']:.2f}, on the {name}'s scale, {block['n']} "
-            f"{block['split']} pairs).")
+            f"{block['split']} {'prompts' if name == 'LLM judge' else 'pairs'}).")
 
 
 # ---------------------------------------------------------------- the run
@@ -554,6 +641,9 @@ def verdict(run_dir: Path, spec: VerdictSpec | None = None) -> tuple[dict, dict]
     llm = llm_judge_blocks(summary, spec)
     if llm is not None:
         judges.append(judge_answer("LLM judge", llm[0], llm[1], spec))
+        block = llm_judge_gap(run_dir, llm[2], spec)
+        if block is not None:
+            gaps["LLM judge"] = block | {"sentence": gap_sentence("LLM judge", block)}
     agreement = (judge_agreement(run_dir, rm[2], spec.kappa_bar, spec.disagreement_bar,
                                  calibrated=all(j["calibrated"] for j in judges)) if rm and llm else None)
     directions = _feature_directions(_table(run_dir, "stats.parquet"), spec.alpha)
