@@ -375,4 +375,13 @@ class JudgeSpec(Spec):
         return value
 
 
+    @field_validator("gap_sample")
+    @classmethod
+    def _gap_needs_both_comparisons(cls, value, info):
+        if value is not None and set(info.data.get("comparisons") or ()) != {"tuned_vs_base", "chosen_vs_rejected"}:
+            raise ValueError("gap_sample (--gap-sample) places tuned and base between rejected and chosen: it needs "
+                             "both comparisons, tuned_vs_base and chosen_vs_rejected (the default --comparisons)")
+        return value
+
+
 EvalConfig.model_rebuild()  # EvalConfig.judge refers to JudgeSpec, defined after it

@@ -102,3 +102,45 @@ def test_gap_sample_judges_tuned_and_base_against_chosen_and_places_them(tmp_pat
     assert block["ci"][0] <= 1 / 3 <= block["ci"][1]  # the planted strengths close a third of the gap
     assert "on the LLM judge's scale, 30 valid prompts" in summary["verdict"]["gap_line"]
     assert verdict(run)[1]["LLM judge"]["closed"] == pytest.approx(block["closed"])
+
+
+def test_no_finite_fit_is_said_never_a_number_or_a_traceback():
+    """Ford's condition: where a system wins every comparison (or chosen beats rejected on every prompt) the
+    strengths run off to infinity; the fit says so instead of returning the numbers where the optimiser stopped."""
+    from dpo_eval.studies.verdict import bt_exists
+
+    order = {"rejected": 0, "base": 1, "tuned": 2, "chosen": 3}
+    pairs = [("chosen", "rejected"), ("tuned", "base"), ("tuned", "chosen"), ("base", "chosen")] * 10
+    first, second = [a for a, _ in pairs], [b for _, b in pairs]
+    perfect = np.array([1.0 if order[a] > order[b] else 0.0 for a, b in pairs])
+    assert not bt_exists(first, second, perfect) and bradley_terry(first, second, perfect) is None
+    assert bradley_terry(first, second, np.ones(len(pairs))) is None  # one outcome only: no traceback
+    noisy = perfect.copy()
+    noisy[[2, 3, 6, 7]] = 1 - noisy[[2, 3, 6, 7]]  # tuned loses to base once, beats chosen once, and so on
+    noisy[[0]] = 0.5  # a tie between chosen and rejected links them both ways
+    assert bt_exists(first, second, noisy) and bradley_terry(first, second, noisy) is not None
+
+
+def test_a_judge_with_a_perfect_order_leaves_the_gap_undefined_through_the_cli(tmp_path):
+    from tests.test_judge_scripted import judge_cli
+
+    def ranked(a: str, b: str, user: str) -> str:
+        qa, qb = (next(w for w in t.split() if w in STRENGTH) for t in (a, b))
+        return "[[A]]" if STRENGTH[qa] > STRENGTH[qb] else "[[B]]"
+
+    run = make_gap_run(tmp_path / "run", n=20)
+    with ScriptedJudge(ranked) as server:
+        summary = judge_cli(run, server, tmp_path / "cache", "--gap-sample", "10")
+    block = summary["gap"]["LLM judge"]
+    assert "closed" not in block and "no finite solution" in block["undefined"]
+    assert "undefined" in summary["verdict"]["gap_line"]
+
+
+def test_a_gap_sample_needs_both_comparisons():
+    from pydantic import ValidationError
+
+    from dpo_eval.config import JudgeSpec
+
+    with pytest.raises(ValidationError, match="needs both comparisons"):
+        JudgeSpec(model="m", comparisons=("tuned_vs_base",), gap_sample=5)
+    assert JudgeSpec(model="m", gap_sample=5).gap_sample == 5

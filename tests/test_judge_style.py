@@ -156,3 +156,11 @@ def test_the_four_answers_read_the_style_control(tmp_path):
     assert judge["answer"] == "unknown" and answers["better"]["answer"] == "unknown"
     assert answers["gaming"]["answer"] == "yes" and "style-controlled rate" in answers["gaming"]["because"]
     assert summary["verdict"]["gaming"]["answer"] == "yes"  # written by `dpo-eval judge` itself
+
+
+def test_a_covariate_that_decides_every_verdict_gives_no_rate():
+    rng = np.random.default_rng(4)
+    d = np.column_stack([rng.uniform(-1, 1, 80), np.zeros(80), rng.choice([-1.0, 1.0], 80), np.zeros(80)])
+    y = np.where(d[:, 2] > 0, 1.0, 0.0)  # list items alone decide: complete separation
+    block = sc_win_rate(y, d, resamples=50)
+    assert np.isnan(block["sc_win_rate"]) and block["sc_reason"].startswith("separation")

@@ -449,3 +449,19 @@ def test_write_verdict_names_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(DpoEvalError, match="no summary.json"):
         write_verdict(tmp_path / "nowhere")
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_prompt_counts_by_its_scored_pair_whichever_pair_that_is():
+    """--limit scores the first pairs in table order; a prompt whose scored pair is not its smallest pair_id still
+    counts once in the reward model's win rate."""
+    from dpo_eval.judges.reward_model import calibration
+
+    rows = []
+    for prompt, (scored, unscored) in enumerate([("p9", "p0"), ("p8", "p1")]):
+        for pid, value in ((scored, 1.0), (unscored, None)):
+            for role, base in (("chosen", 2.0), ("rejected", 0.0), ("base", 0.5), ("tuned", 0.5)):
+                score = None if value is None else base + (0.3 if role == "tuned" else 0.0)
+                rows.append({"pair_id": pid, "split": "valid", "role": role, "reward_model": score,
+                             "prompt_id": f"q{prompt}"})
+    block = calibration(pl.DataFrame(rows))["valid"]
+    assert block["win_n"] == 2 and block["wins"] == 2

@@ -136,7 +136,9 @@ class HFJudge:
         self.repairs: list[str] = []
         self.model_identity = model_identity(self.model_spec, DigestStore(spec.cache_dir) if spec.cache_dir else None)
         try:
-            self.tokenizer = load_tokenizer(self.model_spec, self.repairs)
+            pinned = self.model_identity.commit("base")  # the commit the identity resolved (None: a local folder)
+            self.tokenizer = load_tokenizer(self.model_spec.model_copy(update={"revision": pinned})
+                                            if pinned else self.model_spec, self.repairs)
             self.context = self._context()
         except OSError as exc:
             raise DpoEvalError(f"--judge-model {spec.model}: cannot load its tokenizer or config ({str(exc)[:300]}); "

@@ -355,7 +355,8 @@ def calibration(features: pl.DataFrame, *, seed: int = 0, n_boot: int = 2000, ci
         values = {r: part[r].cast(pl.Float64).fill_null(np.nan).to_numpy() for r in ROLES}
         cr = values["chosen"] - values["rejected"]
         cr = cr[np.isfinite(cr)]
-        once = part.sort("pair_id").unique("prompt_id", keep="first", maintain_order=True) if prompt else part
+        scored = part.filter(pl.col("tuned").cast(pl.Float64).is_finite() & pl.col("base").cast(pl.Float64).is_finite())
+        once = scored.sort("pair_id").unique("prompt_id", keep="first", maintain_order=True) if prompt else scored
         tb = (once["tuned"].cast(pl.Float64).fill_null(np.nan).to_numpy()
               - once["base"].cast(pl.Float64).fill_null(np.nan).to_numpy())
         tb = tb[np.isfinite(tb)]

@@ -29,6 +29,7 @@ HEADER = re.compile(r"^\s{0,3}#{1,6}\s", re.MULTILINE)
 LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s", re.MULTILINE)
 BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__", re.DOTALL)
 SC_RESAMPLES = 500
+SEPARATED = 12.0  # |log-odds per sd| beyond this: a covariate separates the verdicts (the fit runs off to infinity)
 SIDE_SHARE = 0.1  # as the length control's LC_SIDE_SHARE: fewer pairs than this at or on one side of 0: extrapolated
 METHOD = ("Arena-Hard-style control: logistic regression (unpenalised) of the combined per-pair outcome on the "
           "pair-normalised differences (tuned - base) / (tuned + base) of length and of markdown headers, list "
@@ -120,8 +121,11 @@ def sc_win_rate(outcome: np.ndarray, diffs: np.ndarray, names: tuple[str, ...] =
         return empty | {"sc_win_rate": rate, "sc_left_out": left_out, "sc_extrapolated": False,
                         "sc_reason": "no style covariate varies: the rate is the raw win rate"}
     intercept, coefs, converged = _fit(y, x)
-    notes = [] if converged else [("the logistic fit did not converge in 1000 iterations (separation: a covariate "
-                                   "decides the verdicts)")]
+    if not converged or np.abs(coefs).max() > SEPARATED:
+        return empty | {"sc_left_out": left_out, "sc_coefficients": {names[i]: float(c) for i, c in zip(used, coefs)},
+                        "sc_reason": "separation: the style covariates decide (nearly) every verdict, so the rate at "
+                                     "equal style has no finite estimate"}
+    notes = []
     if extrapolated:
         worst = [names[used[j]] for j, s in enumerate(sides) if s < SIDE_SHARE]
         notes.append(f"an extrapolation: nearly every pair differs in the same direction in {', '.join(worst)}, so "
@@ -133,9 +137,12 @@ def sc_win_rate(outcome: np.ndarray, diffs: np.ndarray, names: tuple[str, ...] =
         for _ in range(resamples):
             pick = rng.integers(0, y.size, y.size)
             yb, xb = y[pick], x[pick]
-            if np.all(yb == yb[0]) or (xb.std(axis=0) == 0).any():
-                continue  # no fit on this resample (one outcome, or a covariate without variation)
-            rates.append(_sigmoid(_fit(yb, xb, tol=1e-6)[0]))
+            if np.all(yb == yb[0]):
+                continue  # no fit on this resample: one outcome only
+            xb = xb[:, xb.std(axis=0) > 0]  # a covariate without variation in this resample drops out of it
+            fit = _fit(yb, xb, tol=1e-6)
+            if np.abs(fit[1]).max(initial=0.0) <= SEPARATED:
+                rates.append(_sigmoid(fit[0]))
     tail = (1 - level) / 2
     low, high = (np.quantile(rates, [tail, 1 - tail]) if len(rates) >= resamples // 2 else (np.nan, np.nan))
     if len(rates) < resamples:

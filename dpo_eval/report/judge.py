@@ -97,8 +97,8 @@ def _llm_headline(block: dict, judgments: pl.DataFrame | None, labeled: bool = T
             lc = (f"length-controlled {_f(tb['lc_win_rate'])}, an extrapolation: the answers' lengths do not reach "
                   "equal length" if tb.get("lc_extrapolated") else f"length-controlled {_f(tb['lc_win_rate'])}")
             said.append(f"on {split} tuned beats base in {_f(tb['win_rate'])} [{_f(tb['ci_low'])}, "
-                        f"{_f(tb['ci_high'])}] of {tb['n']} pairs (ties half; sign test p = {_p(tb['p_value'])}; "
-                        f"{lc})")
+                        f"{_f(tb['ci_high'])}] of {tb['n']} prompts (one pair per prompt; ties half; sign test "
+                        f"p = {_p(tb['p_value'])}; {lc})")
         elif tb:
             said.append(f"on {split} no tuned-vs-base pair has a valid verdict ({tb['invalid']} with an invalid "
                         f"one, {tb.get('failed', 0)} refused by the server, {tb['incomplete']} not judged in both "

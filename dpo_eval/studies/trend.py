@@ -71,7 +71,7 @@ def collect(run_dirs: list[Path], split: str = "valid") -> pl.DataFrame:
         adapter = json.loads(config_path.read_text())["config"]["model"]["adapter"]
         reward = (summary.get("implicit_reward") or {}).get(split) or {}
         verdict, gaps = _answers(Path(run), summary)
-        gap = next(iter(gaps.values()), {}) if gaps else {}
+        gap = gaps.get("reward model") or {}  # one scale down the column: the reward model's
         gap_ci = gap.get("ci") or [None, None]
         rows.append({"run": str(run), "adapter": adapter, "step": checkpoint_step(adapter),
                      "sign_agreement": (summary.get("sign_agreement") or {}).get(split),

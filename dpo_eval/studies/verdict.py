@@ -530,6 +530,31 @@ def reward_model_gap(run_dir: Path, split: str, spec: VerdictSpec) -> dict | Non
 BT_SYSTEMS = ("chosen", "base", "tuned")  # rejected is the reference (strength 0)
 
 
+def bt_exists(first: list[str], second: list[str], outcome) -> bool:
+    """Whether the Bradley-Terry maximum-likelihood fit exists (Ford's condition): every one of the four systems
+    compared, and the 'beat at least once' graph (a tie counts both ways) strongly connected, so no group of
+    systems wins, or loses, every comparison with the rest."""
+    systems = ("rejected", *BT_SYSTEMS)
+    beat = {s: set() for s in systems}
+    for a, b, y in zip(first, second, np.asarray(outcome, dtype=float)):
+        if y > 0:
+            beat[a].add(b)
+        if y < 1:
+            beat[b].add(a)
+
+    def reach(start: str, edges: dict) -> set:
+        seen, todo = {start}, [start]
+        while todo:
+            for nxt in edges[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    back = {s: {t for t in systems if s in beat[t]} for s in systems}
+    return len(reach("rejected", beat)) == len(systems) == len(reach("rejected", back))
+
+
 def bradley_terry(first: list[str], second: list[str], outcome: np.ndarray) -> np.ndarray | None:
     """Strengths of chosen, base, tuned (rejected 0) from pairwise outcomes (1: first wins, 0: second, 1/2: tie as a
     half row of each), by unpenalised logistic regression without intercept on +1 / -1 indicator differences.
@@ -541,6 +566,8 @@ def bradley_terry(first: list[str], second: list[str], outcome: np.ndarray) -> n
 
     from dpo_eval.judges.statistics import _unpenalised
 
+    if not bt_exists(first, second, outcome):
+        return None
     x = np.zeros((len(first), len(BT_SYSTEMS)))
     for i, (a, b) in enumerate(zip(first, second)):
         if a in BT_SYSTEMS:
@@ -554,7 +581,7 @@ def bradley_terry(first: list[str], second: list[str], outcome: np.ndarray) -> n
         warnings.simplefilter("always", ConvergenceWarning)
         model = LogisticRegression(fit_intercept=False, max_iter=2000, tol=1e-10, **_unpenalised()).fit(
             X[keep], Y[keep], sample_weight=W[keep])
-    if any(issubclass(w.category, ConvergenceWarning) for w in caught) or np.abs(model.coef_).max() > 30:
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         return None
     return model.coef_[0].astype(float)
 
@@ -602,9 +629,12 @@ def llm_judge_gap(run_dir: Path, split: str, spec: VerdictSpec) -> dict | None:
             boots.append(fit)
     tail = spec.alpha / 2
     boots = np.array(boots) if boots else np.zeros((0, 3))
-    low_c, high_c = (np.quantile(boots[:, 0], [tail, 1 - tail]) if len(boots) else (np.nan, np.nan))
     base_block |= {"resamples": spec.resamples // 4, "fitted_resamples": len(boots), "level": 1 - spec.alpha,
                    "strengths": {"chosen": float(chosen), "base": float(base), "tuned": float(tuned)}}
+    if len(boots) < (spec.resamples // 4) / 2:
+        return base_block | {"undefined": f"only {len(boots)} of {spec.resamples // 4} bootstrap resamples have a "
+                                          "finite Bradley-Terry fit: too few prompts to give an interval"}
+    low_c, high_c = np.quantile(boots[:, 0], [tail, 1 - tail])
     if not (chosen > 0 and low_c > 0):
         return base_block | {"undefined": f"chosen and rejected are not separated on this judge's scale (strength of "
                                           f"chosen {chosen:.3g}, {1 - spec.alpha:.0%} CI [{low_c:.3g}, {high_c:.3g}])"}
