@@ -162,6 +162,36 @@ def update_summary(run_dir: Path, block: dict) -> None:
     path.write_text(json.dumps(summary, indent=2, allow_nan=False))
 
 
+def plan_requests(run_dir: Path, spec: JudgeSpec) -> tuple:
+    """(pairs, answers, template, the local judge or None, judge id, requests) of judging `run_dir` with `spec`; the
+    same for a run and its dry run. Refuses, before any call, a pair listed twice and a selection with nothing to judge."""
+    run_dir = Path(run_dir)
+    pairs = select_pairs(read_table(run_dir, "pairs.parquet"), spec)
+    repeated = pairs.filter(pl.col("pair_id").is_duplicated())["pair_id"].unique().to_list()
+    if repeated:  # refused before any call: two rows of one pair would be judged and paid for twice, then rejected
+        raise DpoEvalError(f"{run_dir / 'pairs.parquet'}: pair_id {repeated[0]!r} appears more than once "
+                           f"({len(repeated)} repeated pair(s)); keep one row per pair")
+    needs_answers = ("tuned_vs_base" in spec.comparisons or bool(spec.gap_sample)
+                     or (run_dir / "answers.parquet").is_file())
+    answers = read_table(run_dir, "answers.parquet") if needs_answers else None
+    template = load_template(spec.template)
+    rows = comparison_rows(pairs, answers, comparisons_of(spec), gap_pairs(pairs, spec))
+    local = None
+    if spec.kind == "hf":  # a local HF judge (dpo_eval.judges.local): cut in tokens, verdicts from log-probs
+        from dpo_eval.judges.local import HFJudge
+
+        local = HFJudge(spec, template)
+        judge = judge_id(local.identity)
+        requests = local.build_requests(rows, judge)
+    else:
+        judge = judge_id(judge_identity(spec, template))
+        requests = build_requests(rows, spec, template, judge)
+    if not requests:
+        raise DpoEvalError(f"{run_dir}: nothing to judge for split {spec.split!r} and comparisons "
+                           f"{list(spec.comparisons)}")
+    return pairs, answers, template, local, judge, requests
+
+
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text where no tokenizer is at hand
 
 
@@ -177,22 +207,7 @@ def dry_run(run_dir: Path, spec: JudgeSpec) -> dict:
     the calls to make (within --max-calls), and their expected tokens: the prompt's characters / CHARS_PER_TOKEN
     (the API's tokenizer is not at hand) and at most max_tokens per reply, with the cost at spec's prices. A local
     (hf) judge computes on this machine: it has judgments to compute, no tokens to pay for."""
-    run_dir = Path(run_dir)
-    pairs = select_pairs(read_table(run_dir, "pairs.parquet"), spec)
-    needs_answers = ("tuned_vs_base" in spec.comparisons or bool(spec.gap_sample)
-                     or (run_dir / "answers.parquet").is_file())
-    answers = read_table(run_dir, "answers.parquet") if needs_answers else None
-    template = load_template(spec.template)
-    rows = comparison_rows(pairs, answers, comparisons_of(spec), gap_pairs(pairs, spec))
-    if spec.kind == "hf":
-        from dpo_eval.judges.local import HFJudge
-
-        local = HFJudge(spec, template)
-        judge = judge_id(local.identity)
-        requests = local.build_requests(rows, judge)
-    else:
-        judge = judge_id(judge_identity(spec, template))
-        requests = build_requests(rows, spec, template, judge)
+    pairs, answers, template, local, judge, requests = plan_requests(run_dir, spec)
     by_key = {req["key"]: req for req in requests}
     outcome, allowed = plan_calls(list(by_key), JudgmentCache(spec.cache_dir), spec.max_calls)
     chars = sum(len(m.get("content") or "") for key in allowed for m in by_key[key].get("messages") or [])
@@ -219,28 +234,7 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
     judgment cache. Raises DpoEvalError after writing both when the run stopped early.
     """
     run_dir = Path(run_dir)
-    pairs = select_pairs(read_table(run_dir, "pairs.parquet"), spec)
-    repeated = pairs.filter(pl.col("pair_id").is_duplicated())["pair_id"].unique().to_list()
-    if repeated:  # refused before any call: two rows of one pair would be judged and paid for twice, then rejected
-        raise DpoEvalError(f"{run_dir / 'pairs.parquet'}: pair_id {repeated[0]!r} appears more than once "
-                           f"({len(repeated)} repeated pair(s)); keep one row per pair")
-    needs_answers = ("tuned_vs_base" in spec.comparisons or bool(spec.gap_sample)
-                     or (run_dir / "answers.parquet").is_file())
-    answers = read_table(run_dir, "answers.parquet") if needs_answers else None
-    template = load_template(spec.template)
-    rows = comparison_rows(pairs, answers, comparisons_of(spec), gap_pairs(pairs, spec))
-    if spec.kind == "hf":  # a local HF judge (dpo_eval.judges.local): cut in tokens, verdicts from log-probs
-        from dpo_eval.judges.local import HFJudge
-
-        local = HFJudge(spec, template)
-        judge = judge_id(local.identity)
-        requests = local.build_requests(rows, judge)
-    else:
-        judge = judge_id(judge_identity(spec, template))
-        requests = build_requests(rows, spec, template, judge)
-    if not requests:
-        raise DpoEvalError(f"{run_dir}: nothing to judge for split {spec.split!r} and comparisons "
-                           f"{list(spec.comparisons)}")
+    pairs, answers, template, local, judge, requests = plan_requests(run_dir, spec)
     if spec.kind == "hf":
         outcome = local.run(requests, JudgmentCache(spec.cache_dir), judge, max_calls=spec.max_calls)
     else:

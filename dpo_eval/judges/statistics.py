@@ -18,13 +18,13 @@ import warnings
 
 import numpy as np
 import polars as pl
-import sklearn
 from scipy import stats as sps
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.judges.style import SC_RESAMPLES, split_sc_win_rate, style_differences
+from dpo_eval.judges.style import unpenalised as _unpenalised
 from dpo_eval.stats.paired import wilson
 
 ROLES = {"tuned_vs_base": ("tuned", "base"), "chosen_vs_rejected": ("chosen", "rejected"),
@@ -123,12 +123,6 @@ def sign_test(wins: int, losses: int) -> float:
     if wins + losses == 0:
         return float("nan")
     return float(sps.binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue)
-
-
-def _unpenalised() -> dict:
-    # scikit-learn 1.8 deprecated penalty=None in favour of C=inf (removal in 1.10); both mean no penalty.
-    major, minor = (int(p) for p in sklearn.__version__.split(".")[:2])
-    return {"C": np.inf} if (major, minor) >= (1, 8) else {"penalty": None}
 
 
 def lc_win_rate(outcome: np.ndarray, length_diff: np.ndarray) -> tuple[float, str]:

@@ -74,12 +74,19 @@ def style_differences(styles: pl.DataFrame) -> pl.DataFrame:
     return both.select("pair_id", "split", *exprs)
 
 
+def unpenalised() -> dict:
+    """LogisticRegression's arguments for no penalty: scikit-learn 1.8 deprecated penalty=None in favour of C=inf
+    (removal in 1.10); both mean no penalty."""
+    import sklearn
+
+    major, minor = (int(p) for p in sklearn.__version__.split(".")[:2])
+    return {"C": np.inf} if (major, minor) >= (1, 8) else {"penalty": None}
+
+
 def _fit(y: np.ndarray, x: np.ndarray, tol: float = 1e-10) -> tuple[float, np.ndarray, bool]:
     """(intercept, coefficients, converged) of the unpenalised logistic fit with ties as two half rows."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
-
-    from dpo_eval.judges.statistics import _unpenalised
 
     X = np.concatenate([x, x])
     Y = np.concatenate([np.ones_like(y), np.zeros_like(y)])
@@ -87,7 +94,7 @@ def _fit(y: np.ndarray, x: np.ndarray, tol: float = 1e-10) -> tuple[float, np.nd
     keep = W > 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        model = LogisticRegression(max_iter=1000, tol=tol, **_unpenalised()).fit(X[keep], Y[keep], sample_weight=W[keep])
+        model = LogisticRegression(max_iter=1000, tol=tol, **unpenalised()).fit(X[keep], Y[keep], sample_weight=W[keep])
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     return float(model.intercept_[0]), model.coef_[0].astype(float), converged
 

@@ -564,7 +564,7 @@ def bradley_terry(first: list[str], second: list[str], outcome: np.ndarray) -> n
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    from dpo_eval.judges.statistics import _unpenalised
+    from dpo_eval.judges.style import unpenalised
 
     if not bt_exists(first, second, outcome):
         return None
@@ -579,7 +579,7 @@ def bradley_terry(first: list[str], second: list[str], outcome: np.ndarray) -> n
     keep = W > 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        model = LogisticRegression(fit_intercept=False, max_iter=2000, tol=1e-10, **_unpenalised()).fit(
+        model = LogisticRegression(fit_intercept=False, max_iter=2000, tol=1e-10, **unpenalised()).fit(
             X[keep], Y[keep], sample_weight=W[keep])
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         return None
