@@ -8,6 +8,7 @@ from pathlib import Path
 
 import polars as pl
 from dpo_eval.tasks.judging import DEFAULT_LIMIT, judge_answers_task, report_judgments_task, score_rewards_task
+from dpo_eval.tasks.verdict import verdict_task
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -60,6 +61,7 @@ def judge_existing_run(run_dir: Path, judge: JudgeSpec | None = None, reward_mod
     if not (run_dir / "pairs.parquet").is_file():
         raise DpoEvalError(f"{run_dir}: no pairs.parquet; give the run directory of `dpo-eval evaluate`")
     summary, failed = run_judges(run_dir, judge, reward_model, concurrency_limit, reward_batch_size)
+    summary = verdict_task(run_dir)  # the four answers with the judges' verdicts, once, last
     create_markdown_artifact(summary_artifact(summary), key="dpo-eval-summary", description="dpo-eval summary")
     if reward_model and (run_dir / "stats.parquet").is_file():
         create_table_artifact(stats_table_rows(pl.read_parquet(run_dir / "stats.parquet")), key="dpo-eval-stats",

@@ -113,10 +113,8 @@ def score_rewards_task(run_dir: Path, reward_model: str, batch_size: int = 8) ->
 
 @task(name="report-judgments", cache_policy=NO_CACHE)
 def report_judgments_task(run_dir: Path, timings: dict | None = None) -> dict:
-    """The judge sections of the report, summary.json's judge headline and the four answers (with the judges'
-    verdicts in them); returns the summary."""
+    """The judge sections of the report and summary.json's judge headline; returns the summary. (The flows
+    recompute the four answers once, last: their verdict task.)"""
     from dpo_eval.report.judge import write_judge_report
-    from dpo_eval.studies.verdict import write_verdict
 
-    write_judge_report(run_dir, timings)
-    return write_verdict(run_dir)
+    return write_judge_report(run_dir, timings)

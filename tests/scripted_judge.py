@@ -105,3 +105,12 @@ class ScriptedJudge:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def judge_output(out: str) -> dict:
+    """`dpo-eval judge`'s printed judge block (a JSON object), checked to be followed by the run's four answers."""
+    block, end = json.JSONDecoder().raw_decode(out)
+    tail = out[end:].strip().splitlines()
+    assert [line.split("?")[0] for line in tail[:4]] == ["Did the alignment take", "Is the tuned model better than "
+                                                         "its base", "Did it forget", "Could the gain be gaming"], tail
+    return block

@@ -37,6 +37,7 @@ from dpo_eval.judges.api import LOCAL_PLACEHOLDER_KEY, api_key, judge_id, judge_
 from dpo_eval.judges.pairwise import SCHEMA, judge_run
 from dpo_eval.judges.prompt import CUT_MARK, load_template, p_first, parse_verdict, prompt_chars, render
 from tests.conftest import shared_path
+from tests.scripted_judge import judge_output
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -65,14 +66,6 @@ STABLE = ["pair_id", "split", "comparison", "judge", "order", "shown_first", "ve
 ])
 def test_parse_verdict(raw, verdict):
     assert parse_verdict(raw) == verdict
-
-def judge_output(out: str) -> dict:
-    """`dpo-eval judge`'s printed judge block (a JSON object), checked to be followed by the run's four answers."""
-    block, end = json.JSONDecoder().raw_decode(out)
-    tail = out[end:].strip().splitlines()
-    assert [line.split("?")[0] for line in tail[:4]] == ["Did the alignment take", "Is the tuned model better than "
-                                                         "its base", "Did it forget", "Could the gain be gaming"], tail
-    return block
 
 
 

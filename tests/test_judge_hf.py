@@ -28,6 +28,7 @@ from dpo_eval.judges.pairwise import SCHEMA, judge_run
 from dpo_eval.judges.prompt import load_template, parse_verdict, render
 from tests.builders import copy_model
 from tests.test_judge_api import CHAT_TEMPLATE, PAIRS, make_run, run_cli
+from tests.scripted_judge import judge_output
 
 CONTEXT = 384  # tokens: the default template takes about 225 of them on stories260k, the long texts get cut
 N_JUDGMENTS = 2 * 2 * len(PAIRS)
@@ -36,14 +37,6 @@ BLOCK_KEYS = {"id", "kind", "model", "template_sha", "calls", "cached", "invalid
 TUNED_KEYS = {"n", "wins", "losses", "ties", "win_rate", "ci_low", "ci_high", "p_value", "lc_win_rate",
               "position_consistency", "first_position_rate"}
 LABEL_KEYS = {"n", "agreement", "ci_low", "ci_high", "position_consistency"}
-
-def judge_output(out: str) -> dict:
-    """`dpo-eval judge`'s printed judge block (a JSON object), checked to be followed by the run's four answers."""
-    block, end = json.JSONDecoder().raw_decode(out)
-    tail = out[end:].strip().splitlines()
-    assert [line.split("?")[0] for line in tail[:4]] == ["Did the alignment take", "Is the tuned model better than "
-                                                         "its base", "Did it forget", "Could the gain be gaming"], tail
-    return block
 
 
 

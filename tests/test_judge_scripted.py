@@ -41,14 +41,19 @@ def make_run(folder: Path, design=DESIGN, extra: dict | None = None) -> Path:
                      "tuned": text(tuned_good, 10 + max(diff, 0), f"t{i}"),
                      "base": text(base_good, 10 + max(-diff, 0), f"b{i}")})
         rows[-1].update((extra or {}).get(f"p{i}", {}))
-    table = pl.DataFrame(rows)
+    return write_tables(folder, pl.DataFrame(rows))
+
+
+def write_tables(folder: Path, table: pl.DataFrame) -> Path:
+    """pairs, answers, features (n_tokens: words) and a summary of a run from one row per pair holding the four
+    texts (pair_id, split, system, prompt, chosen, rejected, tuned, base)."""
     table.drop("tuned", "base").write_parquet(folder / "pairs.parquet")
     table.unpivot(index="pair_id", on=["tuned", "base"], variable_name="model", value_name="answer"
                   ).write_parquet(folder / "answers.parquet")
     table.unpivot(index=["pair_id", "split"], on=["chosen", "rejected", "tuned", "base"], variable_name="role",
                   value_name="text").select("pair_id", "split", "role", n_tokens=pl.col("text").str.split(" ")
                                             .list.len().cast(pl.Float64)).write_parquet(folder / "features.parquet")
-    (folder / "summary.json").write_text(json.dumps({"n_pairs": {"valid": len(design)}}))
+    (folder / "summary.json").write_text(json.dumps({"n_pairs": dict(table["split"].value_counts().rows())}))
     return folder
 
 

@@ -108,15 +108,9 @@ def make_styled_run(folder: Path, n: int = 60) -> Path:
         base = f"b{i} " + "word " * int(rng.integers(6, 20)) + "".join(f"\n- point {k}" for k in range(base_lists))
         rows.append({"pair_id": f"p{i:02d}", "split": "valid", "system": "", "prompt": f"Question {i}?",
                      "chosen": f"c{i} good", "rejected": f"r{i} bad", "tuned": tuned, "base": base})
-    table = pl.DataFrame(rows)
-    table.drop("tuned", "base").write_parquet(folder / "pairs.parquet")
-    table.unpivot(index="pair_id", on=["tuned", "base"], variable_name="model", value_name="answer"
-                  ).write_parquet(folder / "answers.parquet")
-    table.unpivot(index=["pair_id", "split"], on=["chosen", "rejected", "tuned", "base"], variable_name="role",
-                  value_name="text").select("pair_id", "split", "role", n_tokens=pl.col("text").str.split(" ")
-                                            .list.len().cast(pl.Float64)).write_parquet(folder / "features.parquet")
-    (folder / "summary.json").write_text(json.dumps({"n_pairs": {"valid": n}}))
-    return folder
+    from tests.test_judge_scripted import write_tables
+
+    return write_tables(folder, pl.DataFrame(rows))
 
 
 def test_a_judge_that_likes_lists_wins_raw_but_not_under_style_control(tmp_path):

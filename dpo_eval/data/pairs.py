@@ -174,6 +174,23 @@ def prompt_ids(pairs: pl.DataFrame) -> list[str]:
     return [prompt_id(row) for row in pairs.iter_rows(named=True)]
 
 
+def prompt_table(pairs: pl.DataFrame) -> pl.DataFrame:
+    """`pair_id, prompt_id` of every row of `pairs`."""
+    return pairs.select("pair_id", prompt_id=pl.Series(prompt_ids(pairs), dtype=pl.String))
+
+
+def one_pair_per_prompt(frame: pl.DataFrame, prompts: pl.DataFrame | None) -> pl.DataFrame:
+    """The rows of `frame` (any rows keyed by pair_id, several per pair allowed) of one pair per prompt: the smallest
+    pair_id present, prompts from `prompts` (pair_id, prompt_id; a pair without one is its own prompt). A prompt's
+    pairs share its tuned and base answers, so their tuned-vs-base verdicts are copies of one."""
+    if prompts is None or frame.height == 0:
+        return frame
+    keep = (frame.select("pair_id").unique().join(prompts, on="pair_id", how="left")
+            .with_columns(pl.col("prompt_id").fill_null(pl.col("pair_id")))
+            .sort("pair_id").unique("prompt_id", keep="first")["pair_id"])
+    return frame.filter(pl.col("pair_id").is_in(keep.implode()))
+
+
 def prompt_representatives(pairs: pl.DataFrame) -> tuple[list[int], list[int]]:
     """(rows, of): `rows` the row of each distinct prompt's representative, the pair with the smallest pair_id (so
     the choice never depends on row order), in order of first appearance; `of[i]` the position in `rows` of row

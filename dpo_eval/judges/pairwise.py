@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from dpo_eval.config import JudgeSpec
-from dpo_eval.data.pairs import prompt_ids
+from dpo_eval.data.pairs import prompt_ids, prompt_table
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.jsonsafe import jsonable
 from dpo_eval.judges.api import (
@@ -245,7 +245,7 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
     table.write_parquet(run_dir / "judgments.parquet")
     lengths = answer_lengths(run_dir, answers, pairs)
     styles = style_frame(answers, pairs, lengths) if answers is not None else None
-    prompts = pairs.select("pair_id", prompt_id=pl.Series(prompt_ids(pairs), dtype=pl.String))
+    prompts = prompt_table(pairs)
     stats = (judge_summary(table, lengths, styles=styles, prompts=prompts) if table.height
              else {"invalid": 0, "failed": 0, "incomplete": 0, "splits": {}})
     fresh = table.filter(~pl.col("cached"))

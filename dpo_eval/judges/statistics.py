@@ -22,6 +22,7 @@ from scipy import stats as sps
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from dpo_eval.data.pairs import one_pair_per_prompt
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.judges.style import SC_RESAMPLES, split_sc_win_rate, style_differences
 from dpo_eval.judges.style import unpenalised as _unpenalised
@@ -204,24 +205,13 @@ def _scores(combined: pl.DataFrame, first_role: str) -> np.ndarray:
     return np.where(valid["winner"] == first_role, 1.0, np.where(valid["winner"] == "tie", 0.5, 0.0))
 
 
-def one_per_prompt(judgments: pl.DataFrame, prompts: pl.DataFrame | None) -> pl.DataFrame:
-    """The judgments of one pair per prompt (the smallest pair_id) where `prompts` (pair_id, prompt_id) is given: a
-    prompt's pairs share its tuned and base answers, so their tuned-vs-base judgments are copies of one."""
-    if prompts is None or judgments.height == 0:
-        return judgments
-    keep = (judgments.select("pair_id").unique().join(prompts, on="pair_id", how="left")
-            .with_columns(pl.col("prompt_id").fill_null(pl.col("pair_id")))
-            .sort("pair_id").unique("prompt_id", keep="first")["pair_id"])
-    return judgments.filter(pl.col("pair_id").is_in(keep.implode()))
-
-
 def comparison_summary(judgments: pl.DataFrame, comparison: str, diffs: pl.DataFrame | None, *, seed: int,
                        n_boot: int, alpha: float, style_diffs: pl.DataFrame | None = None,
                        prompts: pl.DataFrame | None = None) -> dict:
     """The summary block of one split and comparison (judgments already filtered to them); tuned vs base counts
-    one pair per prompt where `prompts` is given (one_per_prompt)."""
+    one pair per prompt where `prompts` is given (data.pairs.one_pair_per_prompt)."""
     if comparison == "tuned_vs_base":
-        judgments = one_per_prompt(judgments, prompts)
+        judgments = one_pair_per_prompt(judgments, prompts)
     combined = combine_orders(judgments)
     roles = ROLES[comparison]
     counts, scores = _counts(combined, roles), _scores(combined, roles[0])

@@ -83,8 +83,10 @@ def unpenalised() -> dict:
     return {"C": np.inf} if (major, minor) >= (1, 8) else {"penalty": None}
 
 
-def _fit(y: np.ndarray, x: np.ndarray, tol: float = 1e-10) -> tuple[float, np.ndarray, bool]:
-    """(intercept, coefficients, converged) of the unpenalised logistic fit with ties as two half rows."""
+def logistic_fit(y: np.ndarray, x: np.ndarray, *, intercept: bool = True, tol: float = 1e-10,
+                 max_iter: int = 1000) -> tuple[float, np.ndarray, bool]:
+    """(intercept, coefficients, converged) of the unpenalised logistic fit of outcomes y (1, 0, or 1/2 for a tie,
+    entered as one row of each outcome with weight 1/2) on x; the intercept is 0 without one."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -94,9 +96,10 @@ def _fit(y: np.ndarray, x: np.ndarray, tol: float = 1e-10) -> tuple[float, np.nd
     keep = W > 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        model = LogisticRegression(max_iter=1000, tol=tol, **unpenalised()).fit(X[keep], Y[keep], sample_weight=W[keep])
+        model = LogisticRegression(fit_intercept=intercept, max_iter=max_iter, tol=tol, **unpenalised()).fit(
+            X[keep], Y[keep], sample_weight=W[keep])
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    return float(model.intercept_[0]), model.coef_[0].astype(float), converged
+    return (float(model.intercept_[0]) if intercept else 0.0), model.coef_[0].astype(float), converged
 
 
 def _sigmoid(a: float) -> float:
@@ -127,7 +130,7 @@ def sc_win_rate(outcome: np.ndarray, diffs: np.ndarray, names: tuple[str, ...] =
         rate = float(y.mean())
         return empty | {"sc_win_rate": rate, "sc_left_out": left_out, "sc_extrapolated": False,
                         "sc_reason": "no style covariate varies: the rate is the raw win rate"}
-    intercept, coefs, converged = _fit(y, x)
+    intercept, coefs, converged = logistic_fit(y, x)
     if not converged or np.abs(coefs).max() > SEPARATED:
         return empty | {"sc_left_out": left_out, "sc_coefficients": {names[i]: float(c) for i, c in zip(used, coefs)},
                         "sc_reason": "separation: the style covariates decide (nearly) every verdict, so the rate at "
@@ -147,7 +150,7 @@ def sc_win_rate(outcome: np.ndarray, diffs: np.ndarray, names: tuple[str, ...] =
             if np.all(yb == yb[0]):
                 continue  # no fit on this resample: one outcome only
             xb = xb[:, xb.std(axis=0) > 0]  # a covariate without variation in this resample drops out of it
-            fit = _fit(yb, xb, tol=1e-6)
+            fit = logistic_fit(yb, xb, tol=1e-6)
             if np.abs(fit[1]).max(initial=0.0) <= SEPARATED:
                 rates.append(_sigmoid(fit[0]))
     tail = (1 - level) / 2

@@ -145,17 +145,11 @@ def reward_outcomes(scores: pl.DataFrame, split: str) -> pl.DataFrame:
 
 
 def once_per_prompt(outcomes: pl.DataFrame, run_dir: Path) -> pl.DataFrame:
-    """One row per prompt (the smallest pair_id) of a `pair_id, ...` frame, prompts read from pairs.parquet: a
-    prompt's pairs share its tuned and base answers, so their verdicts are copies of one."""
-    from dpo_eval.data.pairs import prompt_ids
+    """One row per prompt of a `pair_id, ...` frame, prompts read from the run's pairs.parquet."""
+    from dpo_eval.data.pairs import one_pair_per_prompt, prompt_table
 
     pairs = _table(run_dir, "pairs.parquet")
-    if pairs is None or outcomes.height == 0:
-        return outcomes
-    prompts = pairs.select("pair_id", prompt_id=pl.Series(prompt_ids(pairs), dtype=pl.String))
-    keyed = outcomes.join(prompts, on="pair_id", how="left").with_columns(
-        pl.col("prompt_id").fill_null(pl.col("pair_id")))
-    return keyed.sort("pair_id").unique("prompt_id", keep="first", maintain_order=True).drop("prompt_id")
+    return one_pair_per_prompt(outcomes, prompt_table(pairs) if pairs is not None else None)
 
 
 def judge_outcomes(judgments: pl.DataFrame, split: str) -> pl.DataFrame:
@@ -559,12 +553,7 @@ def bradley_terry(first: list[str], second: list[str], outcome: np.ndarray) -> n
     """Strengths of chosen, base, tuned (rejected 0) from pairwise outcomes (1: first wins, 0: second, 1/2: tie as a
     half row of each), by unpenalised logistic regression without intercept on +1 / -1 indicator differences.
     None where the fit does not converge (a system that wins or loses every comparison: no finite strength)."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    from dpo_eval.judges.style import unpenalised
+    from dpo_eval.judges.style import logistic_fit
 
     if not bt_exists(first, second, outcome):
         return None
@@ -574,16 +563,8 @@ def bradley_terry(first: list[str], second: list[str], outcome: np.ndarray) -> n
             x[i, BT_SYSTEMS.index(a)] += 1.0
         if b in BT_SYSTEMS:
             x[i, BT_SYSTEMS.index(b)] -= 1.0
-    y = np.asarray(outcome, dtype=float)
-    X, Y, W = np.concatenate([x, x]), np.concatenate([np.ones_like(y), np.zeros_like(y)]), np.concatenate([y, 1 - y])
-    keep = W > 0
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        model = LogisticRegression(fit_intercept=False, max_iter=2000, tol=1e-10, **unpenalised()).fit(
-            X[keep], Y[keep], sample_weight=W[keep])
-    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-        return None
-    return model.coef_[0].astype(float)
+    _, strengths, converged = logistic_fit(np.asarray(outcome, dtype=float), x, intercept=False, max_iter=2000)
+    return strengths if converged else None
 
 
 def llm_judge_gap(run_dir: Path, split: str, spec: VerdictSpec) -> dict | None:
@@ -607,9 +588,9 @@ def llm_judge_gap(run_dir: Path, split: str, spec: VerdictSpec) -> dict | None:
     pairs = _table(run_dir, "pairs.parquet")
     clusters = rows["pair_id"].to_numpy()
     if pairs is not None:
-        from dpo_eval.data.pairs import prompt_ids
+        from dpo_eval.data.pairs import prompt_table
 
-        key = dict(zip(pairs["pair_id"].to_list(), prompt_ids(pairs)))
+        key = dict(prompt_table(pairs).iter_rows())
         clusters = np.array([key.get(p, p) for p in clusters])
     base_block = {"n": len(sample), "comparisons": int(rows.height), "split": split, "method":
                   "Bradley-Terry (unpenalised logistic, rejected at 0) over the gap sample's judged pairs; percentile "
