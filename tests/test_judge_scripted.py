@@ -283,3 +283,14 @@ def test_a_dry_run_states_the_calls_tokens_and_cost_and_a_real_run_records_them(
     tokens = summary["judge"]["tokens"]
     assert summary["judge"]["cost"] == pytest.approx((tokens["prompt"] * 2.5 + tokens["completion"] * 10) / 1e6)
     assert again["calls"] == 0 and again["cached"] == again["distinct"] and again["cost"] is None
+
+
+def test_a_judge_run_refused_before_any_judgment_writes_nothing(tmp_path):
+    """A folder without pairs.parquet, or a pair listed twice: one error, and no report or summary left behind."""
+    from dpo_eval.cli.main import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        main(["judge", str(empty), "--judge-model", "m", "--base-url", "http://127.0.0.1:9/v1"])
+    assert stopped.value.code == 2 and sorted(p.name for p in empty.iterdir()) == []

@@ -465,3 +465,26 @@ def test_a_prompt_counts_by_its_scored_pair_whichever_pair_that_is():
                              "prompt_id": f"q{prompt}"})
     block = calibration(pl.DataFrame(rows))["valid"]
     assert block["win_n"] == 2 and block["wins"] == 2
+
+
+def test_unscored_answers_and_null_figures_are_missing_not_a_traceback_or_a_win(tmp_path):
+    """A NaN reward score is no score: it is neither a win nor in the gap; a split with no tuned score gives no
+    length control, and null figures in summary.json (an older or hand-edited file) read as missing."""
+    from dpo_eval.studies.verdict import reward_outcomes
+
+    scores = pl.DataFrame({"pair_id": ["a", "a", "b", "b"], "split": ["valid"] * 4,
+                           "role": ["tuned", "base", "tuned", "base"], "reward_model": [float("nan"), 1.0, 2.0, 1.0]})
+    assert reward_outcomes(scores, "valid").rows() == [("b", "valid", "tuned")]
+    assert reward_outcomes(scores.filter(pl.col("role") == "base"), "valid").height == 0
+    n = 30
+    planted_scores = planted(n=n)
+    planted_scores["tuned"][0] = float("nan")
+    run = write_run(tmp_path / "run", planted_scores, {r: np.full(n, 10.0) for r in planted_scores})
+    gap_block = verdict(run, SPEC)[1]["reward model"]
+    assert gap_block["n"] == n - 1 and gap_block["closed"] == pytest.approx(0.3, abs=1e-12)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["reward_model"]["splits"]["valid"] |= {"accuracy": None, "wins": None}
+    summary |= {"implicit_reward": {"valid": {"accuracy": None, "n": 5, "ties": None}}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    answers = verdict(run, SPEC)[0]
+    assert answers["alignment"]["answer"] == "unknown" and answers["better"]["answer"] == "unknown"

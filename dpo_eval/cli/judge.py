@@ -115,8 +115,9 @@ def judge(
     try:
         block = judge_run(run_dir, spec)
     finally:  # a budget stop keeps what was judged: the report and the four answers say so too
-        write_judge_report(run_dir)
-        summary = _answers(run_dir)
+        if (run_dir / "judgments.parquet").is_file():  # a run refused before any judgment writes nothing
+            write_judge_report(run_dir)
+            summary = _answers(run_dir)
     shown = {k: v for k, v in block.items() if k not in ("ci_method", "lc_method")}
     print(json.dumps(jsonable(shown), indent=2))
     _print_answers(summary)

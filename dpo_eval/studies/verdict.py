@@ -117,7 +117,10 @@ def alignment(summary: dict, spec: VerdictSpec, rule: str) -> dict:
     reward = (summary.get("implicit_reward") or {}).get("valid")
     if not reward or not reward.get("n"):
         return _answer("unknown", "implicit rewards were not computed on held-out pairs" + features, rule, evidence)
-    n, accuracy, ties = int(reward["n"]), float(reward["accuracy"]), int(reward.get("ties", 0))
+    n, accuracy, ties = int(reward["n"]), _num(reward.get("accuracy")), int(reward.get("ties") or 0)
+    if not math.isfinite(accuracy):
+        return _answer("unknown", "the held-out implicit-reward accuracy is missing from summary.json" + features,
+                       rule, evidence)
     correct = round(accuracy * n)
     low, high = wilson(correct, n, 1 - spec.alpha)
     said = (f"held-out implicit-reward accuracy {_pct(accuracy)} [{_pct(low)}, {_pct(high)}] on {n} valid pairs"
@@ -137,8 +140,11 @@ def alignment(summary: dict, spec: VerdictSpec, rule: str) -> dict:
 def reward_outcomes(scores: pl.DataFrame, split: str) -> pl.DataFrame:
     """`pair_id, split, winner` (tuned, base or tie) of the reward model on `split` (all: every split)."""
     part = scores if split == "all" else scores.filter(pl.col("split") == split)
-    wide = part.filter(pl.col("role").is_in(["tuned", "base"])).pivot(
-        on="role", index=["pair_id", "split"], values="reward_model").drop_nulls()
+    part = part.filter(pl.col("role").is_in(["tuned", "base"]) & pl.col("reward_model").is_finite())  # NaN: unscored
+    wide = part.pivot(on="role", index=["pair_id", "split"], values="reward_model")
+    if not {"tuned", "base"} <= set(wide.columns):  # no tuned or no base answer scored on this split
+        return pl.DataFrame(schema={"pair_id": pl.String, "split": pl.String, "winner": pl.String})
+    wide = wide.drop_nulls(["tuned", "base"])
     winner = (pl.when(pl.col("tuned") > pl.col("base")).then(pl.lit("tuned"))
               .when(pl.col("tuned") < pl.col("base")).then(pl.lit("base")).otherwise(pl.lit("tie")))
     return wide.select("pair_id", "split", winner=winner)
@@ -149,7 +155,8 @@ def once_per_prompt(outcomes: pl.DataFrame, run_dir: Path) -> pl.DataFrame:
     from dpo_eval.data.pairs import one_pair_per_prompt, prompt_table
 
     pairs = _table(run_dir, "pairs.parquet")
-    return one_pair_per_prompt(outcomes, prompt_table(pairs) if pairs is not None else None)
+    kept = one_pair_per_prompt(outcomes, prompt_table(pairs) if pairs is not None else None)
+    return kept.sort("pair_id")  # in pair_id order, as the report's list of disagreements was
 
 
 def judge_outcomes(judgments: pl.DataFrame, split: str) -> pl.DataFrame:
@@ -283,10 +290,12 @@ def reward_model_blocks(summary: dict, run_dir: Path, spec: VerdictSpec) -> tupl
     labelled = (block.get("reference_splits") or {}).get(split) or s  # questions without labels: the reference's
     n_cal = int(labelled.get("n") or 0)
     calibration = {"agreement": labelled["accuracy"], "n": n_cal}
-    calibration["ci_low"], calibration["ci_high"] = _at_level(round(_num(labelled["accuracy"]) * n_cal)
-                                                              if n_cal else 0, n_cal, spec)
+    agreement = _num(labelled.get("accuracy"))
+    calibration["ci_low"], calibration["ci_high"] = (_at_level(round(agreement * n_cal), n_cal, spec)
+                                                     if n_cal and math.isfinite(agreement) else (math.nan, math.nan))
     n_win = int(s.get("win_n") or 0)
-    low, high = _at_level(s["wins"] + s["win_ties"] / 2, n_win, spec)
+    won = _num(s.get("wins")) + _num(s.get("win_ties")) / 2
+    low, high = _at_level(won, n_win, spec) if math.isfinite(won) else (math.nan, math.nan)
     win = {"split": split, "win_rate": s["win_rate"], "ci_low": low, "ci_high": high,
            "n": n_win, "wins": s["wins"], "losses": s["losses"], "ties": s["win_ties"]}
     scores, pairs = _table(run_dir, "reward_scores.parquet"), _table(run_dir, "pairs.parquet")
@@ -363,7 +372,8 @@ def forgetting(summary: dict, spec: VerdictSpec, rule: str) -> dict:
     worse = [(t, m, s) for t, m, s in primaries
              if _num(s.get("q_primary", s.get("q_value"))) < spec.alpha and _num(s.get("delta")) < 0]
     if worse:
-        said = "; ".join(f"{t} ({m}) dropped {-s['delta']:.3f} [{-s['ci_high']:.3f}, {-s['ci_low']:.3f}], "
+        said = "; ".join(f"{t} ({m}) dropped {-_num(s.get('delta')):.3f} [{-_num(s.get('ci_high')):.3f}, "
+                         f"{-_num(s.get('ci_low')):.3f}], "
                          f"q = {s.get('q_primary', s.get('q_value')):.3g}, {s['n']} questions" for t, m, s in worse)
         return _answer("yes", said, rule, evidence, tasks=[t for t, _, _ in worse])
     # the smallest drop each task could detect: the distance from its delta to its CI's lower end
@@ -508,6 +518,9 @@ def reward_model_gap(run_dir: Path, split: str, spec: VerdictSpec) -> dict | Non
     if scores is None or pairs is None:
         return None
     part = scores.filter(pl.col("split") == split) if split != "all" else scores
+    part = part.filter(pl.col("reward_model").is_finite())  # a NaN score is no score
+    if part.height == 0:
+        return None
     wide = part.pivot(on="role", index="pair_id", values="reward_model")
     if not {"chosen", "rejected", "base", "tuned"} <= set(wide.columns):
         return None
