@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Format = Literal["auto", "orca", "openai", "hh-rlhf", "trl", "columns", "prompts"]
 
@@ -320,11 +320,31 @@ class JudgeSpec(Spec):
                                   "keeps what it made, and a later run continues from the cache. None: no budget.")
     concurrency: int = Field(4, ge=1, description="API calls in flight at most.")
     template: Path | None = Field(None, description="A Jinja file rendering the judge's user message from "
-                                  "system, prompt, answer_a, answer_b (a top-level `{% set judge_system = ... %}` "
-                                  "sets the system message); its sha256 is part of the judge identity. "
-                                  "None: the project's pairwise template.")
+                                  "system, prompt, answer_a, answer_b and reference (the pair's reference answer, "
+                                  "empty where it has none; see references) (a top-level `{% set judge_system = ... "
+                                  "%}` sets the system message); its sha256 is part of the judge identity. With "
+                                  "judge_style reasoned the reply must end with a line holding the verdict: [[A]], "
+                                  "[[B]], [[C]] or [[tie]] (five levels: [[A>>B]], [[A>B]], [[A=B]], [[B>A]], "
+                                  "[[B>>A]]). None: the project's template for the style, levels and references.")
+    judge_style: Literal["verdict", "reasoned"] = Field(
+        "verdict", title="Judge style", description="verdict: the judge answers with the verdict only; reasoned: "
+        "it first writes a short justification, then the verdict on its last line (MT-Bench and Arena-Hard "
+        "style); the justification is kept per judgment (judgments.parquet `rationale`) and shown in the report. "
+        "Part of the judge identity. The hf judge reads verdicts from log-probabilities: verdict only.")
+    verdict_levels: Literal[3, 5] = Field(
+        3, title="Verdict levels", description="3: A better, B better, tie; 5: A>>B, A>B, A=B, B>A, B>>A, the "
+        "strength kept (judgments.parquet `strength`: 2 strong, 1 plain, 0 tie). The win rate counts a verdict "
+        "once whatever its strength; a weighted win rate (a strong verdict counted 3 times, as Arena-Hard does) "
+        "is reported beside it. Part of the judge identity; openai judge only.")
+    references: Path | None = Field(
+        None, title="Reference answers (JSONL)", description="A JSONL file of reference answers joined to "
+        "pairs.parquet by its question_id column, records {question_id, choices: [{turns: [answer, ...]}]} (MT-Bench's "
+        "reference_answer_gpt-4.jsonl): the judge is shown the reference beside the two answers (reference-guided "
+        "judging). Without it, a non-null `reference` column of pairs.parquet is used where there is one.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge (0: its most likely verdict).")
-    max_tokens: int = Field(16, ge=1, description="Tokens the judge may answer with (the verdict only).")
+    max_tokens: int | None = Field(None, ge=1, title="Max reply tokens", description="Tokens the judge may answer "
+                                   "with. None: 16 for the verdict style (the verdict only), 1024 for the reasoned "
+                                   "style (a justification, then the verdict).")
     price_in: float | None = Field(None, ge=0, title="Price of prompt tokens", description="Price per million "
                                    "prompt tokens (any currency): with it, `--dry-run` states the expected cost and "
                                    "a run records what its calls cost in summary.json. None: no cost is stated.")
@@ -363,6 +383,23 @@ class JudgeSpec(Spec):
     def _hf_only(cls, value, info):
         if info.data.get("kind") == "openai" and value != cls.model_fields[info.field_name].default:
             raise ValueError(f"{info.field_name} applies to the hf judge (kind hf) only")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reply_tokens(cls, data):
+        if isinstance(data, dict) and data.get("max_tokens") is None:  # room for a justification where one is asked
+            data = {**data, "max_tokens": 1024 if data.get("judge_style") == "reasoned" else 16}
+        return data
+
+    @field_validator("judge_style", "verdict_levels")
+    @classmethod
+    def _read_from_text(cls, value, info):
+        if info.data.get("kind") == "hf" and value != cls.model_fields[info.field_name].default:
+            raise ValueError(f"{info.field_name} {value} needs a judge that writes its verdict (kind openai): the hf "
+                             "judge reads A or B from next-token log-probabilities, so it gives neither a "
+                             "justification nor a strength; use judge_style verdict and verdict_levels 3 "
+                             "(--judge-style verdict --verdict-levels 3) with it")
         return value
 
     @field_validator("base_url", "revision")

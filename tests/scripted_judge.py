@@ -40,6 +40,34 @@ def longer_rule() -> Rule:
     return lambda a, b, user: "[[A]]" if len(a) > len(b) else "[[B]]" if len(b) > len(a) else "[[tie]]"
 
 
+def reasoned(rule: Rule) -> Rule:
+    """`rule`'s verdict after a one-line rationale the test can find again (rationale_of), as a reasoned judge replies;
+    a three-level tie ([[tie]]) is written [[C]], as the reasoned template asks."""
+    def wrapped(a: str, b: str, user: str) -> "str | int":
+        verdict = rule(a, b, user)
+        if isinstance(verdict, int):
+            return verdict
+        return f"{rationale_of(a, b)}\n\n{verdict.replace('[[tie]]', '[[C]]')}"
+    return wrapped
+
+
+def rationale_of(a: str, b: str) -> str:
+    """The rationale `reasoned` writes for answers a (shown first) and b."""
+    return f"Rationale: answer A opens with {a.split()[0] if a.split() else '-'!r}, answer B with " \
+           f"{b.split()[0] if b.split() else '-'!r}."
+
+
+def five_level_rule(marker: str = "GOOD", strong: str = "STRONG") -> Rule:
+    """Five-level verdicts: the answer holding `marker` (alone) wins, strongly ([[A>>B]], [[B>>A]]) when it also holds
+    `strong`, else plainly ([[A>B]], [[B>A]]); [[A=B]] when both or neither hold the marker."""
+    def rule(a: str, b: str, user: str) -> str:
+        if (marker in a) == (marker in b):
+            return "[[A=B]]"
+        win, lose = ("A", "B") if marker in a else ("B", "A")
+        return f"[[{win}>>{lose}]]" if strong in (a if win == "A" else b) else f"[[{win}>{lose}]]"
+    return rule
+
+
 class ScriptedJudge:
     """`with ScriptedJudge(rule) as judge:` serves at judge.url (…/v1); judge.requests counts the completions asked
     for, judge.seen keeps (a, b) of each, `delay_s` holds every reply that long, and `on_request(n)` is called

@@ -20,7 +20,8 @@ FLAGS = {"kind": "--judge", "model": "--judge-model", "base_url": "--base-url", 
          "quantization": "--quantization", "compute_dtype": "--compute-dtype", "batch_size": "--batch-size",
          "context_tokens": "--context-tokens", "tie_margin": "--tie-margin", "revision": "--judge-revision",
          "max_invalid_share": "--max-invalid-share", "price_in": "--price-in", "price_out": "--price-out",
-         "gap_sample": "--gap-sample"}
+         "gap_sample": "--gap-sample", "judge_style": "--judge-style", "verdict_levels": "--verdict-levels",
+         "references": "--references"}
 
 
 def _option(name: str):
@@ -48,7 +49,10 @@ def judge(
     max_calls: Optional[int] = _option("max_calls"),
     concurrency: int = _option("concurrency"),
     template: Optional[Path] = _option("template"),
-    max_tokens: int = _option("max_tokens"),
+    max_tokens: Optional[int] = _option("max_tokens"),
+    judge_style: str = _option("judge_style"),
+    verdict_levels: int = _option("verdict_levels"),
+    references: Optional[Path] = _option("references"),
     context_chars: int = _option("context_chars"),
     answer_share: float = _option("answer_share"),
     logprobs: bool = typer.Option(True, "--logprobs/--no-logprobs", help=field_help(JudgeSpec, "logprobs")),
@@ -100,7 +104,8 @@ def judge(
                  max_invalid_share=max_invalid_share, api_key_env=api_key_env,
                  comparisons=chosen, split=split, limit=limit, max_calls=max_calls, concurrency=concurrency,
                  template=template, max_tokens=max_tokens, context_chars=context_chars, answer_share=answer_share,
-                 logprobs=logprobs, price_in=price_in, price_out=price_out, gap_sample=gap_sample, **local)
+                 logprobs=logprobs, price_in=price_in, price_out=price_out, gap_sample=gap_sample,
+                 judge_style=judge_style, verdict_levels=verdict_levels, references=references, **local)
     if dry_run:
         from dpo_eval.judges.pairwise import dry_run as estimate
 

@@ -23,6 +23,7 @@ from dpo_eval.config import JudgeSpec, default_cache_dir
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.jsonsafe import json_key
 from dpo_eval.judges.prompt import CODE_VERSION, JudgeTemplate, p_first, parse_verdict
+from dpo_eval.judges.verdicts import reader, style_identity
 from dpo_eval.sqlite_table import open_table
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def judge_identity(spec: JudgeSpec, template: JudgeTemplate) -> dict:
     return {"kind": spec.kind, "model": spec.model, "base_url": normalised_url(spec.base_url),
             "revision": spec.revision, "template_sha": template.sha, "temperature": spec.temperature,
             "max_tokens": spec.max_tokens, "logprobs": spec.logprobs, "context_chars": spec.context_chars,
-            "answer_share": spec.answer_share, "code": CODE_VERSION}
+            "answer_share": spec.answer_share, "code": CODE_VERSION, **style_identity(spec)}
 
 
 def judge_id(identity: dict) -> str:
@@ -179,7 +180,9 @@ class ChatJudge:
         content = getattr(choice.logprobs, "content", None) or []
         tokens = [position.model_dump() for position in content]
         usage = response.usage
-        return Reply(raw, p_first(tokens, parse_verdict(raw)), getattr(usage, "prompt_tokens", None),
+        reading = reader(self.spec)(raw)  # reasoned: an A or B in the justification is no verdict's token
+        first = p_first(tokens, reading.verdict) if self.spec.judge_style == "verdict" else None
+        return Reply(raw, first, getattr(usage, "prompt_tokens", None),
                      getattr(usage, "completion_tokens", None), latency)
 
 
@@ -210,10 +213,12 @@ def refused(exc: Exception) -> bool:
             and exc.status_code not in (401, 403, 404, 408, 409, 429))  # 404: a wrong model or path, for every request
 
 
-def keep(cache: "JudgmentCache", key: str, judge_name: str, reply: Reply) -> None:
-    """Cache a reply that holds a verdict; an unreadable one (invalid) or a refusal is asked again next run, after
-    the requests never asked (JudgmentCache.asked), so a --max-calls budget is not spent on them first."""
-    if reply.error is None and parse_verdict(reply.raw) != "invalid":
+def keep(cache: "JudgmentCache", key: str, judge_name: str, reply: Reply, read=None) -> None:
+    """Cache a reply that holds a verdict (read by `read`, raw -> verdicts.Reading; None: parse_verdict); an
+    unreadable one (invalid) or a refusal is asked again next run, after the requests never asked
+    (JudgmentCache.asked), so a --max-calls budget is not spent on them first."""
+    verdict = read(reply.raw).verdict if read is not None else parse_verdict(reply.raw)
+    if reply.error is None and verdict != "invalid":
         cache.put(key, judge_name, reply)
     else:
         cache.mark_asked(key, judge_name)
@@ -224,7 +229,7 @@ def request_record(row: dict, order: str, first: int, second: int, rendered, jud
     rendered messages, whether a text was cut, and the content key."""
     return {"pair_id": row["pair_id"], "split": row["split"], "comparison": row["comparison"], "order": order,
             "shown_first": row["roles"][first], "shown_second": row["roles"][second], "messages": rendered.messages,
-            "truncated": rendered.truncated, **extra, "key": request_key(judge, rendered.messages)}
+            "truncated": rendered.truncated, "has_reference": bool(row.get("reference")), **extra, "key": request_key(judge, rendered.messages)}
 
 
 def plan_calls(keys: list[str], cache: "JudgmentCache", max_calls: int | None, unit: str = "calls",
@@ -275,7 +280,7 @@ def run_calls(judge: ChatJudge, requests: dict[str, list[dict]], cache: Judgment
                 outcome.failure = outcome.failure or (f"the first {len(refusals)} requests were all refused "
                                                       f"({reply.error})")
                 submitting = False
-        keep(cache, key, judge_name, reply)
+        keep(cache, key, judge_name, reply, reader(judge.spec))
         outcome.replies[key] = reply
         outcome.calls += 1
 

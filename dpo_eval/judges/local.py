@@ -106,7 +106,8 @@ def raw_text(verdict: str, lp_a: float, lp_b: float, p: float, labels: tuple[str
 def template_labels(template: JudgeTemplate) -> tuple[tuple[str, str], str]:
     """(labels, reply prefix) set by the template, or the defaults (see the module docstring)."""
     try:
-        module = template.template.make_module({"system": "", "prompt": "x", "answer_a": "x", "answer_b": "x"})
+        module = template.template.make_module({"system": "", "prompt": "x", "answer_a": "x", "answer_b": "x",
+                                                 "reference": ""})
     except Exception as exc:  # jinja raises several types; judge_prompt reports the same failure in its words
         raise DpoEvalError(f"--template {template.origin}: cannot render it ({exc}); it may use system, prompt, "
                            "answer_a and answer_b") from exc
@@ -213,14 +214,17 @@ class HFJudge:
         """Both orders of a comparison row rendered at the largest character budget (to within 1% or 8
         characters) whose token ids fit the token budget in both orders: [(rendered, ids) for ab, ba]."""
         system, prompt, (first, second) = row["system"], row["prompt"], row["texts"]
+        reference = row.get("reference") or ""  # reference-guided judging (dpo_eval.judges.references)
         share = self.spec.answer_share
-        longest_answer = max(len(first), len(second), MIN_ROOM)
+        longest_answer = max(len(first), len(second), len(reference), MIN_ROOM)
         full = self.overhead + math.ceil(longest_answer / share) + len(first) + len(second) + len(system) + \
-            len(prompt) + 2  # a budget that cuts nothing (and that render accepts)
+            len(prompt) + 2  # a budget that cuts nothing (and that render accepts) ...
+        full += 2 * len(reference) + MIN_ROOM + 400 if reference else 0  # ... with the reference and its wording
         best, fits, fails, chars = None, None, None, full
         for _ in range(60):
             try:
-                both = [render(self.template, system, prompt, a, b, context_chars=chars, answer_share=share)
+                both = [render(self.template, system, prompt, a, b, context_chars=chars, answer_share=share,
+                               reference=reference)
                         for a, b in ((first, second), (second, first))]
             except DpoEvalError:
                 if best is not None:

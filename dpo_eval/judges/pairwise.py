@@ -31,15 +31,19 @@ from dpo_eval.judges.api import (
     request_record,
     run_calls,
 )
-from dpo_eval.judges.prompt import load_template, parse_verdict, render
+from dpo_eval.judges.prompt import render
+from dpo_eval.judges.references import pair_references
 from dpo_eval.judges.statistics import GAP_COMPARISONS, ROLES, judge_summary
 from dpo_eval.judges.style import style_frame
+from dpo_eval.judges.templates import judge_template
+from dpo_eval.judges.verdicts import add_weighted, read_reply, reader, settings_block
 
 log = logging.getLogger(__name__)
 SCHEMA = {"pair_id": pl.String, "split": pl.String, "comparison": pl.String, "judge": pl.String,
           "order": pl.String, "shown_first": pl.String, "verdict": pl.String, "winner": pl.String,
           "p_first": pl.Float64, "raw": pl.String, "truncated": pl.Boolean, "prompt_tokens": pl.Int64,
-          "completion_tokens": pl.Int64, "latency_s": pl.Float64, "cached": pl.Boolean}
+          "completion_tokens": pl.Int64, "latency_s": pl.Float64, "cached": pl.Boolean,
+          "strength": pl.Int64, "rationale": pl.String, "has_reference": pl.Boolean}  # dpo_eval.judges.verdicts
 
 
 def read_table(run_dir: Path, name: str) -> pl.DataFrame:
@@ -110,12 +114,13 @@ def build_requests(rows: list[dict], spec: JudgeSpec, template, judge: str) -> l
     for row in rows:
         for order, (i, j) in (("ab", (0, 1)), ("ba", (1, 0))):
             rendered = render(template, row["system"], row["prompt"], row["texts"][i], row["texts"][j],
-                              context_chars=spec.context_chars, answer_share=spec.answer_share)
+                              context_chars=spec.context_chars, answer_share=spec.answer_share,
+                              reference=row.get("reference") or "")
             requests.append(request_record(row, order, i, j, rendered, judge))
     return requests
 
 
-def judgment_table(requests: list[dict], replies: dict, judge: str) -> pl.DataFrame:
+def judgment_table(requests: list[dict], replies: dict, judge: str, read=read_reply) -> pl.DataFrame:
     """The judgments.parquet rows of the requests that have a reply (contract columns, in request order).
     cached: the reply came from the cache, or from a call made for an earlier row with the same messages
     (e.g. tuned and base answers equal to chosen and rejected), so calls + cached = rows."""
@@ -127,14 +132,17 @@ def judgment_table(requests: list[dict], replies: dict, judge: str) -> pl.DataFr
         cached = reply.cached or req["key"] in seen
         seen.add(req["key"])
         failed = reply.error
-        verdict = "failed" if failed else parse_verdict(reply.raw)
+        reading = read(reply.raw)  # verdicts.Reading: verdict, strength, rationale
+        verdict = "failed" if failed else reading.verdict
         winner = {"first": req["shown_first"], "second": req["shown_second"]}.get(verdict, verdict)
         rows.append({"pair_id": req["pair_id"], "split": req["split"], "comparison": req["comparison"],
                      "judge": judge, "order": req["order"], "shown_first": req["shown_first"], "verdict": verdict,
                      "winner": winner, "p_first": reply.p_first, "raw": failed or reply.raw,
                      "truncated": req["truncated"],
                      "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                     "latency_s": reply.latency_s, "cached": cached})
+                     "latency_s": reply.latency_s, "cached": cached,
+                     "strength": None if failed else reading.strength, "rationale": None if failed else reading.rationale,
+                     "has_reference": req.get("has_reference", False)})
     return pl.DataFrame(rows, schema=SCHEMA)
 
 
@@ -174,8 +182,11 @@ def plan_requests(run_dir: Path, spec: JudgeSpec) -> tuple:
     needs_answers = ("tuned_vs_base" in spec.comparisons or bool(spec.gap_sample)
                      or (run_dir / "answers.parquet").is_file())
     answers = read_table(run_dir, "answers.parquet") if needs_answers else None
-    template = load_template(spec.template)
+    references = pair_references(pairs, spec.references, run_dir / "pairs.parquet")
+    template = judge_template(spec, bool(references))
     rows = comparison_rows(pairs, answers, comparisons_of(spec), gap_pairs(pairs, spec))
+    for row in rows:
+        row["reference"] = references.get(row["pair_id"], "")
     local = None
     if spec.kind == "hf":  # a local HF judge (dpo_eval.judges.local): cut in tokens, verdicts from log-probs
         from dpo_eval.judges.local import HFJudge
@@ -213,7 +224,8 @@ def dry_run(run_dir: Path, spec: JudgeSpec) -> dict:
     chars = sum(len(m.get("content") or "") for key in allowed for m in by_key[key].get("messages") or [])
     prompt_tokens = math.ceil(chars / CHARS_PER_TOKEN)
     completion_tokens = len(allowed) * spec.max_tokens
-    return {"judge": judge, "kind": spec.kind, "model": spec.model, "judgments": len(requests),
+    return {"judge": judge, "kind": spec.kind, "model": spec.model, "judge_style": spec.judge_style,
+            "with_reference": sum(bool(req.get("has_reference")) for req in requests), "judgments": len(requests),
             "distinct": len(by_key), "cached": len(outcome.replies), "calls": len(allowed),
             "over_budget": outcome.pending, "prompt_tokens": prompt_tokens if spec.kind != "hf" else None,
             "completion_tokens": completion_tokens if spec.kind != "hf" else None,
@@ -241,13 +253,15 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
         by_key = {req["key"]: req["messages"] for req in requests}
         outcome = run_calls(ChatJudge(spec), by_key, JudgmentCache(spec.cache_dir), judge,
                             max_calls=spec.max_calls, concurrency=spec.concurrency)
-    table = judgment_table(requests, outcome.replies, judge)
+    table = judgment_table(requests, outcome.replies, judge, reader(spec))
     table.write_parquet(run_dir / "judgments.parquet")
     lengths = answer_lengths(run_dir, answers, pairs)
     styles = style_frame(answers, pairs, lengths) if answers is not None else None
     prompts = prompt_table(pairs)
     stats = (judge_summary(table, lengths, styles=styles, prompts=prompts) if table.height
              else {"invalid": 0, "failed": 0, "incomplete": 0, "splits": {}})
+    if spec.verdict_levels == 5:
+        add_weighted(stats, table, prompts)
     fresh = table.filter(~pl.col("cached"))
     invalid, failed = stats.pop("invalid"), stats.pop("failed")
     invalid_share = invalid / table.height if table.height else 0.0
@@ -270,7 +284,7 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
              "tokens": tokens, "cost": cost(tokens["prompt"], tokens["completion"], spec),
              "truncated": int(table["truncated"].sum()),
              "complete": outcome.pending == 0 and not problems, "problems": problems,
-             "pending": outcome.pending, **stats, **getattr(outcome, "extra", {})}
+             "pending": outcome.pending, **settings_block(spec, table), **stats, **getattr(outcome, "extra", {})}
     update_summary(run_dir, block)
     log.info("judge %s: %d of %d judgments made (%d calls, %d cached, %d invalid, %d refused), %d pending", judge,
              table.height, len(requests), outcome.calls, block["cached"], invalid, failed, outcome.pending)

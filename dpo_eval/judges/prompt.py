@@ -1,7 +1,8 @@
 """The pairwise judge prompt: template, cutting texts to fit the judge's context, and reading the verdict.
 
 A template is Jinja text rendering the judge's user message from `system` (the pair's system prompt, may
-be empty), `prompt`, `answer_a` (shown first) and `answer_b`. A top-level `{% set judge_system = "..." %}`
+be empty), `prompt`, `answer_a` (shown first), `answer_b` and `reference` (a reference answer, "" where the pair
+has none; dpo_eval.judges.references). A top-level `{% set judge_system = "..." %}`
 in it sets the judge's system message (none without it). The project's own template asks for the verdict
 as `[[A]]`, `[[B]]` or `[[tie]]`; `parse_verdict` reads that form or a bare label, and anything else is
 `invalid`, never a tie.
@@ -69,11 +70,12 @@ class Rendered:
     truncated: bool
 
 
-def load_template(path: Path | None = None) -> JudgeTemplate:
-    """The project's template (path None) or a user's Jinja file; a syntax error names the file."""
-    origin = "default" if path is None else str(path)
+def load_template(path: Path | None = None, default: str = DEFAULT_TEMPLATE, name: str = "default") -> JudgeTemplate:
+    """The project's template (path None: `default`, called `name`) or a user's Jinja file; a syntax error names
+    the file."""
+    origin = name if path is None else str(path)
     if path is None:
-        source = DEFAULT_TEMPLATE
+        source = default
     else:
         try:
             source = Path(path).read_text(encoding="utf-8")
@@ -87,13 +89,14 @@ def load_template(path: Path | None = None) -> JudgeTemplate:
     return JudgeTemplate(template, source, hashlib.sha256(source.encode("utf-8")).hexdigest(), origin)
 
 
-def _messages(tpl: JudgeTemplate, system: str, prompt: str, answer_a: str, answer_b: str) -> list[dict]:
+def _messages(tpl: JudgeTemplate, system: str, prompt: str, answer_a: str, answer_b: str,
+              reference: str = "") -> list[dict]:
     try:
         module = tpl.template.make_module({"system": system, "prompt": prompt, "answer_a": answer_a,
-                                           "answer_b": answer_b})
+                                           "answer_b": answer_b, "reference": reference})
     except jinja2.TemplateError as exc:
         raise DpoEvalError(f"--template {tpl.origin}: cannot render it ({exc}); it may use system, prompt, "
-                           "answer_a and answer_b") from exc
+                           "answer_a, answer_b and reference") from exc
     user = str(module).strip()
     judge_system = getattr(module, "judge_system", None)
     messages = [{"role": "system", "content": str(judge_system)}] if judge_system else []
@@ -124,15 +127,16 @@ def cut_middle(text: str, limit: int) -> tuple[str, bool]:
 
 
 def render(tpl: JudgeTemplate, system: str, prompt: str, first: str, second: str, *, context_chars: int,
-           answer_share: float) -> Rendered:
+           answer_share: float, reference: str = "") -> Rendered:
     """The messages judging `first` (shown as A) against `second` (B), texts cut to fit `context_chars`.
 
     room = context_chars - the template's own characters; each answer keeps at most floor(answer_share *
     room) characters; the system prompt and the prompt share what the cut answers leave (the system prompt
     at most half of it when both do not fit). The cut depends on the texts, not on their order, so both
-    orders of a pair are cut alike.
+    orders of a pair are cut alike. A reference answer (reference-guided judging) keeps its beginning, at most
+    as much as an answer and no more than the cut answers leave beyond MIN_ROOM for the prompt.
     """
-    overhead = prompt_chars(_messages(tpl, "x", "x", "x", "x")) - 4
+    overhead = prompt_chars(_messages(tpl, "x", "x", "x", "x", "x" if reference else "")) - 4 - bool(reference)
     room = context_chars - overhead
     each = int(answer_share * room)
     if each < MIN_ROOM:
@@ -141,12 +145,13 @@ def render(tpl: JudgeTemplate, system: str, prompt: str, first: str, second: str
                            "context_chars or answer_share, or shorten the template")
     first, cut_a = cut_end(first, each)
     second, cut_b = cut_end(second, each)
-    left = room - len(first) - len(second)
+    reference, cut_r = cut_end(reference, max(min(each, room - len(first) - len(second) - MIN_ROOM), 0))
+    left = room - len(first) - len(second) - len(reference)
     system_limit = len(system) if len(system) + len(prompt) <= left else min(len(system), left // 2)
     system, cut_s = cut_middle(system, system_limit)
     prompt, cut_p = cut_middle(prompt, left - len(system))
-    messages = _messages(tpl, system, prompt, first, second)
-    return Rendered(messages, cut_a or cut_b or cut_s or cut_p)
+    messages = _messages(tpl, system, prompt, first, second, reference)
+    return Rendered(messages, cut_a or cut_b or cut_s or cut_p or cut_r)
 
 
 def parse_verdict(raw: str | None) -> str:

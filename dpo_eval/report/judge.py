@@ -19,6 +19,7 @@ import polars as pl
 from dpo_eval.jsonsafe import finite, jsonable
 from dpo_eval.judges.statistics import ROLES, combine_orders, judge_summary, sign_test
 from dpo_eval.report.page import Section, add_section, read_sections
+from dpo_eval.report.reasoning import reasoning_sentences, with_rationales
 
 SECTION_IDS = ("judge", "judge_examples")
 EXAMPLE_CHARS = 400  # characters of each text shown in the examples table
@@ -304,19 +305,22 @@ def judge_sections(block: dict, judgments: pl.DataFrame, texts: pl.DataFrame,
     if reasons:
         paragraphs.append("Length-controlled win rate: " + "; ".join(reasons) + ".")
     paragraphs += style_sentences(block)
+    paragraphs += reasoning_sentences(block, judgments)
     main = Section("judge", "LLM judge: tuned vs base, and its calibration on the labels", paragraphs,
                    ["split", "figure", "n", "rate", "ci_low", "ci_high", "wins / losses / ties", "sign-test p",
                     "LC win rate", "SC win rate [CI]", "position consistency", "first-position rate", "invalid"],
                    _rows(block, pooled))
+    example_columns, example_rows = with_rationales(
+        ["comparison", "split", "pair", "prompt", "first role's answer", "second role's answer", "winner, A first",
+         "winner, B first", "combined", "judge's replies (A first | B first)"],
+        _example_rows(judgments, texts) if judgments.height else [], judgments)
     examples = Section(
         "judge_examples", "LLM judge: judged examples",
         [f"A few pairs as the judge saw them: one tuned-vs-base pair of each outcome, and a calibration pair "
          f"(the judge's pick against the labels where it made one). Texts are cut at {EXAMPLE_CHARS} characters "
          "here (the judge saw them whole unless the judgments table flags a cut); system prompts are left out. "
          "'A first' is the order with the first role (tuned, chosen) shown as answer A."],
-        ["comparison", "split", "pair", "prompt", "first role's answer", "second role's answer", "winner, A first",
-         "winner, B first", "combined", "judge's replies (A first | B first)"],
-        _example_rows(judgments, texts) if judgments.height else [])
+        example_columns, example_rows)
     return [main, examples]
 
 

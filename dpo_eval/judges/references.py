@@ -1,0 +1,100 @@
+"""Reference answers for reference-guided judging (issue 23 §2): from pairs.parquet's `reference` column or from a
+JSONL file joined to the pairs by `question_id` (JudgeSpec.references, `--references FILE`).
+
+The file holds one record per line, {question_id, choices: [{turns: [answer of turn 1, answer of turn 2, ...]}]}
+(MT-Bench's reference_answer_gpt-4.jsonl); a pair takes the answer of its turn (pairs.parquet's `turn` column,
+1-based; turn 1 where there is none). question_ids are compared as text, so 81 and "81" join. The file's reference
+wins over the column where both give one. A missing or unreadable file, a line that is not a JSON object, a record
+without question_id or answers, a question_id given twice, pairs without a question_id column, or a file none of
+whose questions is among the selected pairs is a DpoEvalError naming the file (and the line).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from dpo_eval.errors import DpoEvalError
+
+FORMAT = "one JSON object per line, {question_id, choices: [{turns: [answer, ...]}]}, as MT-Bench's reference_answer_gpt-4.jsonl"
+
+
+def read_references(path: Path) -> dict[str, list[str]]:
+    """question_id (as text) -> the reference answers per turn, from a references JSONL file."""
+    where = f"--references {path}"
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DpoEvalError(f"{where}: no such file; give a JSONL file of reference answers ({FORMAT})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DpoEvalError(f"{where}: cannot read it as UTF-8 text ({exc}); give {FORMAT}") from None
+    found: dict[str, list[str]] = {}
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DpoEvalError(f"{where} line {number}: not JSON ({exc.msg}); the file must hold {FORMAT}") from None
+        if not isinstance(record, dict) or record.get("question_id") is None:
+            raise DpoEvalError(f"{where} line {number}: no question_id; each line must be {FORMAT}")
+        qid = str(record["question_id"])
+        choices = record.get("choices")
+        turns = choices[0].get("turns") if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise DpoEvalError(f"{where} line {number} (question_id {qid}): no reference answer in choices[0].turns "
+                               "(a list of strings, one per turn)")
+        if qid in found:
+            raise DpoEvalError(f"{where} line {number}: question_id {qid} again (first on line {first_line[qid]}); "
+                               "keep one record per question")
+        found[qid], first_line[qid] = turns, number
+    if not found:
+        raise DpoEvalError(f"{where}: holds no record; give {FORMAT}")
+    return found
+
+
+def _turn_of(row: dict) -> int:
+    turn = row.get("turn")
+    return int(turn) if turn is not None else 1
+
+
+def _pick(value, turn: int) -> str:
+    """The reference of `turn` from a text or a list of texts per turn ("" where there is none)."""
+    if isinstance(value, (list, tuple)):
+        value = value[turn - 1] if len(value) >= turn else None
+    return value if isinstance(value, str) else ""
+
+
+def pair_references(pairs: pl.DataFrame, references: Path | None, pairs_file: Path) -> dict[str, str]:
+    """pair_id -> its non-empty reference answer, for the selected `pairs` (see the module docstring)."""
+    found: dict[str, str] = {}
+    columns = [c for c in ("pair_id", "question_id", "turn", "reference") if c in pairs.columns]
+    rows = pairs.select(columns).to_dicts()
+    if "reference" in pairs.columns:
+        for row in rows:
+            text = _pick(row["reference"], _turn_of(row))
+            if text.strip():
+                found[row["pair_id"]] = text
+    if references is None:
+        return found
+    by_question = read_references(references)
+    if "question_id" not in pairs.columns:
+        raise DpoEvalError(f"--references {references}: {pairs_file} has no question_id column to join it on; give "
+                           "references only for a prompt set whose pairs carry their question_id (e.g. MT-Bench)")
+    joined = 0
+    for row in rows:
+        turns = by_question.get(str(row["question_id"])) if row["question_id"] is not None else None
+        text = _pick(turns, _turn_of(row)) if turns else ""
+        if text.strip():
+            found[row["pair_id"]] = text
+            joined += 1
+    if not joined:
+        ours = sorted({str(q) for q in pairs["question_id"].drop_nulls().to_list()})[:5]
+        theirs = list(by_question)[:5]
+        raise DpoEvalError(f"--references {references}: none of its {len(by_question)} question_ids (e.g. "
+                           f"{', '.join(theirs)}) matches a question_id of the {pairs.height} selected pairs in "
+                           f"{pairs_file} (e.g. {', '.join(ours) or 'none'}); give the reference file of this prompt set")
+    return found
