@@ -178,3 +178,38 @@ def test_a_justification_without_a_final_verdict_is_invalid_and_not_cached(tmp_p
     with pytest.raises(SystemExit) as exit_info:
         main(["judge", str(run), "--judge", "hf", "--judge-model", "stories", "--judge-style", "reasoned"])
     assert exit_info.value.code == 2 and "--judge-style" in capsys.readouterr().err
+
+
+def test_the_local_judge_sees_the_reference_too(tmp_path):
+    """The hf judge renders the reference-guided template through its tokenizer (no weights loaded here)."""
+    from dpo_eval.judges.pairwise import plan_requests
+
+    run = even_run(tmp_path / "run", extra={"p0": {"reference": "REF zero"}, "p1": {"reference": None}})
+    spec = JudgeSpec(kind="hf", model="/work/shared/models/stories260k", cache_dir=tmp_path / "cache", limit=2)
+    *_, local, _, requests = plan_requests(run, spec)
+    shown = {(req["pair_id"], "[Reference answer]\nREF zero" in local.text(req["messages"]), req["has_reference"])
+             for req in requests}
+    assert shown == {("p0", True, True), ("p1", False, False)} and local.loaded is None
+
+
+@pytest.mark.parametrize("raw, style, levels, reading", [
+    ("[[B>>A]]", "verdict", 5, ("second", 2, None)),
+    ("**A=B**", "verdict", 5, ("tie", 0, None)),
+    ("[[A>B]] or rather [[A>>B]]", "verdict", 5, ("invalid", None, None)),
+    ("Both fine.\n\n[[tie]]", "reasoned", 3, ("tie", 0, "Both fine.")),
+    ("A is right.\nVerdict: [[A>B]]", "reasoned", 5, ("first", 1, "A is right.")),
+    ("A is right.\n[[A]]", "reasoned", 5, ("invalid", None, None)),  # a three-level mark where five are asked
+])
+def test_replies_are_read_by_style_and_levels(raw, style, levels, reading):
+    from dpo_eval.judges.verdicts import read_reply
+
+    assert tuple(vars(read_reply(raw, style, levels)).values()) == reading
+
+
+def test_the_new_settings_reach_the_ui_form_with_titles():
+    from dpo_eval.config import EvalConfig
+
+    fields = EvalConfig.model_json_schema()["$defs"]["JudgeSpec"]["properties"]
+    assert [fields[name]["title"] for name in ("judge_style", "verdict_levels", "references", "max_tokens")] == \
+        ["Judge style", "Verdict levels", "Reference answers (JSONL)", "Max reply tokens"]
+    assert JudgeSpec.model_validate_json(JudgeSpec(model="m", judge_style="reasoned").model_dump_json()).max_tokens == 1024
