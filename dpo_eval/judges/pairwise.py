@@ -141,7 +141,8 @@ def judgment_table(requests: list[dict], replies: dict, judge: str, read=read_re
                      "truncated": req["truncated"],
                      "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                      "latency_s": reply.latency_s, "cached": cached,
-                     "strength": None if failed else reading.strength, "rationale": None if failed else reading.rationale,
+                     "strength": None if failed else reading.strength,
+                     "rationale": None if failed else reading.rationale,
                      "has_reference": req.get("has_reference", False)})
     return pl.DataFrame(rows, schema=SCHEMA)
 
@@ -240,7 +241,9 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
     summary `judge` = {id, kind, model, template_sha, calls (API calls this run; hf: judgments computed by
     forward passes), cached (judgments read from the cache), invalid (per-order verdicts), tokens {prompt,
     completion} (this run's calls), truncated (judgments with a cut text), complete, pending, incomplete,
-    ci_method, lc_method, splits} with splits from judge_stats.judge_summary; kind hf adds `hf` (rendering,
+    ci_method, lc_method, splits} with splits from judge_stats.judge_summary, plus judge_style, verdict_levels,
+    max_tokens, references {judgments, pairs, of, source} and with five levels the weighting and each split's
+    tuned_vs_base weighted_win_rate (dpo_eval.judges.verdicts); kind hf adds `hf` (rendering,
     labels, tie rule, forward passes, repairs: dpo_eval.judges.local). spec.kind picks the judge: openai (an
     OpenAI-compatible API, dpo_eval.judges.api) or hf (a local model, dpo_eval.judges.local); both share the
     judgment cache. Raises DpoEvalError after writing both when the run stopped early.

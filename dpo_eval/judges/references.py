@@ -18,7 +18,8 @@ import polars as pl
 
 from dpo_eval.errors import DpoEvalError
 
-FORMAT = "one JSON object per line, {question_id, choices: [{turns: [answer, ...]}]}, as MT-Bench's reference_answer_gpt-4.jsonl"
+FORMAT = ("one JSON object per line, {question_id, choices: [{turns: [answer, ...]}]}, as MT-Bench's "
+          "reference_answer_gpt-4.jsonl")
 
 
 def read_references(path: Path) -> dict[str, list[str]]:
@@ -43,7 +44,8 @@ def read_references(path: Path) -> dict[str, list[str]]:
             raise DpoEvalError(f"{where} line {number}: no question_id; each line must be {FORMAT}")
         qid = str(record["question_id"])
         choices = record.get("choices")
-        turns = choices[0].get("turns") if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
+        first = choices[0] if isinstance(choices, list) and choices else None
+        turns = first.get("turns") if isinstance(first, dict) else None
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
             raise DpoEvalError(f"{where} line {number} (question_id {qid}): no reference answer in choices[0].turns "
                                "(a list of strings, one per turn)")
@@ -96,5 +98,6 @@ def pair_references(pairs: pl.DataFrame, references: Path | None, pairs_file: Pa
         theirs = list(by_question)[:5]
         raise DpoEvalError(f"--references {references}: none of its {len(by_question)} question_ids (e.g. "
                            f"{', '.join(theirs)}) matches a question_id of the {pairs.height} selected pairs in "
-                           f"{pairs_file} (e.g. {', '.join(ours) or 'none'}); give the reference file of this prompt set")
+                           f"{pairs_file} (e.g. {', '.join(ours) or 'none'}); give the reference file of this "
+                           "prompt set")
     return found

@@ -99,7 +99,8 @@ def weighted_games(judgments: pl.DataFrame, prompts: pl.DataFrame | None = None)
     part = one_pair_per_prompt(judgments, prompts) if prompts is not None else judgments
     bad = part.filter(~pl.col("winner").is_in(["tuned", "base", "tie"]) | pl.col("strength").is_null())
     complete = part.group_by("pair_id").agg(pl.col("order").n_unique()).filter(pl.col("order") == 2)["pair_id"]
-    games = part.filter(pl.col("pair_id").is_in(complete.implode()) & ~pl.col("pair_id").is_in(bad["pair_id"].implode()))
+    games = part.filter(pl.col("pair_id").is_in(complete.implode())
+                        & ~pl.col("pair_id").is_in(bad["pair_id"].implode()))
     return games.select("pair_id", score=pl.when(pl.col("winner") == "tuned").then(1.0)
                         .when(pl.col("winner") == "tie").then(0.5).otherwise(0.0),
                         weight=pl.when(pl.col("strength") == 2).then(float(STRONG_WEIGHT)).otherwise(1.0))
