@@ -132,7 +132,7 @@ def test_the_reference_is_shown_for_the_pairs_that_have_one_and_only_there(tmp_p
         user = messages[-1]["content"]
         pair = int(re.search(r"Question (\d+)\?", user).group(1))
         if pair in wanted:
-            assert f"[Reference answer]\n{wanted[pair]}\n\n[Answer A]" in user and "reference" in messages[0]["content"]
+            assert "[Reference answer]\n{wanted[pair]}\n\n[Answer A]" in user and "reference" in messages[0]["content"]
         else:
             assert "Reference" not in user and "reference" not in messages[0]["content"]
     table = pl.read_parquet(run / "judgments.parquet")
@@ -213,3 +213,18 @@ def test_the_new_settings_reach_the_ui_form_with_titles():
     assert [fields[name]["title"] for name in ("judge_style", "verdict_levels", "references", "max_tokens")] == \
         ["Judge style", "Verdict levels", "Reference answers (JSONL)", "Max reply tokens"]
     assert JudgeSpec.model_validate_json(JudgeSpec(model="m", judge_style="reasoned").model_dump_json()).max_tokens == 1024
+
+
+def test_a_long_reference_is_cut_to_fit_and_flagged():
+    from dpo_eval.judges.prompt import CUT_MARK, prompt_chars, render
+    from dpo_eval.judges.templates import judge_template
+
+    template = judge_template(JudgeSpec(model="m"), with_reference=True)
+    long = "R" * 5000
+    rendered = render(template, "", "Why?", "yes " * 10, "no " * 10, context_chars=2000, answer_share=0.35,
+                      reference=long)
+    user = rendered.messages[-1]["content"]
+    assert rendered.truncated and prompt_chars(rendered.messages) <= 2000 and "Why?" in user
+    assert "[Reference answer]\nRRR" in user and CUT_MARK + "\n\n[Answer A]" in user
+    plain = render(template, "", "Why?", "yes", "no", context_chars=2000, answer_share=0.35)
+    assert not plain.truncated and "Reference" not in plain.messages[-1]["content"]
