@@ -132,7 +132,7 @@ def test_the_reference_is_shown_for_the_pairs_that_have_one_and_only_there(tmp_p
         user = messages[-1]["content"]
         pair = int(re.search(r"Question (\d+)\?", user).group(1))
         if pair in wanted:
-            assert "[Reference answer]\n{wanted[pair]}\n\n[Answer A]" in user and "reference" in messages[0]["content"]
+            assert f"[Reference answer]\n{wanted[pair]}\n\n[Answer A]" in user and "reference" in messages[0]["content"]
         else:
             assert "Reference" not in user and "reference" not in messages[0]["content"]
     table = pl.read_parquet(run / "judgments.parquet")
