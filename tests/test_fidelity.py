@@ -64,6 +64,7 @@ def test_teacher_forced_figures_against_a_direct_computation(setup):
     assert figures["sequences"] == 4 and figures["positions"] == total == 96
     assert figures["argmax_agreement"] == agree / total
     assert figures["answer_is_reference_argmax"] == picked / total
+    assert figures["answer_is_fast_argmax"] == 1.0  # the answers are the fast model's greedy tokens
     assert all(math.isfinite(figures[k]) for k in ("max_abs_logprob_diff", "mean_abs_logprob_diff"))
     assert figures["max_abs_logprob_diff"] == pytest.approx(float(diffs.max()), abs=1e-4)
     assert figures["mean_abs_logprob_diff"] == pytest.approx(float(diffs.mean()), abs=1e-5)
@@ -72,8 +73,10 @@ def test_teacher_forced_figures_against_a_direct_computation(setup):
 
 def test_a_model_against_itself_and_empty_answers(setup):
     _, fast, prompts, answers, pad = setup
-    same = compare_teacher_forced(fast, fast, prompts[:2], [answers[0], []], pad)
+    same = compare_teacher_forced(fast, fast, prompts[:2], [answers[0], []], pad, batch_size=1, fast_batch_size=2)
     assert same["sequences"] == 1 and same["positions"] == 24
     assert same["max_abs_logprob_diff"] == 0.0 and same["argmax_agreement"] == 1.0
-    assert same["answer_is_reference_argmax"] == 1.0
+    assert same["answer_is_reference_argmax"] == 1.0 and same["answer_is_fast_argmax"] == 1.0
+    wrong = compare_teacher_forced(fast, fast, prompts[:1], [[(t + 1) % 512 for t in answers[0]]], pad)
+    assert wrong["answer_is_fast_argmax"] == wrong["answer_is_reference_argmax"] == 0.0  # not greedy tokens
     assert compare_teacher_forced(fast, fast, prompts[:1], [[]], pad)["argmax_agreement"] is None

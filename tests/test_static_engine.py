@@ -9,7 +9,8 @@ import pytest
 
 from dpo_eval.config import DatasetSpec, GenerationSpec, ModelSpec
 from dpo_eval.data.pairs import read_pairs
-from dpo_eval.generation.static_engine import PaddingLedger, bucketed_padded, bucketed_width
+from dpo_eval.generation.padding import left_padded
+from dpo_eval.generation.static_engine import PaddingLedger, bucketed_width
 from tests.builders import make_adapter
 
 
@@ -23,7 +24,7 @@ def test_bucketed_width_and_padding_ledger_counts():
     assert ledger.summary() == {"padding_tokens": 299, "bucketing_tokens": 233, "real_prompt_tokens": 149,
                                 "padding_share": round(299 / 149, 4), "bucketing_share": round(233 / 149, 4),
                                 "batches": 2, "widths": [64, 128]}
-    ids, mask = bucketed_padded([[7, 8], [9]], 0, 4)
+    ids, mask = left_padded([[7, 8], [9]], 0, 4)
     assert ids.tolist() == [[0, 0, 7, 8], [0, 0, 0, 9]] and mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
 
 

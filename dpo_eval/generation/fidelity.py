@@ -10,14 +10,17 @@ greedy answers after their prompts) and are compared position by position over t
 - `argmax_agreement`: the share of those positions where both models' most likely next token is the same;
 - `answer_is_reference_argmax`: the share of answer tokens that the reference model would also have picked
   greedily after the same prefix (for greedy answers of the fast engine: how often its decode agreed with
-  the reference given the same history).
+  the reference given the same history);
+- `answer_is_fast_argmax`: the same share for the fast model's own teacher-forced forward pass: below 1 where
+  the engine's decode path (a static cache, a compiled graph, another batch shape) picked a token that its
+  weights, read plainly, would not have.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from dpo_eval.generation.logprobs import right_padded
+from dpo_eval.generation.padding import right_padded
 
 
 def teacher_forced(model, prompts: list[list[int]], answers: list[list[int]], pad: int = 0,
@@ -46,19 +49,22 @@ def teacher_forced(model, prompts: list[list[int]], answers: list[list[int]], pa
 
 
 def compare_teacher_forced(reference, fast, prompts: list[list[int]], answers: list[list[int]], pad: int = 0,
-                           batch_size: int = 4) -> dict:
-    """The module docstring's figures of `fast` against `reference` (both models) over `answers` after `prompts`;
-    sequences with an empty answer are left out (`sequences` counts those compared, `positions` their tokens)."""
+                           batch_size: int = 4, fast_batch_size: int | None = None) -> dict:
+    """The module docstring's figures of `fast` against `reference` (both models; the same model with another
+    `fast_batch_size` compares batch shapes) over `answers` after `prompts`; sequences with an empty answer are
+    left out (`sequences` counts those compared, `positions` their tokens)."""
     keep = [i for i, a in enumerate(answers) if a]
     prompts, answers = [prompts[i] for i in keep], [answers[i] for i in keep]
     ref = teacher_forced(reference, prompts, answers, pad, batch_size)
-    got = teacher_forced(fast, prompts, answers, pad, batch_size)
+    got = teacher_forced(fast, prompts, answers, pad, fast_batch_size or batch_size)
     if not answers:
         return {"sequences": 0, "positions": 0, "max_abs_logprob_diff": None, "mean_abs_logprob_diff": None,
-                "argmax_agreement": None, "answer_is_reference_argmax": None}
+                "argmax_agreement": None, "answer_is_reference_argmax": None, "answer_is_fast_argmax": None}
     diff = np.concatenate([np.abs(r[0] - g[0]) for r, g in zip(ref, got)])
     same_argmax = np.concatenate([r[1] == g[1] for r, g in zip(ref, got)])
     picked = np.concatenate([r[1] == np.asarray(a) for r, a in zip(ref, answers)])
+    own = np.concatenate([g[1] == np.asarray(a) for g, a in zip(got, answers)])
     return {"sequences": len(answers), "positions": int(diff.size),
             "max_abs_logprob_diff": float(diff.max()), "mean_abs_logprob_diff": float(diff.mean()),
-            "argmax_agreement": float(same_argmax.mean()), "answer_is_reference_argmax": float(picked.mean())}
+            "argmax_agreement": float(same_argmax.mean()), "answer_is_reference_argmax": float(picked.mean()),
+            "answer_is_fast_argmax": float(own.mean())}

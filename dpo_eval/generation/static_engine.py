@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass, field
 
 from dpo_eval.generation.batch_plan import halved, resolve_batch_size
+from dpo_eval.generation.padding import left_padded
 
 BUCKET = 64
 log = logging.getLogger(__name__)
@@ -62,18 +63,6 @@ class PaddingLedger:
                 "batches": self.batches, "widths": sorted(self.widths)}
 
 
-def bucketed_padded(prompts: list[list[int]], pad: int, width: int):
-    """(input_ids, attention_mask) of `prompts` left-padded to `width` (>= the longest)."""
-    import torch
-
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    return ids, mask
-
-
 def static_kwargs(compile: bool | None = None) -> dict:
     """generate() arguments of the static path: the static cache; `compile` False turns transformers'
     automatic compilation off, None leaves it to transformers (on CUDA: compiled)."""
@@ -104,7 +93,7 @@ def generate_static(model, tokenizer, prompts: list[list[int]], spec, seeds: lis
         batch = order[start:start + batch_size]
         lengths = [len(prompts[i]) for i in batch]
         width = bucketed_width(max(lengths), bucket, cap)
-        ids, mask = bucketed_padded([prompts[i] for i in batch], tokenizer.pad_token_id, width)
+        ids, mask = left_padded([prompts[i] for i in batch], tokenizer.pad_token_id, width)
         check_batch_budget(len(batch), width, spec)
         ledger.add(lengths, width)
         sampling = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p,
