@@ -39,8 +39,8 @@ def bucketed_width(longest: int, bucket: int = BUCKET, cap: int | None = None) -
 @dataclass
 class PaddingLedger:
     """Prompt tokens computed for nothing: `padding` pad tokens in all, `bucketing` of them added by rounding
-    widths up to the bucket, against `real` prompt tokens; `widths` the distinct padded widths (one static
-    cache shape and, on CUDA, one compiled prefill each)."""
+    widths up to the bucket, against `real` prompt tokens; `widths` the distinct padded widths (each a static
+    cache length, so a decode-graph shape, unless an earlier, longer cache is kept)."""
 
     padding: int = 0
     bucketing: int = 0
@@ -64,9 +64,19 @@ class PaddingLedger:
 
 
 def static_kwargs(compile: bool | None = None) -> dict:
-    """generate() arguments of the static path: the static cache; `compile` False turns transformers'
-    automatic compilation off, None leaves it to transformers (on CUDA: compiled)."""
-    return {"cache_implementation": "static"} | ({"disable_compile": True} if compile is False else {})
+    """generate() arguments of the static path: the static cache; `compile` None leaves compilation to
+    transformers (on CUDA: compiled), False turns it off, True compiles on any device (transformers' default
+    CompileConfig; on the CPU only to check the compiled path end to end)."""
+    kwargs: dict = {"cache_implementation": "static"}
+    if compile is False:
+        kwargs["disable_compile"] = True
+    elif compile is True:
+        from transformers import CompileConfig
+
+        config = CompileConfig()
+        config._compile_all_devices = True  # transformers' own switch for compiling off CUDA
+        kwargs["compile_config"] = config
+    return kwargs
 
 
 def generate_static(model, tokenizer, prompts: list[list[int]], spec, seeds: list[int], on_batch=None,
