@@ -9,7 +9,8 @@
 # The model is built on the device (a seeded random Mistral-7B shape in bf16, quantized to nf4 there): nothing
 # large travels. Knobs (environment): DEADLINE (s, default 470: no step starts that is expected to end later;
 # the JSON is rewritten after every step, so a run killed at the limit keeps what it measured), ENGINES
-# (default nf4,dequantized,static; add static_eager to separate the static cache from compilation), BATCHES
+# (default nf4,dequantized,static,static_eager; static_eager, the static cache without compilation, runs last
+# and only separates the two effects), BATCHES
 # (default 64,128,256), EXTRA (more arguments, e.g. "--nf4-batches 64,256").
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -24,6 +25,6 @@ print({"torch": torch.__version__, "transformers": transformers.__version__, "bi
        "gpu": torch.cuda.get_device_name(), "free_gb": round(torch.cuda.mem_get_info()[0] / 1e9, 1)})
 PY
 timeout $(( ${DEADLINE:-470} + 110 )) python3 benchmarks/bench_gpu_generation.py --deadline-s "${DEADLINE:-470}" \
-  --engines "${ENGINES:-nf4,dequantized,static}" --batches "${BATCHES:-64,128,256}" --profile \
+  --engines "${ENGINES:-nf4,dequantized,static,static_eager}" --batches "${BATCHES:-64,128,256}" --profile \
   --name gpu_generation_h200 --out "$OUT/gpu_generation_h200.json" ${EXTRA:-} 2>&1 | tee -a "$OUT/bench.log"
 echo "exit ${PIPESTATUS[0]}"

@@ -95,8 +95,11 @@ def generate_static(model, tokenizer, prompts: list[list[int]], spec, seeds: lis
     cap = None if context is None else context - spec.max_new_tokens
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     device = next(model.parameters()).device
-    # the planner sized for the widest bucketed prompt: the static cache holds every row at that width
-    widest = [[0] * bucketed_width(max(len(p) for p in prompts), bucket, cap)] if prompts else []
+    # the planner sized for the widest bucketed prompt, or the longer cache transformers keeps from an earlier
+    # call: the static cache holds every row at that length
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kept = int(getattr(inner, "_previous_max_cache_length", 0) or 0) - spec.max_new_tokens
+    widest = [[0] * max(kept, bucketed_width(max(len(p) for p in prompts), bucket, cap))] if prompts else []
     batch_size = halved(resolve_batch_size(model, widest, spec.batch_size, spec.max_new_tokens), halvings)
     results: dict[int, tuple[str, int, str]] = {}
     for start in range(0, len(order), batch_size):
