@@ -15,7 +15,9 @@ the weights held in memory (the engine's own: nf4 packed or bf16) and the batch'
 length, at --bandwidth-tbs. Fidelity (dpo_eval.generation.fidelity): the fast engine's greedy answers to
 --fidelity-seqs prompts, teacher-forced under the nf4 model and the dequantized weights; and the dequantized
 engine at batch 128 against itself at 64 (greedy agreement on the shared prompts, teacher-forced log-probs of
-the same sequences in a batch and alone). --profile: torch.profiler over a short run of the fastest engine.
+the same sequences in a batch and alone). Implicit rewards: the forward passes of sequence_logprobs over
+--reward-seqs generated sequences at --reward-batches (sequences/s; a pair is four). --profile: torch.profiler
+over a short run of the fastest engine.
 
 Writes the JSON to --out (default benchmarks/results/<--name>.json) after every step, so a run cut by its
 deadline keeps what it measured; --deadline-s skips steps that would start too late. --smoke: a tiny
@@ -180,6 +182,29 @@ def profile_run(model, prompts, new_tokens: int, device: str, engine: str, rows:
                          "cpu_total_ms": round(e.cpu_time_total / 1e3, 2)} for e in top]}
 
 
+def reward_forwards(model, prompts, answers, batch: int, device: str) -> tuple[list[float], float]:
+    """Sum of log p(answer | prompt) per sequence, right-padded batches of `batch`: the forward pass and float32
+    log-softmax of dpo_eval.generation.logprobs.sequence_logprobs (not imported: it needs polars, which the device
+    image lacks); an implicit reward is four of these per pair. Returns the sums and the seconds."""
+    from dpo_eval.generation.padding import right_padded
+
+    sums: list[float] = []
+    sync(device)
+    start = time.perf_counter()
+    for first in range(0, len(prompts), batch):
+        rows = [(p + a, len(p)) for p, a in zip(prompts[first:first + batch], answers[first:first + batch])]
+        ids, mask, answer = right_padded(rows, 0)
+        ids, mask, answer = ids.to(device), mask.to(device), answer.to(device)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            for r in range(len(rows)):  # one row's float32 log-softmax at a time, as token_logprobs does
+                logp = torch.log_softmax(logits[r, :-1].float(), -1).gather(-1, ids[r, 1:, None])[:, 0]
+                sums.append(float((logp * answer[r, 1:]).sum()))
+        del logits
+    sync(device)
+    return sums, time.perf_counter() - start
+
+
 def versions(device: str) -> dict:
     import transformers
 
@@ -210,6 +235,8 @@ def parse_args():
     parser.add_argument("--fidelity-seqs", type=int, default=16, help="sequences teacher-forced per fast engine")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="start no step after this many seconds, nor one expected to end past it")
+    parser.add_argument("--reward-seqs", type=int, default=128, help="sequences of the implicit-reward forwards")
+    parser.add_argument("--reward-batches", default="8,32", help="batches of the implicit-reward forwards")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of the fastest engine")
     parser.add_argument("--profile-tokens", type=int, default=32)
     parser.add_argument("--compile-cpu", action="store_true",
@@ -349,6 +376,30 @@ def main() -> None:  # noqa: C901 - one linear script: steps in priority order, 
                 fast, fast, [large[i] for i in shared[:k]], [answers["dequantized", b][i] for i in shared[:k]], 0,
                 batch_size=1, fast_batch_size=k))}
         print(json.dumps({"dequantized_batch_check": result["dequantized_batch_check"]}), flush=True)
+        save()
+
+    source = next(((e, b) for e, b in sorted(answers, key=lambda k: -k[1]) if e != "nf4"), None)
+    if source and room(40 if not smoke else 2, "implicit rewards"):
+        # 4 forward passes per pair (policy and reference on chosen and rejected): here the generated answers of
+        # the largest batch stand in for chosen and rejected; policy = reference weights (no adapter), same cost
+        prompts, tokens = middle_batch(pool, source[1]), answers[source]
+        sequences = min(len(prompts), args.reward_seqs)
+        rewards = {"sequences": sequences, "tokens_per_sequence_mean": round(
+            sum(len(p) + len(a) for p, a in zip(prompts[:sequences], tokens[:sequences])) / sequences, 1), "by_batch": []}
+        for rb in [int(b) for b in args.reward_batches.split(",")]:
+            if not room(20 if not smoke else 1, f"implicit rewards batch {rb}"):
+                break
+            try:
+                _, seconds = reward_forwards(fast, prompts[:sequences], tokens[:sequences], rb, device)
+                rewards["by_batch"].append({"batch": rb, "seconds": round(seconds, 2),
+                                            "sequences_per_s": round(sequences / seconds, 1),
+                                            "pairs_per_s": round(sequences / seconds / 4, 1)})
+            except Exception as exc:  # noqa: BLE001 - out of memory at a large batch is a result
+                rewards["by_batch"].append({"batch": rb, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        result["implicit_rewards"] = rewards
+        print(json.dumps({"implicit_rewards": rewards}), flush=True)
         save()
 
     if args.profile:
