@@ -130,13 +130,15 @@ class GenerationSpec(Spec):
         None, ge=1, title="Batch size", description="Prompts per generate() call (sorted by length); halved on each "
         "retry after an out-of-memory error. None: planned from free GPU memory on a GPU (dpo_eval.generation.batch_plan), "
         "16 on the CPU.")
-    engine: Literal["hf", "dequantized", "continuous"] = Field(
+    engine: Literal["hf", "dequantized", "continuous", "static"] = Field(
         "hf", title="Engine", description="How answers are computed: hf, generate() on the model as loaded (4-bit "
         "layers when quantized); dequantized, the 4-bit nf4 weights dequantized once to the compute dtype right "
         "after loading (the weights a QLoRA adapter was trained against, at 16-bit speed and memory), then "
         "generate(); continuous, the same dequantized weights through transformers' continuous batching "
-        "(generate_batch, paged attention; greedy only). Part of the generation cache key.")
-    merge: bool = Field(False, title="Merge adapter", description="dequantized and continuous engines: merge the "
+        "(generate_batch, paged attention; greedy only); static, the same dequantized weights decoded with a static "
+        "KV cache, prompt widths bucketed to multiples of 64, the forward compiled on CUDA "
+        "(dpo_eval.generation.static_engine). Part of the generation cache key.")
+    merge: bool = Field(False, title="Merge adapter", description="dequantized, continuous and static engines: merge the "
                         "adapter into the dequantized weights for tuned answers (no LoRA matmuls); base answers "
                         "use the exact unmerged weights. Off: the adapter stays unmerged.")
     max_batch_tokens: int | None = Field(

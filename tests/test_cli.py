@@ -17,7 +17,7 @@ from dpo_eval.training.dpo import TrainSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["evaluate", "pairs", "generate", "analyze", "diagnose", "train", "trend", "serve", "demo", "judge",
-            "train-reward", "forgetting", "compare", "worker"]
+            "train-reward", "forgetting", "compare", "worker", "export"]
 # The Prefect layer: Prefect itself, the flows and tasks (installed as dpo_eval.flows and dpo_eval.tasks), and the
 # two command-line modules that register and start flows.
 ORCHESTRATION = ("prefect", "dpo_eval.flows", "dpo_eval.tasks", "dpo_eval.cli.main", "dpo_eval.cli.flow_commands")

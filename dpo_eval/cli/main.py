@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from dpo_eval.cli import core_commands, flow_commands, forgetting, judge, reward
+from dpo_eval.cli import core_commands, export, flow_commands, forgetting, judge, reward
 from dpo_eval.cli.quiet import quiet
 from dpo_eval.errors import DpoEvalError
 
@@ -47,6 +47,7 @@ app.command()(flow_commands.worker)
 app.command()(flow_commands.demo)
 app.command()(judge.judge)
 app.command()(forgetting.forgetting)
+app.command()(export.export)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

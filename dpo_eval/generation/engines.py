@@ -6,6 +6,8 @@
   by dequantizing its weight to the compute dtype and multiplying), at 16-bit speed and memory.
 - `continuous`: the same dequantized weights through transformers' continuous batching
   (`generate_batch`, paged attention), which works with a peft adapter and under `disable_adapter()`.
+- `static`: the same dequantized weights, decoded with a static KV cache and bucketed prompt widths, compiled
+  on CUDA (dpo_eval.generation.static_engine).
 
 Dequantization must happen before any forward pass: bitsandbytes 0.50 on an AVX512-BF16 CPU repacks
 4-bit weights for its CPU kernel at the first inference call, and dequantizing a repacked weight gives
@@ -20,7 +22,7 @@ import warnings
 from dpo_eval.config import ModelSpec
 from dpo_eval.errors import DpoEvalError
 
-DEQUANTIZING = ("dequantized", "continuous")
+DEQUANTIZING = ("dequantized", "continuous", "static")
 
 
 def reports_each_batch(engine: str) -> bool:
@@ -34,11 +36,11 @@ def check_engine(spec: ModelSpec, engine: str, merge: bool = False) -> None:
     if engine == "dequantized" and spec.quantization != "4bit":
         raise DpoEvalError(f"--engine dequantized needs --quantization 4bit (got {spec.quantization}): it "
                            "dequantizes nf4 weights; use --engine hf for this load")
-    if engine == "continuous" and spec.quantization == "8bit":
-        raise DpoEvalError("--engine continuous does not take --quantization 8bit (LLM.int8 computes outliers "
+    if engine in ("continuous", "static") and spec.quantization == "8bit":
+        raise DpoEvalError(f"--engine {engine} does not take --quantization 8bit (LLM.int8 computes outliers "
                            "apart, so no dequantized weight equals it); use 4bit or none, or --engine hf")
     if merge and engine not in DEQUANTIZING:
-        raise DpoEvalError("--merge needs --engine dequantized or continuous: merging into 4-bit weights "
+        raise DpoEvalError("--merge needs --engine dequantized, continuous or static: merging into 4-bit weights "
                            "re-quantizes them")
 
 

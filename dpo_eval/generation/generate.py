@@ -156,6 +156,10 @@ def _generate(model, tokenizer, prompts: list[list[int]], spec: GenerationSpec,
         if on_batch is not None:
             on_batch(len(prompts))
         return [_finished(tokenizer, new, eos) for new in outputs]
+    if spec.engine == "static":
+        from dpo_eval.generation.static_engine import generate_static
+
+        return generate_static(model, tokenizer, prompts, spec, seeds, on_batch, halvings)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     device = next(model.parameters()).device
     batch_size = halved(resolve_batch_size(model, prompts, spec.batch_size, spec.max_new_tokens), halvings)

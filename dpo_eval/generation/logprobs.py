@@ -17,6 +17,7 @@ import polars as pl
 
 from dpo_eval.data.pairs import prompt_turns
 from dpo_eval.errors import DpoEvalError
+from dpo_eval.generation.padding import right_padded
 from dpo_eval.generation.prompts import PromptFormatter, training_prompt
 
 CODE_VERSION = "logprobs-v1"  # bump with a change to the code that computes these values: every value cached before then misses
@@ -39,22 +40,6 @@ def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str) -> tuple[lis
     full_r = tokenizer(prompt + rejected)["input_ids"]
     cut = min(common_prefix(prompt_ids, full_c), common_prefix(prompt_ids, full_r))
     return prompt_ids[:cut], full_c[cut:], full_r[cut:]
-
-
-def right_padded(rows: list[tuple[list[int], int]], pad: int):
-    """(input_ids, attention_mask, answer_mask) of right-padded (ids, n_prompt_tokens) rows; the answer
-    mask marks the answer tokens, so `answer[:, 1:]` marks the logits positions that predict them."""
-    import torch
-
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    answer = torch.zeros_like(input_ids, dtype=torch.bool)
-    for i, (ids, n_prompt) in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        mask[i, :len(ids)] = 1
-        answer[i, n_prompt:len(ids)] = True
-    return input_ids, mask, answer
 
 
 def token_logprobs(logits, input_ids, rows_per_chunk: int = 1):
