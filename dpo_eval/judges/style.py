@@ -102,8 +102,73 @@ def logistic_fit(y: np.ndarray, x: np.ndarray, *, intercept: bool = True, tol: f
     return (float(model.intercept_[0]) if intercept else 0.0), model.coef_[0].astype(float), converged
 
 
+def weighted_logistic_fits(y: np.ndarray, x: np.ndarray, weights: np.ndarray, *, intercept: bool = True,
+                           max_iter: int = 100, tol: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
+    """Many unpenalised logistic fits at once, one per row of `weights` (fits x rows, non-negative: a bootstrap
+    resample is its rows' draw counts, which gives the same likelihood as the resampled rows themselves), of
+    outcomes y (1, 0, or 1/2 for a tie as a half row of each outcome) on x, by Newton's method on all fits
+    together. Returns (params, converged): params is fits x (1 + covariates) with the intercept first (0 without
+    one). A fit whose Hessian is singular (a covariate without variation in its rows) or that runs off (separation)
+    is not converged; its parameters are NaN."""
+    y, x, w = np.asarray(y, dtype=float), np.asarray(x, dtype=float), np.asarray(weights, dtype=float)
+    n = y.size
+    X = np.concatenate([np.ones((n, 1)), x], axis=1) if intercept else x
+    k = X.shape[1]
+    beta = np.zeros((w.shape[0], k))
+    active = np.ones(w.shape[0], dtype=bool)
+    converged = np.zeros(w.shape[0], dtype=bool)
+    for _ in range(max_iter):
+        b, wa = beta[active], w[active]
+        with np.errstate(over="ignore"):
+            mu = 1.0 / (1.0 + np.exp(-(b @ X.T)))
+        gradient = (wa * (y - mu)) @ X
+        hessian = np.einsum("fn,ni,nj->fij", wa * mu * (1.0 - mu), X, X)
+        singular = np.linalg.cond(hessian) > 1e12
+        hessian[singular] = np.eye(k)  # solved harmlessly, then dropped
+        step = np.linalg.solve(hessian, gradient[..., None])[..., 0]
+        idx = np.flatnonzero(active)
+        beta[idx] = b + step
+        bad = singular | ~np.isfinite(step).all(axis=1) | (np.abs(beta[idx]).max(axis=1) > 1e3)
+        done = ~bad & (np.abs(step).max(axis=1) < tol)
+        converged[idx[done]] = True
+        beta[idx[bad]] = np.nan
+        active[idx[bad | done]] = False
+        if not active.any():
+            break
+    beta[active] = np.nan  # out of iterations
+    if not intercept:
+        beta = np.concatenate([np.zeros((beta.shape[0], 1)), beta], axis=1)
+    return beta, converged
+
+
 def _sigmoid(a: float) -> float:
     return float(1.0 / (1.0 + np.exp(-a)))
+
+
+def _bootstrap_rates(y: np.ndarray, x: np.ndarray, resamples: int, seed: int) -> list[float]:
+    """sigmoid(intercept) of each bootstrap resample's fit (rows drawn with replacement, `resamples` draws from
+    `seed`), skipping a resample with one outcome only and one whose fit separates (|coefficient| > SEPARATED).
+    All resamples are fitted at once (weighted_logistic_fits); a resample whose joint fit does not converge
+    (separation, or a covariate without variation in it, which then drops out) is refitted alone as before."""
+    rng = np.random.default_rng(seed)
+    picks = [rng.integers(0, y.size, y.size) for _ in range(resamples)]
+    usable = [p for p in picks if not np.all(y[p] == y[p][0])]  # one outcome only: no fit on this resample
+    if not usable:
+        return []
+    counts = np.stack([np.bincount(p, minlength=y.size) for p in usable]).astype(float)
+    params, converged = weighted_logistic_fits(y, x, counts)
+    rates = []
+    for pick, fit, ok in zip(usable, params, converged):
+        xb = x[pick]
+        varies = xb.std(axis=0) > 0
+        if not (ok and varies.all()):  # refitted alone: a covariate without variation in this resample drops out
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                a, coefs, _ = logistic_fit(y[pick], xb[:, varies], tol=1e-6)
+            fit, ok = np.concatenate([[a], coefs]), True
+        if ok and np.abs(fit[1:]).max(initial=0.0) <= SEPARATED:
+            rates.append(_sigmoid(fit[0]))
+    return rates
 
 
 def sc_win_rate(outcome: np.ndarray, diffs: np.ndarray, names: tuple[str, ...] = COVARIATES, *,
@@ -140,19 +205,7 @@ def sc_win_rate(outcome: np.ndarray, diffs: np.ndarray, names: tuple[str, ...] =
         worst = [names[used[j]] for j, s in enumerate(sides) if s < SIDE_SHARE]
         notes.append(f"an extrapolation: nearly every pair differs in the same direction in {', '.join(worst)}, so "
                      "equal style lies outside the data; do not read it as the judge's preference")
-    rng = np.random.default_rng(seed)
-    rates = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(resamples):
-            pick = rng.integers(0, y.size, y.size)
-            yb, xb = y[pick], x[pick]
-            if np.all(yb == yb[0]):
-                continue  # no fit on this resample: one outcome only
-            xb = xb[:, xb.std(axis=0) > 0]  # a covariate without variation in this resample drops out of it
-            fit = logistic_fit(yb, xb, tol=1e-6)
-            if np.abs(fit[1]).max(initial=0.0) <= SEPARATED:
-                rates.append(_sigmoid(fit[0]))
+    rates = _bootstrap_rates(y, x, resamples, seed)
     tail = (1 - level) / 2
     low, high = (np.quantile(rates, [tail, 1 - tail]) if len(rates) >= resamples // 2 else (np.nan, np.nan))
     if len(rates) < resamples:

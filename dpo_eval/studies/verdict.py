@@ -570,14 +570,46 @@ def bradley_terry(first: list[str], second: list[str], outcome: np.ndarray) -> n
 
     if not bt_exists(first, second, outcome):
         return None
+    x = _bt_design(first, second)
+    _, strengths, converged = logistic_fit(np.asarray(outcome, dtype=float), x, intercept=False, max_iter=2000)
+    return strengths if converged else None
+
+
+def _bt_design(first: list[str], second: list[str]) -> np.ndarray:
+    """+1 / -1 indicators of chosen, base and tuned (rejected is the reference) per comparison."""
     x = np.zeros((len(first), len(BT_SYSTEMS)))
     for i, (a, b) in enumerate(zip(first, second)):
         if a in BT_SYSTEMS:
             x[i, BT_SYSTEMS.index(a)] += 1.0
         if b in BT_SYSTEMS:
             x[i, BT_SYSTEMS.index(b)] -= 1.0
-    _, strengths, converged = logistic_fit(np.asarray(outcome, dtype=float), x, intercept=False, max_iter=2000)
-    return strengths if converged else None
+    return x
+
+
+def _bt_bootstrap(first: list[str], second: list[str], outcome: np.ndarray, index: np.ndarray, groups: int,
+                  resamples: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Bradley-Terry strengths of each cluster-bootstrap resample (prompts drawn with replacement; a prompt's rows
+    go together) that has a finite fit (Ford's condition on its rows). The resamples are fitted at once by
+    Newton's method with each row weighted by its prompt's draw count (the same likelihood as the resampled rows);
+    one whose joint fit does not converge is refitted alone as bradley_terry does."""
+    from dpo_eval.judges.style import weighted_logistic_fits
+
+    draws = [rng.integers(0, groups, groups) for _ in range(resamples)]
+    picks = [np.concatenate([np.flatnonzero(index == g) for g in draw]) for draw in draws]
+    picks = [p for p in picks if bt_exists([first[i] for i in p], [second[i] for i in p], outcome[p])]
+    if not picks:
+        return []
+    counts = np.stack([np.bincount(p, minlength=outcome.size) for p in picks]).astype(float)
+    params, converged = weighted_logistic_fits(outcome, _bt_design(first, second), counts, intercept=False)
+    boots = []
+    for pick, fit, ok in zip(picks, params, converged):
+        if not ok:
+            fit = bradley_terry([first[i] for i in pick], [second[i] for i in pick], outcome[pick])
+            if fit is None:
+                continue
+            fit = np.concatenate([[0.0], fit])
+        boots.append(fit[1:])
+    return boots
 
 
 def llm_judge_gap(run_dir: Path, split: str, spec: VerdictSpec) -> dict | None:
@@ -615,12 +647,7 @@ def llm_judge_gap(run_dir: Path, split: str, spec: VerdictSpec) -> dict | None:
     chosen, base, tuned = strengths
     labels, index = np.unique(clusters, return_inverse=True)
     rng = np.random.default_rng(spec.seed)
-    boots = []
-    for _ in range(spec.resamples // 4):  # each resample is a fit: a quarter of the reward model's resamples
-        pick = np.concatenate([np.flatnonzero(index == g) for g in rng.integers(0, labels.size, labels.size)])
-        fit = bradley_terry([first[i] for i in pick], [second[i] for i in pick], outcome[pick])
-        if fit is not None:
-            boots.append(fit)
+    boots = _bt_bootstrap(first, second, outcome, index, labels.size, spec.resamples // 4, rng)
     tail = spec.alpha / 2
     boots = np.array(boots) if boots else np.zeros((0, 3))
     base_block |= {"resamples": spec.resamples // 4, "fitted_resamples": len(boots), "level": 1 - spec.alpha,
