@@ -158,3 +158,25 @@ def test_a_covariate_that_decides_every_verdict_gives_no_rate():
     y = np.where(d[:, 2] > 0, 1.0, 0.0)  # list items alone decide: complete separation
     block = sc_win_rate(y, d, resamples=50)
     assert np.isnan(block["sc_win_rate"]) and block["sc_reason"].startswith("separation")
+
+
+def test_the_bootstrap_interval_equals_one_statsmodels_fit_per_resample():
+    """The resamples are fitted together (Newton's method on draw counts): the percentile bounds must equal those of
+    one GLM per resample drawn the same way (rng.integers over pairs, resample after resample)."""
+    y, d = planted_verdicts(n=80, seed=3)
+    resamples, seed, level = 60, 7, 0.9
+    block = sc_win_rate(y, d, resamples=resamples, seed=seed, level=level)
+    x = d / d.std(axis=0)
+    rng = np.random.default_rng(seed)
+    rates = []
+    for _ in range(resamples):
+        pick = rng.integers(0, y.size, y.size)
+        yb, xb = y[pick], x[pick]
+        X = sm.add_constant(np.concatenate([xb, xb]), has_constant="add")
+        W = np.concatenate([yb, 1 - yb])
+        keep = W > 0
+        fit = sm.GLM(np.concatenate([np.ones_like(yb), np.zeros_like(yb)])[keep], X[keep],
+                     family=sm.families.Binomial(), freq_weights=W[keep]).fit()
+        rates.append(1 / (1 + np.exp(-fit.params[0])))
+    low, high = np.quantile(rates, [(1 - level) / 2, 1 - (1 - level) / 2])
+    assert block["sc_ci_low"] == pytest.approx(low, abs=1e-5) and block["sc_ci_high"] == pytest.approx(high, abs=1e-5)
