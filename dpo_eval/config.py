@@ -325,6 +325,12 @@ class JudgeSpec(Spec):
                                   "None: the project's pairwise template.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the judge (0: its most likely verdict).")
     max_tokens: int = Field(16, ge=1, description="Tokens the judge may answer with (the verdict only).")
+    repeats: int = Field(1, ge=1, le=20, title="Repeats per judgment", description="Ask each judgment (pair, "
+                         "comparison, order) this many times at the judge's temperature and keep the majority verdict "
+                         "(a tie where two verdicts share the most votes); summary.json's judge block gives the share "
+                         "of judgments whose verdict changed across repeats (repeatability). At temperature 0 repeats "
+                         "measure only the server's nondeterminism. Each repeat is a real call, counted by max_calls. "
+                         "openai judge only.")
     price_in: float | None = Field(None, ge=0, title="Price of prompt tokens", description="Price per million "
                                    "prompt tokens (any currency): with it, `--dry-run` states the expected cost and "
                                    "a run records what its calls cost in summary.json. None: no cost is stated.")
@@ -374,6 +380,14 @@ class JudgeSpec(Spec):
             raise ValueError(f"{info.field_name} applies to the openai judge only; {why}")
         return value
 
+
+    @field_validator("repeats")
+    @classmethod
+    def _repeats_need_sampling(cls, value, info):
+        if info.data.get("kind") == "hf" and value != 1:
+            raise ValueError("repeats applies to the openai judge only: the hf judge reads its verdict from "
+                             "log-probabilities, the same at every repeat")
+        return value
 
     @field_validator("gap_sample")
     @classmethod

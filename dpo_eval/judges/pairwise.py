@@ -31,7 +31,9 @@ from dpo_eval.judges.api import (
     request_record,
     run_calls,
 )
+from dpo_eval.judges.panel import merge_judgments, record_judge
 from dpo_eval.judges.prompt import load_template, parse_verdict, render
+from dpo_eval.judges.repeats import expand, fold
 from dpo_eval.judges.statistics import GAP_COMPARISONS, ROLES, judge_summary
 from dpo_eval.judges.style import style_frame
 
@@ -155,10 +157,11 @@ def answer_lengths(run_dir: Path, answers: pl.DataFrame | None, pairs: pl.DataFr
 
 
 def update_summary(run_dir: Path, block: dict) -> None:
-    """Set summary.json's `judge` to `block`, keeping every other key (a new file where there is none)."""
+    """Set summary.json's `judge` and its panel member's entry of `judges` to `block` (dpo_eval.judges.panel), keeping
+    every other key (a new file where there is none)."""
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
-    summary["judge"] = jsonable(block)
+    summary = record_judge(summary, jsonable(block))
     path.write_text(json.dumps(summary, indent=2, allow_nan=False))
 
 
@@ -185,7 +188,7 @@ def plan_requests(run_dir: Path, spec: JudgeSpec) -> tuple:
         requests = local.build_requests(rows, judge)
     else:
         judge = judge_id(judge_identity(spec, template))
-        requests = build_requests(rows, spec, template, judge)
+        requests = expand(build_requests(rows, spec, template, judge), spec.repeats)  # K askings of each judgment
     if not requests:
         raise DpoEvalError(f"{run_dir}: nothing to judge for split {spec.split!r} and comparisons "
                            f"{list(spec.comparisons)}")
@@ -213,7 +216,8 @@ def dry_run(run_dir: Path, spec: JudgeSpec) -> dict:
     chars = sum(len(m.get("content") or "") for key in allowed for m in by_key[key].get("messages") or [])
     prompt_tokens = math.ceil(chars / CHARS_PER_TOKEN)
     completion_tokens = len(allowed) * spec.max_tokens
-    return {"judge": judge, "kind": spec.kind, "model": spec.model, "judgments": len(requests),
+    return {"judge": judge, "kind": spec.kind, "model": spec.model, "judgments": len(requests) // spec.repeats,
+            "repeats": spec.repeats,
             "distinct": len(by_key), "cached": len(outcome.replies), "calls": len(allowed),
             "over_budget": outcome.pending, "prompt_tokens": prompt_tokens if spec.kind != "hf" else None,
             "completion_tokens": completion_tokens if spec.kind != "hf" else None,
@@ -241,8 +245,13 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
         by_key = {req["key"]: req["messages"] for req in requests}
         outcome = run_calls(ChatJudge(spec), by_key, JudgmentCache(spec.cache_dir), judge,
                             max_calls=spec.max_calls, concurrency=spec.concurrency)
-    table = judgment_table(requests, outcome.replies, judge)
-    table.write_parquet(run_dir / "judgments.parquet")
+    repeatability = None
+    if spec.repeats > 1:  # one table per repeat, folded into one row per judgment (dpo_eval.judges.repeats)
+        table, repeatability = fold([judgment_table([r for r in requests if r["repeat"] == i], outcome.replies, judge)
+                                     for i in range(spec.repeats)], spec.temperature)
+    else:
+        table = judgment_table(requests, outcome.replies, judge)
+    merge_judgments(run_dir / "judgments.parquet", table)  # the other panel members' rows stay
     lengths = answer_lengths(run_dir, answers, pairs)
     styles = style_frame(answers, pairs, lengths) if answers is not None else None
     prompts = prompt_table(pairs)
@@ -271,13 +280,15 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
              "truncated": int(table["truncated"].sum()),
              "complete": outcome.pending == 0 and not problems, "problems": problems,
              "pending": outcome.pending, **stats, **getattr(outcome, "extra", {})}
+    if repeatability is not None:
+        block["repeatability"] = repeatability
     update_summary(run_dir, block)
     log.info("judge %s: %d of %d judgments made (%d calls, %d cached, %d invalid, %d refused), %d pending", judge,
-             table.height, len(requests), outcome.calls, block["cached"], invalid, failed, outcome.pending)
+             table.height, len(requests) // spec.repeats, outcome.calls, block["cached"], invalid, failed, outcome.pending)
     reason = outcome.failure or outcome.stopped
     if reason:
         again = "with a larger --max-calls " if outcome.failure is None else ""
-        raise DpoEvalError(f"judging stopped: {reason}. {table.height} of {len(requests)} judgments are made and "
+        raise DpoEvalError(f"judging stopped: {reason}. {table.height} of {len(requests) // spec.repeats} judgments are made and "
                            f"kept ({outcome.calls} calls this run), {outcome.pending} left; run `dpo-eval judge` "
                            f"again {again}to continue from the cache")
     return block
