@@ -146,14 +146,12 @@ def test_the_majority_win_rate_and_the_answers_read_the_panel(panel):
     low, high = proportion_confint(wins + ties / 2, len(votes), alpha=0.05, method="wilson")
     assert (majority["ci_low"], majority["ci_high"]) == pytest.approx((low, high), abs=1e-12)
     better = summary["verdict"]["better"]
-    assert better["majority"]["win_rate"] == majority["win_rate"] and better["majority"]["ci"] == [low, high] or \
-        better["majority"]["ci"] == pytest.approx([low, high])
+    assert better["majority"]["win_rate"] == majority["win_rate"]
+    assert better["majority"]["ci"] == pytest.approx([low, high], abs=1e-12)
     assert better["because"].startswith("the majority of the 2 calibrated judges")
     assert [j["judge"] for j in better["judges"]] == [f"LLM judge {MARKER}", f"LLM judge {LONGER}"]
-    expected = "yes" if low > 0.5 and better["majority"]["lc_win_rate"] > 0.5 else None
-    assert expected is None or better["answer"] == expected
-    if low <= 0.5 <= high:
-        assert better["answer"] == "unknown" and "CI includes 0.5" in better["because"]
+    assert low <= 0.5 <= high  # the construction: 20 prompts do not decide it
+    assert better["answer"] == "unknown" and better["because"].split(" (each judge")[0].endswith("CI includes 0.5")
     section = next(s for s in json.loads((run / "report_sections.json").read_text()) if s["id"] == "panel")
     pair = summary["panel"]["pairs"][0]
     assert section["rows"] == [[MARKER, LONGER, len(votes), f"{pair['agree']:.2f}",
@@ -199,3 +197,90 @@ def test_repeats_measure_the_share_of_verdicts_that_change(servers, tmp_path, ca
     section = next(s for s in json.loads((run / "report_sections.json").read_text()) if s["id"] == "judge")
     assert any(p.startswith("Repeatability: each judgment was asked 3 times; the verdict changed across the repeats "
                             f"in {flaky} of {judgments}") for p in section["paragraphs"])
+
+
+def test_three_judges_and_a_reward_model_the_majority_answers_where_the_judges_disagree(tmp_path):
+    """A constructed run (tests/test_verdict.py's planted reward scores, judgments and blocks written by hand, no
+    server): a reward model and three LLM judges, all calibrated; two LLM judges prefer tuned, one prefers base, so
+    the one-judge rule says 'the judges disagree'; the panel's majority of four (an even split a tie) answers yes, and
+    the pair that disagrees most is a gaming signal. The same folder with one LLM judge keeps today's answer."""
+    from collections import Counter
+
+    from sklearn.metrics import cohen_kappa_score
+    from statsmodels.stats.proportion import proportion_confint
+
+    from dpo_eval.config import VerdictSpec
+    from dpo_eval.judges.statistics import judge_summary
+    from dpo_eval.studies.verdict import RM, assess, verdict
+    from tests.test_verdict import judgments_of, planted, write_run
+
+    n, rng = 80, np.random.default_rng(3)
+    outcomes = ["tuned", "base", "tie"]
+    scores = planted(n=n)
+    scores["tuned"] = scores["base"] + rng.normal(0.2, 0.5, n)
+    rm = ["tuned" if t > b else "base" for t, b in zip(scores["tuned"], scores["base"])]
+    a = rng.choice(outcomes, n, p=[0.75, 0.15, 0.10]).tolist()
+    b = [x if rng.random() < 0.8 else str(rng.choice(outcomes)) for x in a]
+    c = rng.choice(outcomes, n, p=[0.2, 0.7, 0.1]).tolist()
+    lengths = {role: rng.integers(5, 60, n).astype(float) for role in scores}
+    run = write_run(tmp_path / "run", scores, lengths)
+    diffs = pl.DataFrame({"pair_id": [f"p{i:03d}" for i in range(n)] * 2, "split": "valid",
+                          "role": ["tuned"] * n + ["base"] * n, "length": np.concatenate([lengths["tuned"],
+                                                                                        lengths["base"]])})
+    tables, blocks = [], {}
+    for name, said in (("a", a), ("b", b), ("c", c)):
+        judge = f"openai:judge-{name}:{name * 12}"
+        rows = judgments_of({"tuned_vs_base": said, "chosen_vs_rejected": ["chosen"] * n}).with_columns(
+            judge=pl.lit(judge))
+        tables.append(rows)
+        blocks[f"openai:judge-{name}"] = judge_summary(rows, diffs) | {"id": judge, "model": f"judge-{name}"}
+    pl.concat(tables).write_parquet(run / "judgments.parquet")
+    summary = json.loads((run / "summary.json").read_text())
+    summary |= {"judge": blocks["openai:judge-c"], "judges": blocks}
+    (run / "summary.json").write_text(json.dumps(summary, allow_nan=True))
+    spec = VerdictSpec(resamples=200)
+
+    answers, _, panel = assess(run, spec)
+    assert [(p["a"], p["b"]) for p in panel["pairs"]][:3] == [(RM, f"openai:judge-{x}") for x in "abc"]
+    for pair, said in zip(panel["pairs"], (a, b, c)):  # the reward model's agreement with each LLM judge
+        assert (pair["n"], pair["kappa"]) == (n, pytest.approx(cohen_kappa_score(rm, said), abs=1e-12))
+    better = answers["better"]
+    assert [j["answer"] for j in better["judges"]] == ["yes", "yes", "yes", "no"]  # the construction
+    votes = []
+    for said in zip(rm, a, b, c):
+        (top, count), *rest = Counter(said).most_common()
+        votes.append(top if not rest or rest[0][1] < count else "tie")
+    wins, losses, ties = (votes.count(w) for w in outcomes)
+    low, high = proportion_confint(wins + ties / 2, n, alpha=0.05, method="wilson")
+    majority = better["majority"]
+    assert (majority["n"], majority["wins"], majority["losses"], majority["ties"]) == (n, wins, losses, ties)
+    assert majority["ci"] == pytest.approx([low, high], abs=1e-12) and low > 0.5
+    assert majority["lc_win_rate"] > 0.5 and better["answer"] == "yes"
+    gaming = answers["gaming"]
+    share = np.mean(np.array(a) != np.array(c))
+    assert cohen_kappa_score(a, c) <= spec.kappa_bar and share >= spec.disagreement_bar  # the construction
+    assert gaming["answer"] == "yes"
+    assert f"judges openai:judge-a and openai:judge-c name different winners of tuned vs base on {share:.0%}" in \
+        gaming["because"]
+
+    summary["judges"] = {"openai:judge-c": blocks["openai:judge-c"]}  # one LLM judge: today's rule, no panel
+    (run / "summary.json").write_text(json.dumps(summary, allow_nan=True))
+    single = verdict(run, spec)[0]["better"]
+    assert single["answer"] == "unknown" and "the judges disagree" in single["because"] and "majority" not in single
+    assert [j["judge"] for j in single["judges"]] == ["reward model", "LLM judge"]
+
+
+def test_a_judge_run_replaces_its_own_member_and_drops_judges_the_summary_no_longer_names(tmp_path):
+    from dpo_eval.judges.panel import member, merge_judgments, panel_ids
+
+    def rows(judge: str, verdict: str) -> pl.DataFrame:
+        return pl.DataFrame({"pair_id": ["p0"], "judge": [judge], "verdict": [verdict]})
+
+    path = tmp_path / "judgments.parquet"
+    pl.concat([rows("openai:a:111", "first"), rows("openai:b:222", "second"), rows("openai:old:333", "tie")]).write_parquet(path)
+    summary = {"judge": {"id": "openai:a:111"}, "judges": {"openai:a": {"id": "openai:a:111"},
+                                                         "openai:b": {"id": "openai:b:222"}}}
+    assert panel_ids(summary) == {"openai:a:111", "openai:b:222"} and member("openai:org/m:7b:444") == "openai:org/m:7b"
+    merged = merge_judgments(path, rows("openai:a:999", "tie"), "openai:a:999", panel_ids(summary))
+    assert sorted(merged.rows()) == [("p0", "openai:a:999", "tie"), ("p0", "openai:b:222", "second")]
+    assert pl.read_parquet(path).sort("judge").equals(merged.sort("judge"))

@@ -31,7 +31,7 @@ from dpo_eval.judges.api import (
     request_record,
     run_calls,
 )
-from dpo_eval.judges.panel import merge_judgments, record_judge
+from dpo_eval.judges.panel import merge_judgments, panel_ids, record_judge
 from dpo_eval.judges.prompt import load_template, parse_verdict, render
 from dpo_eval.judges.repeats import expand, fold
 from dpo_eval.judges.statistics import GAP_COMPARISONS, ROLES, judge_summary
@@ -251,7 +251,9 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
                                      for i in range(spec.repeats)], spec.temperature)
     else:
         table = judgment_table(requests, outcome.replies, judge)
-    merge_judgments(run_dir / "judgments.parquet", table)  # the other panel members' rows stay
+    summary_file = run_dir / "summary.json"  # the other panel members' rows stay (dpo_eval.judges.panel)
+    merge_judgments(run_dir / "judgments.parquet", table, judge,
+                    panel_ids(json.loads(summary_file.read_text()) if summary_file.is_file() else {}))
     lengths = answer_lengths(run_dir, answers, pairs)
     styles = style_frame(answers, pairs, lengths) if answers is not None else None
     prompts = prompt_table(pairs)

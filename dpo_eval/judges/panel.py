@@ -43,15 +43,23 @@ def member(judge_id: str) -> str:
     return judge_id.rsplit(":", 1)[0] if judge_id.count(":") >= 2 else judge_id
 
 
-def merge_judgments(path: Path, table: pl.DataFrame) -> pl.DataFrame:
-    """`table` (one judge's rows) written to `path` beside the rows of the other panel members already there; the
-    rows of `table`'s own member are replaced. Returns the whole table written."""
+def panel_ids(summary: dict) -> set[str]:
+    """The judge ids summary.json names (its `judges` blocks and its `judge`): the rows judgments.parquet keeps."""
+    blocks = [*(summary.get("judges") or {}).values(), summary.get("judge") or {}]
+    return {b["id"] for b in blocks if isinstance(b, dict) and b.get("id")}
+
+
+def merge_judgments(path: Path, table: pl.DataFrame, judge_id: str, keep: set[str]) -> pl.DataFrame:
+    """`table` (the rows of judge `judge_id`, perhaps none) written to `path` beside the rows already there of the
+    other panel members among the judge ids `keep` (panel_ids: rows of a judge the summary no longer names, e.g. of
+    an earlier evaluation into the same folder, go); the rows of `judge_id`'s own member are replaced. Returns the
+    whole table written."""
     path = Path(path)
-    if path.is_file() and table.height:
-        mine = {member(j) for j in table["judge"].unique().to_list()}
+    if path.is_file():
         earlier = pl.read_parquet(path)
         if "judge" in earlier.columns:
-            others = earlier.filter(~pl.col("judge").map_elements(member, return_dtype=pl.String).is_in(list(mine)))
+            others = earlier.filter(pl.col("judge").is_in(sorted(keep))
+                                    & (pl.col("judge").map_elements(member, return_dtype=pl.String) != member(judge_id)))
             if others.height:
                 table = pl.concat([table, others], how="diagonal_relaxed")
     table.write_parquet(path)

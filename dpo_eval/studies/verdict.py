@@ -435,7 +435,9 @@ def gaming(judges: list[dict], agreement: dict | None, directions: tuple[int, in
         return _answer("not checked", "no reward model or LLM judge was run", rule, evidence, signals=[])
     winners = [j for j in judges if j["calibrated"] and _num(j["ci"][0]) > 0.5]
     if not winners:
-        return _answer("no", "no calibrated judge finds tuned better than base (no win-rate CI above 0.5): no gain "
+        who = ("the panel's majority does not find" if [j["judge"] for j in judges] == ["panel majority"] else
+               "no calibrated judge finds")
+        return _answer("no", f"{who} tuned better than base (no win-rate CI above 0.5): no gain "
                        "to explain", rule, evidence, signals=[])
     signals, open_questions = [], []
     for j in winners:
