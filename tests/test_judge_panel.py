@@ -180,6 +180,8 @@ def test_repeats_measure_the_share_of_verdicts_that_change(servers, tmp_path, ca
     before = server.requests
     block = judge_cli(run, server, tmp_path / "cache", "--repeats", "3", model="judge-flaky")["judge"]
     assert server.requests - before == 3 * judgments  # every repeat a real call
+    users = [next(m["content"] for m in reversed(sent) if m["role"] == "user") for sent in server.messages[before:]]
+    assert block["tokens"]["prompt"] == sum(len(user) // 4 for user in users)  # the server's usage, every call
     flaky = 2 * len(FLAKY_PAIRS)  # tuned vs base of those pairs, both orders
     assert block["repeatability"] | {"note": None, "rule": None} == {
         "k": 3, "n": judgments, "changed": flaky, "share_changed": flaky / judgments, "temperature": 0.0,
@@ -192,8 +194,10 @@ def test_repeats_measure_the_share_of_verdicts_that_change(servers, tmp_path, ca
     changed = table.filter(pl.col("repeat_verdicts").list.n_unique() > 1)
     assert sorted(set(changed["pair_id"].to_list())) == [f"p{i:02d}" for i in FLAKY_PAIRS] and changed.height == flaky
     assert table.height == judgments and (table["repeat_verdicts"].list.len() == 3).all()
-    judge_cli(run, server, tmp_path / "cache", "--repeats", "3", model="judge-flaky")
+    again = judge_cli(run, server, tmp_path / "cache", "--repeats", "3", model="judge-flaky")["judge"]
     assert server.requests - before == 3 * judgments  # a re-run reads all three repeats from the cache
+    assert again["calls"] == 0 and again["tokens"] == {"prompt": 0, "completion": 0}
+    assert again["repeatability"] == block["repeatability"]
     section = next(s for s in json.loads((run / "report_sections.json").read_text()) if s["id"] == "judge")
     assert any(p.startswith("Repeatability: each judgment was asked 3 times; the verdict changed across the repeats "
                             f"in {flaky} of {judgments}") for p in section["paragraphs"])

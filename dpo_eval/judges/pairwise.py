@@ -274,6 +274,10 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
                         "next run")
     tokens = {"prompt": int(fresh["prompt_tokens"].fill_null(0).sum()),
               "completion": int(fresh["completion_tokens"].fill_null(0).sum())}
+    if repeatability is not None:  # counted per call: a judgment's repeats may be partly from the cache
+        made = [reply for reply in outcome.replies.values() if not reply.cached]
+        tokens = {"prompt": sum(r.prompt_tokens or 0 for r in made), "completion": sum(r.completion_tokens or 0
+                                                                                      for r in made)}
     block = {"id": judge, "kind": spec.kind, "model": spec.model, "base_url": normalised_url(spec.base_url) or None,
              "revision": spec.revision, "template_sha": template.sha,
              "calls": outcome.calls, "cached": int(table["cached"].sum()), "invalid": invalid,
