@@ -347,6 +347,12 @@ class JudgeSpec(Spec):
     max_tokens: int | None = Field(None, ge=1, title="Max reply tokens", description="Tokens the judge may answer "
                                    "with. None: 16 for the verdict style (the verdict only), 1024 for the reasoned "
                                    "style (a justification, then the verdict).")
+    repeats: int = Field(1, ge=1, le=20, title="Repeats per judgment", description="Ask each judgment (pair, "
+                         "comparison, order) this many times at the judge's temperature and keep the majority verdict "
+                         "(a tie where two verdicts share the most votes); summary.json's judge block gives the share "
+                         "of judgments whose verdict changed across repeats (repeatability). At temperature 0 repeats "
+                         "measure only the server's nondeterminism. Each repeat is a real call, counted by max_calls. "
+                         "openai judge only.")
     price_in: float | None = Field(None, ge=0, title="Price of prompt tokens", description="Price per million "
                                    "prompt tokens (any currency): with it, `--dry-run` states the expected cost and "
                                    "a run records what its calls cost in summary.json. None: no cost is stated.")
@@ -413,6 +419,14 @@ class JudgeSpec(Spec):
             raise ValueError(f"{info.field_name} applies to the openai judge only; {why}")
         return value
 
+
+    @field_validator("repeats")
+    @classmethod
+    def _repeats_need_sampling(cls, value, info):
+        if info.data.get("kind") == "hf" and value != 1:
+            raise ValueError("repeats applies to the openai judge only: the hf judge reads its verdict from "
+                             "log-probabilities, the same at every repeat")
+        return value
 
     @field_validator("gap_sample")
     @classmethod

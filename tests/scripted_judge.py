@@ -68,6 +68,25 @@ def five_level_rule(marker: str = "GOOD", strong: str = "STRONG") -> Rule:
     return rule
 
 
+def flaky_rule(rule: Rule, marker: str = "FLAKY") -> Rule:
+    """`rule`, except that a request whose answers hold `marker` gets the other verdict ([[A]] <-> [[B]], a tie
+    becomes [[A]]) each second time the same two answers are asked (the 2nd, 4th, ... asking): a judge whose verdict
+    changes across repeats on a known subset of judgments and whose majority over 3 repeats is `rule`'s."""
+    counts: dict[tuple[str, str], int] = {}
+    lock = threading.Lock()
+    flip = {"[[A]]": "[[B]]", "[[B]]": "[[A]]", "[[tie]]": "[[A]]"}
+
+    def counted(a: str, b: str, user: str) -> "str | int":
+        reply = rule(a, b, user)
+        if marker not in a + b:
+            return reply
+        with lock:
+            counts[(a, b)] = counts.get((a, b), 0) + 1
+            asked = counts[(a, b)]
+        return flip.get(reply, reply) if asked % 2 == 0 else reply
+    return counted
+
+
 class ScriptedJudge:
     """`with ScriptedJudge(rule) as judge:` serves at judge.url (…/v1); judge.requests counts the completions asked
     for, judge.seen keeps (a, b) of each, `delay_s` holds every reply that long, and `on_request(n)` is called

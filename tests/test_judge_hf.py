@@ -184,11 +184,11 @@ def test_a_chat_template_renders_the_judge_input_and_is_part_of_the_identity(sto
     plain = judge_run(run, spec.model_copy(update={"model": str(stories260k)}))
     assert block["hf"]["rendering"] == "chat template" and plain["hf"]["rendering"].startswith("plain format")
     assert block["id"] != plain["id"] and plain["calls"] == 4  # the chat template is part of the judge identity
-    table = pl.read_parquet(run / "judgments.parquet")  # the plain judge's, written last
+    table = pl.read_parquet(run / "judgments.parquet").filter(pl.col("judge") == plain["id"])  # beside the chat judge's
     judged = judge_run(run, spec)  # the chat judge again: all from the cache
     assert judged["calls"] == 0 and judged["id"] == block["id"]
-    row = pl.read_parquet(run / "judgments.parquet").filter(pl.col("pair_id") == "p0", pl.col("order") == "ab").row(
-        0, named=True)
+    row = pl.read_parquet(run / "judgments.parquet").filter(pl.col("pair_id") == "p0", pl.col("order") == "ab",
+                                                            pl.col("judge") == block["id"]).row(0, named=True)
     tokenizer = AutoTokenizer.from_pretrained(chat)
     text = tokenizer.apply_chat_template(messages_for("p0", "chosen", "rejected"), tokenize=False,
                                          add_generation_prompt=True) + "[["

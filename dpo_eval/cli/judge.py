@@ -21,7 +21,7 @@ FLAGS = {"kind": "--judge", "model": "--judge-model", "base_url": "--base-url", 
          "context_tokens": "--context-tokens", "tie_margin": "--tie-margin", "revision": "--judge-revision",
          "max_invalid_share": "--max-invalid-share", "price_in": "--price-in", "price_out": "--price-out",
          "gap_sample": "--gap-sample", "judge_style": "--judge-style", "verdict_levels": "--verdict-levels",
-         "references": "--references"}
+         "references": "--references", "repeats": "--repeats", "temperature": "--temperature"}
 
 
 def _option(name: str):
@@ -63,6 +63,8 @@ def judge(
     gap_sample: Optional[int] = _option("gap_sample"),
     price_in: Optional[float] = _option("price_in"),
     price_out: Optional[float] = _option("price_out"),
+    repeats: int = _option("repeats"),
+    temperature: float = _option("temperature"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the judgments, the calls still to make (the cache "
                                  "and --max-calls counted) and their expected tokens and cost (--price-in, "
                                  "--price-out), then stop: no call, nothing written."),
@@ -105,7 +107,8 @@ def judge(
                  comparisons=chosen, split=split, limit=limit, max_calls=max_calls, concurrency=concurrency,
                  template=template, max_tokens=max_tokens, context_chars=context_chars, answer_share=answer_share,
                  logprobs=logprobs, price_in=price_in, price_out=price_out, gap_sample=gap_sample,
-                 judge_style=judge_style, verdict_levels=verdict_levels, references=references, **local)
+                 judge_style=judge_style, verdict_levels=verdict_levels, references=references, repeats=repeats,
+                 temperature=temperature, **local)
     if dry_run:
         from dpo_eval.judges.pairwise import dry_run as estimate
 
@@ -113,7 +116,9 @@ def judge(
         print(json.dumps(plan, indent=2))
         money = "" if plan["cost"] is None else f", about {plan['cost']:.4f} at the given prices"
         print(f"dry run: {plan['calls']} calls to make ({plan['cached']} of {plan['distinct']} distinct judgments "
-              f"cached, {plan['over_budget']} over --max-calls)"
+              f"cached, {plan['over_budget']} over --max-calls"
+              + (f"; {plan['judgments']} judgments asked {plan['repeats']} times each" if plan["repeats"] > 1 else "")
+              + ")"
               + (f", about {plan['prompt_tokens']} prompt and at most {plan['completion_tokens']} completion "
                  f"tokens{money}" if plan["prompt_tokens"] is not None else "") + "; nothing was called or written")
         return

@@ -31,8 +31,10 @@ from dpo_eval.judges.api import (
     request_record,
     run_calls,
 )
+from dpo_eval.judges.panel import merge_judgments, panel_ids, record_judge
 from dpo_eval.judges.prompt import render
 from dpo_eval.judges.references import pair_references
+from dpo_eval.judges.repeats import expand, fold
 from dpo_eval.judges.statistics import GAP_COMPARISONS, ROLES, judge_summary
 from dpo_eval.judges.style import style_frame
 from dpo_eval.judges.templates import judge_template
@@ -164,10 +166,11 @@ def answer_lengths(run_dir: Path, answers: pl.DataFrame | None, pairs: pl.DataFr
 
 
 def update_summary(run_dir: Path, block: dict) -> None:
-    """Set summary.json's `judge` to `block`, keeping every other key (a new file where there is none)."""
+    """Set summary.json's `judge` and its panel member's entry of `judges` to `block` (dpo_eval.judges.panel), keeping
+    every other key (a new file where there is none)."""
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
-    summary["judge"] = jsonable(block)
+    summary = record_judge(summary, jsonable(block))
     path.write_text(json.dumps(summary, indent=2, allow_nan=False))
 
 
@@ -197,7 +200,7 @@ def plan_requests(run_dir: Path, spec: JudgeSpec) -> tuple:
         requests = local.build_requests(rows, judge)
     else:
         judge = judge_id(judge_identity(spec, template))
-        requests = build_requests(rows, spec, template, judge)
+        requests = expand(build_requests(rows, spec, template, judge), spec.repeats)  # K askings of each judgment
     if not requests:
         raise DpoEvalError(f"{run_dir}: nothing to judge for split {spec.split!r} and comparisons "
                            f"{list(spec.comparisons)}")
@@ -226,7 +229,8 @@ def dry_run(run_dir: Path, spec: JudgeSpec) -> dict:
     prompt_tokens = math.ceil(chars / CHARS_PER_TOKEN)
     completion_tokens = len(allowed) * spec.max_tokens
     return {"judge": judge, "kind": spec.kind, "model": spec.model, "judge_style": spec.judge_style,
-            "with_reference": sum(bool(req.get("has_reference")) for req in requests), "judgments": len(requests),
+            "with_reference": sum(bool(req.get("has_reference")) for req in requests) // spec.repeats,
+            "judgments": len(requests) // spec.repeats, "repeats": spec.repeats,
             "distinct": len(by_key), "cached": len(outcome.replies), "calls": len(allowed),
             "over_budget": outcome.pending, "prompt_tokens": prompt_tokens if spec.kind != "hf" else None,
             "completion_tokens": completion_tokens if spec.kind != "hf" else None,
@@ -256,8 +260,15 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
         by_key = {req["key"]: req["messages"] for req in requests}
         outcome = run_calls(ChatJudge(spec), by_key, JudgmentCache(spec.cache_dir), judge,
                             max_calls=spec.max_calls, concurrency=spec.concurrency)
-    table = judgment_table(requests, outcome.replies, judge, reader(spec))
-    table.write_parquet(run_dir / "judgments.parquet")
+    repeatability = None
+    if spec.repeats > 1:  # one table per repeat, folded into one row per judgment (dpo_eval.judges.repeats)
+        table, repeatability = fold([judgment_table([r for r in requests if r["repeat"] == i], outcome.replies, judge,
+                                                    reader(spec)) for i in range(spec.repeats)], spec.temperature)
+    else:
+        table = judgment_table(requests, outcome.replies, judge, reader(spec))
+    summary_file = run_dir / "summary.json"  # the other panel members' rows stay (dpo_eval.judges.panel)
+    merge_judgments(run_dir / "judgments.parquet", table, judge,
+                    panel_ids(json.loads(summary_file.read_text()) if summary_file.is_file() else {}))
     lengths = answer_lengths(run_dir, answers, pairs)
     styles = style_frame(answers, pairs, lengths) if answers is not None else None
     prompts = prompt_table(pairs)
@@ -280,6 +291,10 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
                         "next run")
     tokens = {"prompt": int(fresh["prompt_tokens"].fill_null(0).sum()),
               "completion": int(fresh["completion_tokens"].fill_null(0).sum())}
+    if repeatability is not None:  # counted per call: a judgment's repeats may be partly from the cache
+        made = [reply for reply in outcome.replies.values() if not reply.cached]
+        tokens = {"prompt": sum(r.prompt_tokens or 0 for r in made), "completion": sum(r.completion_tokens or 0
+                                                                                      for r in made)}
     block = {"id": judge, "kind": spec.kind, "model": spec.model, "base_url": normalised_url(spec.base_url) or None,
              "revision": spec.revision, "template_sha": template.sha,
              "calls": outcome.calls, "cached": int(table["cached"].sum()), "invalid": invalid,
@@ -288,13 +303,15 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
              "truncated": int(table["truncated"].sum()),
              "complete": outcome.pending == 0 and not problems, "problems": problems,
              "pending": outcome.pending, **settings_block(spec, table), **stats, **getattr(outcome, "extra", {})}
+    if repeatability is not None:
+        block["repeatability"] = repeatability
     update_summary(run_dir, block)
     log.info("judge %s: %d of %d judgments made (%d calls, %d cached, %d invalid, %d refused), %d pending", judge,
-             table.height, len(requests), outcome.calls, block["cached"], invalid, failed, outcome.pending)
+             table.height, len(requests) // spec.repeats, outcome.calls, block["cached"], invalid, failed, outcome.pending)
     reason = outcome.failure or outcome.stopped
     if reason:
         again = "with a larger --max-calls " if outcome.failure is None else ""
-        raise DpoEvalError(f"judging stopped: {reason}. {table.height} of {len(requests)} judgments are made and "
+        raise DpoEvalError(f"judging stopped: {reason}. {table.height} of {len(requests) // spec.repeats} judgments are made and "
                            f"kept ({outcome.calls} calls this run), {outcome.pending} left; run `dpo-eval judge` "
                            f"again {again}to continue from the cache")
     return block

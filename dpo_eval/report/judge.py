@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from dpo_eval.jsonsafe import finite, jsonable
+from dpo_eval.judges.panel import own_rows
 from dpo_eval.judges.statistics import ROLES, combine_orders, judge_summary, sign_test
 from dpo_eval.report.page import Section, add_section, read_sections
 from dpo_eval.report.reasoning import reasoning_sentences, with_rationales
@@ -306,6 +307,8 @@ def judge_sections(block: dict, judgments: pl.DataFrame, texts: pl.DataFrame,
         paragraphs.append("Length-controlled win rate: " + "; ".join(reasons) + ".")
     paragraphs += style_sentences(block)
     paragraphs += reasoning_sentences(block, judgments)
+    if block.get("repeatability"):
+        paragraphs.append(repeatability_sentence(block["repeatability"]))
     main = Section("judge", "LLM judge: tuned vs base, and its calibration on the labels", paragraphs,
                    ["split", "figure", "n", "rate", "ci_low", "ci_high", "wins / losses / ties", "sign-test p",
                     "LC win rate", "SC win rate [CI]", "position consistency", "first-position rate", "invalid"],
@@ -333,6 +336,7 @@ def write_judge_report(run_dir: Path | str, timings: dict | None = None) -> dict
     judgments_file = run_dir / "judgments.parquet"
     block = summary.get("judge")
     judgments = pl.read_parquet(judgments_file) if block and judgments_file.is_file() else None
+    judgments = own_rows(judgments, (block or {}).get("id"))  # the other panel members' rows: the panel section
     summary["judge_headline"] = judge_headline(summary, judgments)
     if timings:
         summary["timings"] = dict(summary.get("timings") or {}) | timings
@@ -347,3 +351,47 @@ def write_judge_report(run_dir: Path | str, timings: dict | None = None) -> dict
             if kept.get(section.id) != jsonable(asdict(section)):  # each change re-renders the whole page
                 add_section(run_dir, section)
     return summary
+
+
+def repeatability_sentence(block: dict) -> str:
+    """The judge's own variance in words: how many judgments changed verdict across its K repeats."""
+    share = block.get("share_changed")
+    said = (f"Repeatability: each judgment was asked {block['k']} times; the verdict changed across the repeats in "
+            f"{block['changed']} of {block['n']} judgments with a readable verdict in every repeat"
+            + (f" ({share:.0%})" if finite(share) else ""))
+    return said + f"; the verdict kept is the majority (a tie where two verdicts share the most votes); {block['note']}."
+
+
+def _kappa_cell(row: dict) -> str:
+    return f"{_f(row.get('kappa'))} [{_f(row.get('ci_low'))}, {_f(row.get('ci_high'))}]"
+
+
+def panel_section(panel: dict) -> Section:
+    """The panel of judges: each pair's agreement on tuned vs base (Cohen's kappa with its bootstrap CI, n prompts)
+    and the majority verdict of the calibrated judges with its win rate."""
+    judges = panel.get("judges") or {}
+    names = ", ".join(f"{name} ({'calibrated' if j.get('calibrated') else 'not calibrated'})"
+                      for name, j in judges.items())
+    paragraphs = [f"A panel of {len(judges)} judges judged tuned vs base on {panel.get('split')}: {names}. Each names "
+                  "one verdict per prompt (tuned, base or tie; an LLM judge's two orders combined, the reward model's "
+                  f"score difference). Agreement of two judges: Cohen's kappa with a {panel.get('level', 0.95):.0%} "
+                  f"CI ({panel.get('ci_method')}); 1 is full agreement, 0 agreement by chance."]
+    majority = panel.get("majority") or {}
+    if majority.get("n"):
+        lc = majority.get("lc_win_rate")
+        paragraphs.append(
+            f"Majority of the {len(majority['judges'])} calibrated judges ({', '.join(majority['judges'])}): tuned beats "
+            f"base in {_f(majority['win_rate'])} [{_f(majority['ci_low'])}, {_f(majority['ci_high'])}] of "
+            f"{majority['n']} prompts ({majority['wins']} / {majority['losses']} / {majority['ties']} wins / losses / "
+            f"ties; {majority.get('win_ci_method')}), length-controlled {_f(lc)}. Rule: {majority.get('rule')}.")
+    else:
+        paragraphs.append(f"No majority verdict: {majority.get('reason') or 'fewer than two calibrated judges'}.")
+    if panel.get("reads_verdict"):
+        paragraphs.append("The answers 'is the tuned model better?' and 'could the gain be gaming?' read this majority "
+                          "and these agreements.")
+    for name, j in judges.items():
+        if j.get("repeatability"):
+            paragraphs.append(f"{name}: " + repeatability_sentence(j["repeatability"]))
+    rows = [[r["a"], r["b"], r["n"], _f(r.get("agree")), _kappa_cell(r)] for r in panel.get("pairs") or []]
+    return Section("panel", "Panel of judges: agreement and majority", paragraphs,
+                   ["judge", "judge", "n prompts", "agreement", "Cohen's kappa [CI]"], rows)

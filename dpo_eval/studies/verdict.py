@@ -59,7 +59,9 @@ def rules(spec: VerdictSpec) -> dict[str, str]:
                    f"{spec.calibration_bar:g} answer; yes where a judge's tuned-vs-base win-rate {level} CI lies above "
                    "0.5 and so does its length-controlled rate (not an extrapolation) and, for an LLM judge whose "
                    "answers' markdown was read, its style-controlled rate; no where they all lie below; "
-                   "unknown where the judges disagree or none can tell"),
+                   "unknown where the judges disagree or none can tell; with several LLM judges (a panel) and two "
+                   "or more calibrated judges, the per-prompt majority of the calibrated ones answers by the same "
+                   "rule"),
         "forgetting": (f"yes where a benchmark task's primary metric dropped with BH q < {spec.alpha:g} across tasks; "
                        "no (no evidence) otherwise, with the smallest drop the questions could detect, unknown where a "
                        "task did not run; not checked without a forgetting stage"),
@@ -69,7 +71,8 @@ def rules(spec: VerdictSpec) -> dict[str, str]:
                    f"{spec.disagreement_bar:.0%} of prompts with Cohen's kappa at most {spec.kappa_bar:g}, or where more "
                    "features moved significantly away from chosen than toward it (counting features whose "
                    "chosen-vs-rejected shift is significant); unknown where the length control is an extrapolation or "
-                   "undefined; no without such a signal or without a win"),
+                   "undefined; no without such a signal or without a win; with a panel, the majority's win and "
+                   "every pair of calibrated judges"),
     }
 
 
@@ -85,6 +88,15 @@ def _read_json(path: Path) -> dict:
 def _table(run_dir: Path, name: str) -> pl.DataFrame | None:
     path = run_dir / name
     return pl.read_parquet(path) if path.is_file() else None
+
+
+def _latest_judgments(run_dir: Path) -> pl.DataFrame | None:
+    """judgments.parquet's rows of the latest LLM judge (summary.json's `judge.id`; the panel's other members have
+    their own rows there)."""
+    from dpo_eval.judges.panel import own_rows
+
+    judge = (_read_json(run_dir / "summary.json").get("judge") or {}).get("id")
+    return own_rows(_table(run_dir, "judgments.parquet"), judge)
 
 
 def _num(x) -> float:
@@ -336,9 +348,14 @@ def llm_judge_blocks(summary: dict, spec: VerdictSpec) -> tuple[dict, dict, str]
     return calibration, {"split": split, **w, "ci_low": low, "ci_high": high}, split
 
 
-def better(judges: list[dict], rule: str) -> dict:
-    """Is the tuned model better? From the judges' own answers (`judge_answer`)."""
+def better(judges: list[dict], rule: str, majority: dict | None = None) -> dict:
+    """Is the tuned model better? From the judges' own answers (`judge_answer`), or from a panel's majority of
+    calibrated judges (`majority_answer`) where there is one."""
     evidence = ["reward_model", "judge"]
+    if majority is not None:
+        said = "; ".join(j["because"] for j in judges)
+        return _answer(majority["answer"], f"{majority['because']} (each judge: {said})", rule, evidence + ["panel"],
+                       judges=judges, majority=majority)
     if not judges:
         return _answer("not checked", "no reward model or LLM judge was run", rule, evidence, judges=[])
     calibrated = [j for j in judges if j["calibrated"]]
@@ -409,14 +426,18 @@ def _feature_directions(stats: pl.DataFrame | None, alpha: float) -> tuple[int, 
     return toward, both.height - toward
 
 
-def gaming(judges: list[dict], agreement: dict | None, directions: tuple[int, int] | None, rule: str) -> dict:
-    """Could the gain be gaming? Signals beside a win (see `rules`)."""
+def gaming(judges: list[dict], agreement: dict | None, directions: tuple[int, int] | None, rule: str,
+           panel_pairs: list[dict] | None = None) -> dict:
+    """Could the gain be gaming? Signals beside a win (see `rules`); a panel's pairs of judges replace the one
+    agreement of the reward model and the LLM judge where given."""
     evidence = ["reward_model", "judge", "moved", "gaming"]
     if not judges:
         return _answer("not checked", "no reward model or LLM judge was run", rule, evidence, signals=[])
     winners = [j for j in judges if j["calibrated"] and _num(j["ci"][0]) > 0.5]
     if not winners:
-        return _answer("no", "no calibrated judge finds tuned better than base (no win-rate CI above 0.5): no gain "
+        who = ("the panel's majority does not find" if [j["judge"] for j in judges] == ["panel majority"] else
+               "no calibrated judge finds")
+        return _answer("no", f"{who} tuned better than base (no win-rate CI above 0.5): no gain "
                        "to explain", rule, evidence, signals=[])
     signals, open_questions = [], []
     for j in winners:
@@ -433,11 +454,13 @@ def gaming(judges: list[dict], agreement: dict | None, directions: tuple[int, in
             signals.append(f"the {j['judge']}'s raw win rate {_pct(j['win_rate'])} lies above 0.5 but its "
                            f"style-controlled rate {_pct(j['sc_win_rate'])} does not: markdown and length explain "
                            "the win")
-    if agreement is not None and agreement["n"] and agreement.get("calibrated") \
-            and math.isfinite(agreement["kappa"]) and agreement["kappa"] <= agreement["bar"] \
-            and 1 - agreement["agree"] >= agreement["share_bar"]:
-        signals.append(f"the two judges name different winners of tuned vs base on {1 - agreement['agree']:.0%} of "
-                       f"{agreement['n']} prompts (Cohen's kappa {agreement['kappa']:.2f} <= {agreement['bar']:g})")
+    pairs = panel_pairs if panel_pairs is not None else [agreement] if agreement is not None else []
+    for pair in pairs:
+        if pair["n"] and pair.get("calibrated") and math.isfinite(pair["kappa"]) and pair["kappa"] <= pair["bar"] \
+                and 1 - pair["agree"] >= pair["share_bar"]:
+            who = f"judges {pair['a']} and {pair['b']}" if "a" in pair else "two judges"
+            signals.append(f"the {who} name different winners of tuned vs base on {1 - pair['agree']:.0%} of "
+                           f"{pair['n']} prompts (Cohen's kappa {pair['kappa']:.2f} <= {pair['bar']:g})")
     if directions is not None and directions[1] > directions[0]:
         signals.append(f"{directions[1]} features moved significantly away from chosen and {directions[0]} toward it")
     extra = {"signals": signals, "judge_agreement": agreement}
@@ -456,7 +479,7 @@ def judge_agreement(run_dir: Path, split: str | None, bar: float, share_bar: flo
                     calibrated: bool = True) -> dict | None:
     """The reward model's and the LLM judge's per-prompt verdicts of tuned vs base on `split`: n, agree share,
     Cohen's kappa, and the pairs where they disagree (reward margin largest first), or None without both."""
-    scores, judgments = _table(run_dir, "reward_scores.parquet"), _table(run_dir, "judgments.parquet")
+    scores, judgments = _table(run_dir, "reward_scores.parquet"), _latest_judgments(run_dir)
     if split is None or scores is None or judgments is None:
         return None
     rm, llm = reward_outcomes(scores, split), judge_outcomes(judgments, split)
@@ -618,7 +641,7 @@ def llm_judge_gap(run_dir: Path, split: str, spec: VerdictSpec) -> dict | None:
     positions = strength / strength(chosen), a percentile bootstrap over prompts; None without a gap sample."""
     from dpo_eval.judges.statistics import GAP_COMPARISONS, ROLES, combine_orders
 
-    judgments = _table(run_dir, "judgments.parquet")
+    judgments = _latest_judgments(run_dir)
     if judgments is None:
         return None
     part = judgments if split == "all" else judgments.filter(pl.col("split") == split)
@@ -678,6 +701,12 @@ def gap_sentence(name: str, block: dict) -> str:
 
 def verdict(run_dir: Path, spec: VerdictSpec | None = None) -> tuple[dict, dict]:
     """(verdict, gap) of the run folder `run_dir` (see the module docstring)."""
+    answers, gaps, _ = assess(run_dir, spec)
+    return answers, gaps
+
+
+def assess(run_dir: Path, spec: VerdictSpec | None = None) -> tuple[dict, dict, dict | None]:
+    """(verdict, gap, panel) of the run folder `run_dir`; panel None unless several LLM judges judged it."""
     run_dir = Path(run_dir)
     spec = spec or run_spec(run_dir)
     summary = _read_json(run_dir / "summary.json")
@@ -689,22 +718,31 @@ def verdict(run_dir: Path, spec: VerdictSpec | None = None) -> tuple[dict, dict]
         block = reward_model_gap(run_dir, rm[2], spec)
         if block is not None:
             gaps[RM] = block | {"sentence": gap_sentence(RM, block)}
+    from dpo_eval.studies.panel import majority_answer, panel_block, panel_members
+
     llm = llm_judge_blocks(summary, spec)
-    if llm is not None:
+    members = panel_members(summary, spec)
+    if len(members) > 1:  # a panel: each LLM judge answers under its own name
+        judges += [judge_answer(f"LLM judge {m[0]}", m[2], m[3], spec) for m in members]
+    elif llm is not None:
         judges.append(judge_answer("LLM judge", llm[0], llm[1], spec))
+    if llm is not None:
         block = llm_judge_gap(run_dir, llm[2], spec)
         if block is not None:
             gaps["LLM judge"] = block | {"sentence": gap_sentence("LLM judge", block)}
     agreement = (judge_agreement(run_dir, rm[2], spec.kappa_bar, spec.disagreement_bar,
                                  calibrated=all(j["calibrated"] for j in judges)) if rm and llm else None)
     directions = _feature_directions(_table(run_dir, "stats.parquet"), spec.alpha)
+    panel = panel_block(run_dir, spec, rm, judges, members, llm[2] if llm else None) if len(members) > 1 else None
+    majority = majority_answer(panel["majority"]) if panel and panel["reads_verdict"] else None
     answers = {"alignment": alignment(summary, spec, said["alignment"]),
-               "better": better(judges, said["better"]),
+               "better": better(judges, said["better"], majority),
                "forgetting": forgetting(summary, spec, said["forgetting"]),
-               "gaming": gaming(judges, agreement, directions, said["gaming"])}
+               "gaming": gaming([majority] if majority else judges, agreement, directions, said["gaming"],
+                                panel_pairs=panel["pairs"] if panel else None)}
     if gaps:
         answers["gap_line"] = " ".join(block["sentence"] for block in gaps.values())
-    return answers, gaps
+    return answers, gaps, panel
 
 
 def run_spec(run_dir: Path) -> VerdictSpec:
@@ -722,12 +760,19 @@ def write_verdict(run_dir: Path, spec: VerdictSpec | None = None) -> dict:
     if not (run_dir / "summary.json").is_file():
         raise DpoEvalError(f"{run_dir}: no summary.json; give the run directory of `dpo-eval evaluate` (or of a "
                            "judge run)")
-    answers, gaps = verdict(run_dir, spec)
+    answers, gaps, panel = assess(run_dir, spec)
     path = run_dir / "summary.json"
     summary = _read_json(path)
     summary["verdict"], summary["gap"] = answers, gaps
+    summary.pop("panel", None)
+    if panel is not None:
+        summary["panel"] = panel
     path.write_text(json.dumps(jsonable(summary), indent=2))
-    sections = [s for s in read_sections(run_dir) if s.id != DISAGREEMENT_SECTION]
+    sections = [s for s in read_sections(run_dir) if s.id not in (DISAGREEMENT_SECTION, PANEL_SECTION)]
+    if panel is not None:
+        from dpo_eval.report.judge import panel_section
+
+        sections.append(panel_section(jsonable(panel)))
     agreement = answers["gaming"].get("judge_agreement")
     if agreement and agreement["disagree"]:
         sections.append(disagreement_section(run_dir, agreement))
@@ -737,6 +782,7 @@ def write_verdict(run_dir: Path, spec: VerdictSpec | None = None) -> dict:
 
 
 DISAGREEMENT_SECTION = "gaming"
+PANEL_SECTION = "panel"
 SHOWN_DISAGREEMENTS = 10
 CUT = 240
 
@@ -748,7 +794,7 @@ def disagreement_section(run_dir: Path, agreement: dict):
 
     pairs, answers = _table(run_dir, "pairs.parquet"), _table(run_dir, "answers.parquet")
     scores = _table(run_dir, "reward_scores.parquet")
-    judgments = _table(run_dir, "judgments.parquet")
+    judgments = _latest_judgments(run_dir)
     ids = agreement["disagree"]
     margin = scores.filter(pl.col("role").is_in(["tuned", "base"]) & pl.col("pair_id").is_in(ids)).pivot(
         on="role", index="pair_id", values="reward_model").select(
