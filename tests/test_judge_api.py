@@ -451,8 +451,9 @@ def test_engine_openai_sends_dpo_evals_rendering_caches_every_answer_and_agrees_
         # ... and the server counted exactly dpo-eval's prompt lengths (a doubled BOS would add one)
         lengths = sorted(len(tokenizer(t)["input_ids"]) for t in expected)
         assert sorted(answers.filter(pl.col("model") == "base")["n_prompt_tokens"].to_list()) == lengths
-        # A second run sends nothing: every answer comes from the cache, the same answers
-        run_cli(served_argv(proxy.url + "/v1", model, data, tmp_path / "b.parquet"))
+        # A second run sends nothing: every answer comes from the cache (the URL spelled otherwise: the identity
+        # holds it normalised), the same answers
+        run_cli(served_argv(proxy.url.replace("http://", "HTTP://") + "/v1/", model, data, tmp_path / "b.parquet"))
         second = json.loads(capsys.readouterr().out)
         assert (second["requests"], second["cached"], proxy.counts["forwarded"]) == (0, 10, 5)
         assert pl.read_parquet(tmp_path / "b.parquet").equals(answers)
@@ -523,4 +524,8 @@ def test_engine_openai_errors_name_the_option_to_fix(judge_server, tmp_path, mon
     unknown = [("/nonexistent/tuned" if argv[k - 1] == "--served-tuned" else a) for k, a in enumerate(argv)]
     message = fails(unknown)
     assert "--served-tuned /nonexistent/tuned: the server at" in message and "does not serve that name" in message
+    # A prompt template that renders the BOS: its text would reach this server with two, so it goes as ids, which
+    # transformers serve refuses (it takes text only); the message says why and what to do
+    message = fails(argv + ["--prompt-template", "<s>{{ prompt }}"])
+    assert "refused a prompt sent as token ids (400" in message and "--prompt-template without the BOS" in message
     assert not (tmp_path / "a.parquet").exists()

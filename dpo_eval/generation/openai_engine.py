@@ -172,8 +172,9 @@ class ServedClient:
         except Exception:  # noqa: BLE001 - any failure: the list is not known
             return None
 
-    def failure(self, exc: Exception, label: str) -> DpoEvalError:
-        """A DpoEvalError for a request that failed after its retries, naming the option to fix."""
+    def failure(self, exc: Exception, label: str, sent_ids: bool = False) -> DpoEvalError:
+        """A DpoEvalError for a request that failed after its retries, naming the option to fix; `sent_ids`: the
+        failed request's prompt was token ids (wire_prompts)."""
         import openai
 
         server, flag = self.server, FLAGS[label]
@@ -193,6 +194,11 @@ class ServedClient:
             if names is not None and name not in names:
                 return DpoEvalError(f"{flag} {name}: the server at {server.base_url} does not serve that name (it "
                                     f"lists {names}; it answered {exc.status_code}: {body}); give the name it serves")
+            if sent_ids and 400 <= exc.status_code < 500:
+                return DpoEvalError(f"{server.base_url} refused a prompt sent as token ids ({exc.status_code}: {body}); "
+                                    "its text does not re-tokenize to dpo-eval's ids (a chat template that renders "
+                                    "the BOS, or a prompt cut to the context): use a server that takes token ids "
+                                    "(vLLM, SGLang), or a --prompt-template without the BOS")
             return DpoEvalError(f"{server.base_url} answered {exc.status_code} to a completion of {flag} {name}: "
                                 f"{body}")
         return DpoEvalError(f"completion of {flag} {name} at {server.base_url} failed: {type(exc).__name__}: {exc}")
@@ -203,7 +209,7 @@ def _request_all(client: ServedClient, cache: ServedCache, label: str, work: dic
     """Send every request of `work` (key -> (prompt, seed)) with at most `concurrency` in flight, caching each
     reply as it arrives; the first failure stops new requests, lets the ones in flight finish (kept), and raises."""
     model = client.server.served_tuned if label == "tuned" else client.server.served_base
-    queue, running, error = iter(work.items()), {}, None
+    queue, running, error, error_key = iter(work.items()), {}, None, None
     pool = ThreadPoolExecutor(max_workers=client.server.concurrency, thread_name_prefix="served")
     try:
         while True:
@@ -221,14 +227,14 @@ def _request_all(client: ServedClient, cache: ServedCache, label: str, work: dic
                 try:
                     cache.put(key, future.result())
                 except Exception as exc:  # noqa: BLE001 - openai raises one of several types once its retries are spent
-                    error = error or exc
+                    error, error_key = (error, error_key) if error is not None else (exc, key)
                     continue
                 if on_batch is not None:
                     on_batch(1)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     if error is not None:
-        raise client.failure(error, label) from error
+        raise client.failure(error, label, isinstance(work[error_key][0], list)) from error
 
 
 def generate_served(spec: ModelSpec, generation: GenerationSpec, pairs: pl.DataFrame,
