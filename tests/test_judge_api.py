@@ -529,3 +529,19 @@ def test_engine_openai_errors_name_the_option_to_fix(judge_server, tmp_path, mon
     message = fails(argv + ["--prompt-template", "<s>{{ prompt }}"])
     assert "refused a prompt sent as token ids (400" in message and "--prompt-template without the BOS" in message
     assert not (tmp_path / "a.parquet").exists()
+
+
+def test_engine_openai_settings_leave_the_other_engines_cache_keys_alone():
+    from dpo_eval.config import GenerationSpec, ServerSpec
+
+    # the generation cache key (stages.spec_hash) reads model_dump: no `server` key unless there is a server
+    assert "server" not in GenerationSpec().model_dump(mode="json")
+    assert list(GenerationSpec(engine="static").model_dump(mode="json")) == [
+        "max_new_tokens", "do_sample", "temperature", "top_p", "seed", "batch_size", "engine", "merge",
+        "max_batch_tokens"]
+    server = ServerSpec(base_url="http://127.0.0.1:8000/v1", served_base="b", served_tuned="t")
+    assert GenerationSpec(engine="openai", server=server).model_dump(mode="json")["server"]["served_tuned"] == "t"
+    with pytest.raises(ValidationError, match="engine openai needs a server"):
+        GenerationSpec(engine="openai")
+    with pytest.raises(ValidationError, match="used by engine openai only"):
+        GenerationSpec(engine="hf", server=server)
