@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 Format = Literal["auto", "orca", "openai", "hh-rlhf", "trl", "columns", "prompts"]
 
@@ -114,6 +114,26 @@ class ModelSpec(Spec):
         "model's chat template. None: the chat template, or a plain format for models without one.")
 
 
+class ServerSpec(Spec):
+    """An OpenAI-compatible inference server the user already runs (vLLM, SGLang, TGI), generating the answers of
+    --engine openai (dpo_eval.generation.openai_engine)."""
+
+    base_url: str = Field(title="Server base URL", description="The server's API base URL, e.g. "
+                          "http://127.0.0.1:8000/v1. Part of the answers' cache identity (normalised).")
+    served_base: str = Field(title="Served base model", description="The name the server serves the base model "
+                             "under (vLLM: the model it was started with); base answers come from it.")
+    served_tuned: str = Field(title="Served tuned model", description="The name the server serves base + adapter "
+                              "under (vLLM: --lora-modules NAME=ADAPTER); tuned answers come from it.")
+    api_key_env: str = Field("OPENAI_API_KEY", title="API key variable", description="Environment variable holding "
+                             "the server's API key; the key itself is never stored. Unset with a local base_url: a "
+                             "placeholder is sent.")
+    concurrency: int = Field(8, ge=1, title="Requests in flight", description="Completion requests in flight at most.")
+    timeout_s: float = Field(120.0, gt=0, title="Request timeout (s)", description="Seconds one request may take "
+                             "before it is retried.")
+    max_retries: int = Field(5, ge=0, title="Retries", description="Retries of a request after 429, 5xx, a timeout "
+                             "or a lost connection (the openai client's exponential backoff).")
+
+
 class GenerationSpec(Spec):
     """How answers are generated; the same settings for the tuned and the base model."""
 
@@ -130,20 +150,40 @@ class GenerationSpec(Spec):
         None, ge=1, title="Batch size", description="Prompts per generate() call (sorted by length); halved on each "
         "retry after an out-of-memory error. None: planned from free GPU memory on a GPU (dpo_eval.generation.batch_plan), "
         "16 on the CPU.")
-    engine: Literal["hf", "dequantized", "continuous", "static"] = Field(
+    engine: Literal["hf", "dequantized", "continuous", "static", "openai"] = Field(
         "hf", title="Engine", description="How answers are computed: hf, generate() on the model as loaded (4-bit "
         "layers when quantized); dequantized, the 4-bit nf4 weights dequantized once to the compute dtype right "
         "after loading (the weights a QLoRA adapter was trained against, at 16-bit speed and memory), then "
         "generate(); continuous, the same dequantized weights through transformers' continuous batching "
         "(generate_batch, paged attention; greedy only); static, the same dequantized weights decoded with a static "
         "KV cache, prompt widths bucketed to multiples of 64, the forward compiled on CUDA "
-        "(dpo_eval.generation.static_engine). Part of the generation cache key.")
+        "(dpo_eval.generation.static_engine); openai, completions from an inference server the user runs "
+        "(server: dpo_eval.generation.openai_engine). Part of the generation cache key.")
     merge: bool = Field(False, title="Merge adapter", description="dequantized, continuous and static engines: merge the "
                         "adapter into the dequantized weights for tuned answers (no LoRA matmuls); base answers "
                         "use the exact unmerged weights. Off: the adapter stays unmerged.")
     max_batch_tokens: int | None = Field(
         None, ge=1, title="Max batch tokens", description="Memory budget of one batch in tokens (prompts x (padded prompt + new tokens)); "
         "a larger batch fails as out of memory before it runs, and the retry halves it. None: no budget.")
+    server: ServerSpec | None = Field(None, title="Inference server", description="engine openai: the server and "
+                                      "the names it serves the base and the tuned model under.")
+
+    @model_validator(mode="after")
+    def _server_with_openai(self):
+        if (self.engine == "openai") != (self.server is not None):
+            raise ValueError("engine openai needs a server (base_url, served_base, served_tuned), and a server is "
+                             "used by engine openai only")
+        if self.engine == "openai" and self.merge:
+            raise ValueError("merge does not apply to engine openai (the server holds the weights)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_server(self, handler):
+        """No `server` key where there is none, so the cache keys of the other engines stay as they were."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("server") is None:
+            data.pop("server", None)
+        return data
 
     @field_validator("merge")
     @classmethod

@@ -43,12 +43,22 @@ def _forgetting_key() -> str:
     return cache_key("model", BenchmarkTask("t", "t", None, "config-sha"), ForgettingSpec(tasks=("t",)))
 
 
+def _served_identity() -> str:
+    from dpo_eval.config import ServerSpec
+    from dpo_eval.generation.openai_engine import served_identity
+    from dpo_eval.jsonsafe import json_key
+
+    server = ServerSpec(base_url="http://127.0.0.1:8000/v1", served_base="base", served_tuned="tuned")
+    return json_key(served_identity(server, GenerationSpec(engine="openai", server=server), "tuned"))
+
+
 @pytest.mark.parametrize("module, key", [
     ("dpo_eval.generation.generate", _generation_key),
     ("dpo_eval.generation.logprobs", _rewards_key),
     ("dpo_eval.judges.prompt", _judge_id),
     ("dpo_eval.scoring.scorer", _scoring_fingerprint),
     ("dpo_eval.forgetting.harness", _forgetting_key),
+    ("dpo_eval.generation.openai_engine", _served_identity),
 ])
 def test_bumping_a_code_version_changes_the_cache_key(module, key, monkeypatch):
     import importlib

@@ -321,6 +321,7 @@ class FaultProxy:
         self.cuts = (p429, p429 + p500, p429 + p500 + pstall)
         self.rng, self.lock = random.Random(seed), threading.Lock()
         self.counts = {"429": 0, "500": 0, "stall": 0, "forwarded": 0}
+        self.bodies: list[dict] = []  # every request body received, as JSON
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -329,6 +330,7 @@ class FaultProxy:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.bodies.append(json.loads(body or b"null"))
                 fault = proxy.draw()
                 if fault == "stall":
                     time.sleep(proxy.stall_s)
@@ -400,3 +402,146 @@ def test_a_server_that_keeps_failing_stops_the_run_with_a_message(scripted_judge
             judge_run(run, spec)
     assert proxy.counts["500"] == 2  # one call and its one retry; nothing else was sent after the failure
     assert pl.read_parquet(run / "judgments.parquet").height == 0
+
+
+# ---------------------------------------------------------------- generation through the same server (--engine openai)
+
+SERVED_PROMPTS = ["Tell a short story.", "What did Lily find?", "Why was Tom sad?", "Who helped Ben?",
+                  "Once upon a time, a little bird"]
+SERVED_TOKENS = 16
+
+
+def served_argv(server_url: str, model: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["generate", "--base", model, "--dataset", str(data), "--engine", "openai", "--base-url", server_url,
+            "--served-base", model, "--served-tuned", model, "--max-new-tokens", str(SERVED_TOKENS),
+            "--quantization", "none", "--compute-dtype", "float32", "--concurrency", "2", "--out", str(out), *extra]
+
+
+def test_engine_openai_sends_dpo_evals_rendering_caches_every_answer_and_agrees_with_the_in_process_engine(
+        judge_server, tmp_path, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
+    from dpo_eval.config import DatasetSpec, GenerationSpec, ModelSpec
+    from dpo_eval.data.pairs import load_pairs
+    from dpo_eval.generation.generate import generate_both
+    from dpo_eval.generation.models import load_model
+
+    monkeypatch.setenv("DPO_EVAL_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": "Yes.", "rejected": "No."}) + "\n"
+                            for p in SERVED_PROMPTS))
+    model = judge_server["model"]
+    with FaultProxy(judge_server["url"].removesuffix("/v1")) as proxy:
+        run_cli(served_argv(proxy.url + "/v1", model, data, tmp_path / "a.parquet"))
+        first = json.loads(capsys.readouterr().out)
+        # tuned and base are served under one name here: the base requests are the tuned ones, from the cache
+        assert (first["requests"], first["cached"], first["sent_as_ids"]) == (5, 5, 0)
+        assert first["prompt_token_mismatches"] == 0 and proxy.counts["forwarded"] == 5
+        # What the server received: the chat template's text (known in advance), no BOS in it, greedy, max_tokens
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        expected = {f"user: {p}\nassistant:" for p in SERVED_PROMPTS}
+        assert {body["prompt"] for body in proxy.bodies} == expected
+        assert all(body["model"] == model and body["temperature"] == 0 and body["max_tokens"] == SERVED_TOKENS
+                   for body in proxy.bodies)
+        answers = pl.read_parquet(tmp_path / "a.parquet")
+        for text in expected:  # the ids the server builds (special tokens on) hold one BOS, then dpo-eval's text
+            ids = tokenizer(text)["input_ids"]
+            assert ids == [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert ids.count(tokenizer.bos_token_id) == 1
+        # ... and the server counted exactly dpo-eval's prompt lengths (a doubled BOS would add one)
+        lengths = sorted(len(tokenizer(t)["input_ids"]) for t in expected)
+        assert sorted(answers.filter(pl.col("model") == "base")["n_prompt_tokens"].to_list()) == lengths
+        # A second run sends nothing: every answer comes from the cache (the URL spelled otherwise: the identity
+        # holds it normalised), the same answers
+        run_cli(served_argv(proxy.url.replace("http://", "HTTP://") + "/v1/", model, data, tmp_path / "b.parquet"))
+        second = json.loads(capsys.readouterr().out)
+        assert (second["requests"], second["cached"], proxy.counts["forwarded"]) == (0, 10, 5)
+        assert pl.read_parquet(tmp_path / "b.parquet").equals(answers)
+    # Agreement with the in-process engine (greedy, float32, the same rendering) on the same prompts
+    loaded = load_model(ModelSpec(base=model, quantization="none", compute_dtype="float32"))
+    local = generate_both(loaded, load_pairs(DatasetSpec(source=str(data))), GenerationSpec(max_new_tokens=SERVED_TOKENS))
+    served = answers.filter(pl.col("model") == "base").sort("pair_id")
+    local = local.filter(pl.col("model") == "base").sort("pair_id")
+    assert served["pair_id"].equals(local["pair_id"]) and served["n_prompt_tokens"].equals(local["n_prompt_tokens"])
+    pairs_ = list(zip(served["answer"], local["answer"]))
+    identical = sum(a == b for a, b in pairs_)
+    prefix = sum(len(os.path.commonprefix([a, b])) for a, b in pairs_) / sum(max(len(a), len(b)) for a, b in pairs_)
+    assert served["finish_reason"].equals(local["finish_reason"]) and served["n_new_tokens"].equals(local["n_new_tokens"])
+    print(f"served vs in-process greedy: {identical} of {len(pairs_)} identical, common-prefix share {prefix:.3f}; "
+          f"finish {list(zip(served['finish_reason'], local['finish_reason']))}, "
+          f"new tokens {list(zip(served['n_new_tokens'], local['n_new_tokens']))}")
+
+
+def test_engine_openai_never_sends_a_rendered_bos_and_sends_ids_where_text_would_not_give_dpo_evals_ids():
+    """A chat template that renders the BOS: the server, adding its own, would read two (shown on the tokenizer, as
+    servers tokenize a completion prompt); what is sent is text only where the server's ids equal dpo-eval's."""
+    from transformers import AutoTokenizer
+
+    from dpo_eval.generation.openai_engine import wire_prompts
+    from dpo_eval.generation.prompts import PromptFormatter
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_path("models/stories260k"))
+    for template, cut in (("{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}", 512),
+                          (CHAT_TEMPLATE, 512), (CHAT_TEMPLATE, 100)):  # the last cuts the long prompt from the left
+        tokenizer.chat_template = template
+        formatter = PromptFormatter(tokenizer)
+        texts = [formatter.render("", [{"role": "user", "content": p}]) for p in SERVED_PROMPTS + [LONG]]
+        encoded = [formatter.encode(text, cut) for text in texts]
+        sent, as_ids = wire_prompts(formatter, texts, encoded)
+        for raw, prompt, wire in zip(texts, encoded, sent):
+            assert prompt.ids.count(tokenizer.bos_token_id) == 1
+            if template.startswith("{{ bos_token }}"):
+                assert tokenizer(raw)["input_ids"][:2] == [tokenizer.bos_token_id] * 2  # the raw text: a doubled BOS
+            assert wire == prompt.ids if isinstance(wire, list) else tokenizer(wire)["input_ids"] == prompt.ids
+        assert as_ids == sum(isinstance(wire, list) for wire in sent)
+        if template == CHAT_TEMPLATE:  # the prompts not cut go as their text; a cut one as text or ids, as it re-tokenizes
+            assert as_ids <= (cut == 100) and sent[0] == "user: Tell a short story.\nassistant:"
+            assert [p.truncated for p in encoded] == [False] * len(SERVED_PROMPTS) + [cut == 100]
+        else:  # stories260k tokenizes the text after a BOS without a leading space: no text gives those ids
+            assert as_ids == len(sent)
+
+
+def test_engine_openai_errors_name_the_option_to_fix(judge_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DPO_EVAL_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Who helped Ben?", "chosen": "Mom.", "rejected": "No."}) + "\n")
+    model = judge_server["model"]
+
+    def fails(argv: list[str]) -> str:
+        from dpo_eval.cli.main import main
+
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    argv = served_argv(judge_server["url"], model, data, tmp_path / "a.parquet", "--max-retries", "0")
+    missing = [a for k, a in enumerate(argv) if a != "--served-tuned" and argv[k - 1] != "--served-tuned"]
+    assert "--engine openai needs --served-tuned" in fails(missing)
+    closed = f"http://127.0.0.1:{_free_port()}/v1"
+    assert f"--base-url {closed}: cannot reach a server there" in fails(
+        served_argv(closed, model, data, tmp_path / "a.parquet", "--max-retries", "0"))
+    unknown = [("/nonexistent/tuned" if argv[k - 1] == "--served-tuned" else a) for k, a in enumerate(argv)]
+    message = fails(unknown)
+    assert "--served-tuned /nonexistent/tuned: the server at" in message and "does not serve that name" in message
+    # A prompt template that renders the BOS: its text would reach this server with two, so it goes as ids, which
+    # transformers serve refuses (it takes text only); the message says why and what to do
+    message = fails(argv + ["--prompt-template", "<s>{{ prompt }}"])
+    assert "refused a prompt sent as token ids (400" in message and "--prompt-template without the BOS" in message
+    assert not (tmp_path / "a.parquet").exists()
+
+
+def test_engine_openai_settings_leave_the_other_engines_cache_keys_alone():
+    from dpo_eval.config import GenerationSpec, ServerSpec
+
+    # the generation cache key (stages.spec_hash) reads model_dump: no `server` key unless there is a server
+    assert "server" not in GenerationSpec().model_dump(mode="json")
+    assert list(GenerationSpec(engine="static").model_dump(mode="json")) == [
+        "max_new_tokens", "do_sample", "temperature", "top_p", "seed", "batch_size", "engine", "merge",
+        "max_batch_tokens"]
+    server = ServerSpec(base_url="http://127.0.0.1:8000/v1", served_base="b", served_tuned="t")
+    assert GenerationSpec(engine="openai", server=server).model_dump(mode="json")["server"]["served_tuned"] == "t"
+    with pytest.raises(ValidationError, match="engine openai needs a server"):
+        GenerationSpec(engine="openai")
+    with pytest.raises(ValidationError, match="used by engine openai only"):
+        GenerationSpec(engine="hf", server=server)

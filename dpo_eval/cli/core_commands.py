@@ -27,7 +27,7 @@ from dpo_eval.cli.options import (
     model_spec,
     spec_option,
 )
-from dpo_eval.config import AnalysisSpec, GenerationSpec
+from dpo_eval.config import AnalysisSpec, GenerationSpec, ServerSpec
 from dpo_eval.errors import DpoEvalError
 
 
@@ -65,16 +65,28 @@ def generate(
     engine: str = spec_option(GenerationSpec, "engine", "--engine"),
     merge: bool = typer.Option(False, "--merge/--no-merge", help=field_help(GenerationSpec, "merge")),
     prompt_template: Optional[str] = TemplateOpt,
+    base_url: Optional[str] = typer.Option(None, "--base-url", help=field_help(ServerSpec, "base_url")),
+    served_base: Optional[str] = typer.Option(None, "--served-base", help=field_help(ServerSpec, "served_base")),
+    served_tuned: Optional[str] = typer.Option(None, "--served-tuned", help=field_help(ServerSpec, "served_tuned")),
+    api_key_env: str = spec_option(ServerSpec, "api_key_env", "--api-key-env"),
+    concurrency: int = spec_option(ServerSpec, "concurrency", "--concurrency"),
+    max_retries: int = spec_option(ServerSpec, "max_retries", "--max-retries"),
+    timeout_s: float = spec_option(ServerSpec, "timeout_s", "--timeout"),
     out: Path = typer.Option(..., "--out", help="Where to write answers.parquet."),
 ) -> None:
     """Generate base (and, with an adapter, tuned) answers to every prompt; 'base' is base + the reference
-    adapter where there is one."""
+    adapter where there is one. --engine openai: from a server you run (--base-url, --served-base, --served-tuned)."""
     spec = model_spec(base=base, adapter=adapter, reference_adapter=reference_adapter, quantization=quantization,
                       compute_dtype=compute_dtype, prompt_template=prompt_template)
+    server = served_server(engine, base_url=base_url, served_base=served_base, served_tuned=served_tuned,
+                           api_key_env=api_key_env, concurrency=concurrency, max_retries=max_retries,
+                           timeout_s=timeout_s)
     gen = build(GenerationSpec, {"max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size",
                                  "engine": "--engine", "merge": "--merge"},
-                max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine, merge=merge)
+                max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine, merge=merge, server=server)
     data = dataset_spec(dataset, fmt, columns, limit=limit)
+    if server is not None:
+        return _generate_served(spec, gen, data, out)
     from dpo_eval.preflight import check_model
 
     check_model(spec)
@@ -94,6 +106,43 @@ def generate(
                       "base_side": reference_label(spec), "engine": gen.engine, "merge": gen.merge,
                       "truncated_prompts": int(answers.filter(pl.col("model") == "base")["truncated"].sum()),
                       "repairs": loaded.repairs}, indent=2))
+
+
+SERVER_FLAGS = {"base_url": "--base-url", "served_base": "--served-base", "served_tuned": "--served-tuned",
+                "api_key_env": "--api-key-env", "concurrency": "--concurrency", "max_retries": "--max-retries",
+                "timeout_s": "--timeout"}
+
+
+def served_server(engine: str, **values) -> ServerSpec | None:
+    """The ServerSpec of --engine openai (a DpoEvalError naming each missing option); None for the other engines,
+    which take none of the server options."""
+    if engine != "openai":
+        given = [SERVER_FLAGS[name] for name in ("base_url", "served_base", "served_tuned") if values[name]]
+        if given:
+            raise DpoEvalError(f"{', '.join(given)} need --engine openai (generation through a server you run)")
+        return None
+    missing = [SERVER_FLAGS[name] for name in ("base_url", "served_base", "served_tuned") if not values[name]]
+    if missing:
+        raise DpoEvalError(f"--engine openai needs {', '.join(missing)}: the server's URL and the names it serves "
+                           "the base and base + adapter under (vLLM: the model it was started with, and the NAME of "
+                           "--lora-modules NAME=ADAPTER)")
+    return build(ServerSpec, SERVER_FLAGS, **values)
+
+
+def _generate_served(spec, gen: GenerationSpec, data, out: Path) -> None:
+    """`generate` through the server of --engine openai: no model is loaded here, only the base's tokenizer."""
+    from dpo_eval.data.pairs import load_pairs
+    from dpo_eval.generation.openai_engine import generate_served, normalised_url
+
+    repairs: list[str] = []
+    answers, account = generate_served(spec, gen, load_pairs(data), repairs=repairs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    answers.write_parquet(out)
+    print(json.dumps({"answers": answers.height, "models": sorted(set(answers["model"])), "engine": "openai",
+                      "server": {"base_url": normalised_url(gen.server.base_url), "served_base": gen.server.served_base,
+                                 "served_tuned": gen.server.served_tuned}, **account,
+                      "truncated_prompts": int(answers.filter(answers["model"] == "base")["truncated"].sum()),
+                      "repairs": repairs}, indent=2))
 
 
 def diagnose(

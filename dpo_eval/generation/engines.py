@@ -33,6 +33,9 @@ def reports_each_batch(engine: str) -> bool:
 
 def check_engine(spec: ModelSpec, engine: str, merge: bool = False) -> None:
     """Fail, before loading, on an engine that does not fit the model's quantization."""
+    if engine == "openai":
+        raise DpoEvalError("--engine openai generates through `dpo-eval generate` only (a server you run holds the "
+                           "weights, so nothing is loaded here); evaluate takes the in-process engines")
     if engine == "dequantized" and spec.quantization != "4bit":
         raise DpoEvalError(f"--engine dequantized needs --quantization 4bit (got {spec.quantization}): it "
                            "dequantizes nf4 weights; use --engine hf for this load")
