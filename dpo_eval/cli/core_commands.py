@@ -11,6 +11,7 @@ import typer
 from dpo_eval.cli.options import (
     AdapterOpt,
     BaseOpt,
+    CategoryOpt,
     ColumnsOpt,
     DatasetOpt,
     DtypeOpt,
@@ -38,12 +39,14 @@ def pairs(
     seed: int = SeedOpt,
     valid_fraction: float = ValidOpt,
     limit: Optional[int] = LimitOpt,
+    category_field: Optional[str] = CategoryOpt,
     out: Path = typer.Option(..., "--out", help="Where to write pairs.parquet."),
 ) -> None:
     """Read preference data into the pairs table; print a JSON summary of what was kept."""
     from dpo_eval.data.pairs import read_pairs
 
-    spec = dataset_spec(dataset, fmt, columns, seed=seed, valid_fraction=valid_fraction, limit=limit)
+    spec = dataset_spec(dataset, fmt, columns, seed=seed, valid_fraction=valid_fraction, limit=limit,
+                        category_field=category_field)
     table, report = read_pairs(spec)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.write_parquet(out)
@@ -58,6 +61,7 @@ def generate(
     fmt: str = FormatOpt,
     columns: Optional[str] = ColumnsOpt,
     limit: Optional[int] = LimitOpt,
+    category_field: Optional[str] = CategoryOpt,
     quantization: str = QuantOpt,
     compute_dtype: str = DtypeOpt,
     max_new_tokens: int = spec_option(GenerationSpec, "max_new_tokens", "--max-new-tokens"),
@@ -74,7 +78,7 @@ def generate(
     gen = build(GenerationSpec, {"max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size",
                                  "engine": "--engine", "merge": "--merge"},
                 max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine, merge=merge)
-    data = dataset_spec(dataset, fmt, columns, limit=limit)
+    data = dataset_spec(dataset, fmt, columns, limit=limit, category_field=category_field)
     from dpo_eval.preflight import check_model
 
     check_model(spec)

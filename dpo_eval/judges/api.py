@@ -224,7 +224,8 @@ def request_record(row: dict, order: str, first: int, second: int, rendered, jud
     rendered messages, whether a text was cut, and the content key."""
     return {"pair_id": row["pair_id"], "split": row["split"], "comparison": row["comparison"], "order": order,
             "shown_first": row["roles"][first], "shown_second": row["roles"][second], "messages": rendered.messages,
-            "truncated": rendered.truncated, **extra, "key": request_key(judge, rendered.messages)}
+            "truncated": rendered.truncated, **({"turn": row["turn"]} if "turn" in row else {}), **extra,
+            "key": request_key(judge, rendered.messages)}
 
 
 def plan_calls(keys: list[str], cache: "JudgmentCache", max_calls: int | None, unit: str = "calls",
