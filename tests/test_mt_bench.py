@@ -267,3 +267,31 @@ def test_category_field_and_single_turn_sets_keep_their_columns(tmp_path, orca_j
     bad.write_text(json.dumps({"question_id": 1, "turns": ["a", "b", "c"]}) + "\n")
     with pytest.raises(DpoEvalError, match=r"three.jsonl, record 1: 'turns' must hold one or two"):
         read_pairs(DatasetSpec(source=str(bad)))
+
+
+def test_generate_command_answers_both_turns_of_the_mt_bench_file(tmp_path, questions, stories260k):
+    """`dpo-eval generate --dataset question.jsonl` (base only, 3 questions): turns 1 and 2, turn 2's prompt the
+    model's own dialogue; --category-field is accepted by generate and evaluate."""
+    from transformers import AutoTokenizer
+
+    from dpo_eval.cli.main import main
+
+    out = tmp_path / "answers.parquet"
+    try:
+        main(["generate", "--base", str(stories260k), "--dataset", str(questions["path"]), "--limit", "3",
+              "--quantization", "none", "--compute-dtype", "float32", "--max-new-tokens", "4",
+              "--category-field", "category", "--out", str(out)])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    answers = pl.read_parquet(out)
+    assert answers.group_by("turn", "model").len().sort("turn").rows() == [(1, "base", 3), (2, "base", 3)]
+    pairs, _ = read_pairs(DatasetSpec(source=str(questions["path"]), limit=3))
+    tok = AutoTokenizer.from_pretrained(stories260k)
+    first = dict(answers.filter(pl.col("turn") == 1).select("pair_id", "answer").iter_rows())
+    second = dict(answers.filter(pl.col("turn") == 2).select("pair_id", "n_prompt_tokens").iter_rows())
+    for pair in pairs.iter_rows(named=True):
+        expected = tok(_plain([pair["prompt"], first[pair["pair_id"]], pair["turn2"]]))["input_ids"]
+        assert second[pair["pair_id"]] == len(expected)
+    from tests.test_cli import _params
+
+    assert "category_field" in _params("evaluate") and "category_field" in _params("generate")

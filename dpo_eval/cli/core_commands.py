@@ -173,9 +173,13 @@ def _generate_with_progress(loaded, pairs, gen):
     from dpo_eval.generation.generate import generate_both
     from dpo_eval.progress import StageProgress
 
+    from dpo_eval.generation.turns import TURN2, generate_two_turns, has_second_turn
+
     models = 2 if loaded.has_adapter else 1
-    with StageProgress("generation", pairs.height * models, "answers") as progress:
-        return generate_both(loaded, pairs, gen, on_batch=progress.advance)
+    later = int(pairs[TURN2].is_not_null().sum()) if has_second_turn(pairs) else 0  # a two-turn set: turn 2 too
+    with StageProgress("generation", (pairs.height + later) * models, "answers") as progress:
+        answers = generate_both(loaded, pairs, gen, on_batch=progress.advance)
+        return generate_two_turns(loaded, pairs, answers, gen, progress.advance) if later else answers
 
 
 def compare(

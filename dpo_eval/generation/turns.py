@@ -47,3 +47,17 @@ def second_turn_pairs(pairs: pl.DataFrame, answers: pl.DataFrame, model: str) ->
 def with_turn(answers: pl.DataFrame, turn: int) -> pl.DataFrame:
     """`answers` with the `turn` column set to `turn`."""
     return answers.with_columns(pl.lit(turn, dtype=pl.Int64).alias(TURN))
+
+
+def generate_two_turns(loaded, pairs: pl.DataFrame, first: pl.DataFrame, spec, on_batch=None) -> pl.DataFrame:
+    """Both turns' answers (with `turn`) from one load: `first` are the turn-1 answers (generate_both's rows); each
+    model then answers its own dialogue (second_turn_pairs). The command line's path; the flow generates turn 2
+    shard by shard through its cached task (flows/turns.py)."""
+    from dpo_eval.generation.generate import generate_both
+
+    parts = [with_turn(first, 1)]
+    for model in first["model"].unique(maintain_order=True).to_list():
+        asked = second_turn_pairs(pairs, first, model)
+        if asked.height:
+            parts.append(with_turn(generate_both(loaded, asked, spec, models=(model,), on_batch=on_batch), 2))
+    return pl.concat(parts)

@@ -90,5 +90,6 @@ def turn_tests(features_by_turn: dict[int, pl.DataFrame], spec: AnalysisSpec,
         rows.append(tb)
         summary[str(turn)] = {split: {"n": int(part["n"].max() or 0),
                                       "significant": int((part["q_value"].fill_nan(1.0) < spec.alpha).sum())}
-                              for (split,), part in tb.group_by("split", maintain_order=True)}
+                              for (split,), part in tb.group_by("split", maintain_order=True)
+                              if (part["n"].max() or 0) > 0}  # a split without prompts (a prompt set's train)
     return pl.concat(rows, how="diagonal_relaxed"), summary

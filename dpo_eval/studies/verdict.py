@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from dpo_eval.data.prompt_sets import first_turn
 from dpo_eval.config import VerdictSpec
+from dpo_eval.data.prompt_sets import first_turn
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.jsonsafe import jsonable
 from dpo_eval.judges.statistics import LC_SIDE_SHARE
