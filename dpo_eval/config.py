@@ -38,6 +38,9 @@ class DatasetSpec(Spec):
                                   "the valid (held-out) split, between 0 and 1.")
     limit: int | None = Field(None, ge=1, title="Limit", description="Keep only the first N pairs (in input "
                               "order); None: every pair.")
+    category_field: str | None = Field(None, title="Category field", description="The field of each record that "
+                                       "names its category (pairs.parquet's category column: win rates and feature "
+                                       "tests per category); None: the record's own 'category' field where it has one.")
 
     @field_validator("columns")
     @classmethod

@@ -12,6 +12,7 @@ from dpo_eval.flows.judge import raise_failures, run_judges
 from dpo_eval.flows.progress import stage_progress
 from dpo_eval.flows.restarts import check_restarts
 from dpo_eval.flows.task_workers import run_on_workers
+from dpo_eval.flows.turns import generate_second_turn, second_turn_texts, write_groups
 from dpo_eval.tasks.evaluation import (
     analyze_sources_task,
     compare_features_task,
@@ -26,6 +27,7 @@ from dpo_eval.tasks.evaluation import (
 )
 from dpo_eval.tasks.forgetting import compare_benchmarks_task, report_forgetting_task
 from dpo_eval.tasks.judging import DEFAULT_LIMIT
+from dpo_eval.tasks.turns import compare_groups_task
 from dpo_eval.tasks.verdict import verdict_task
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -33,7 +35,9 @@ from prefect.futures import as_completed
 
 from dpo_eval import stages
 from dpo_eval.config import EvalConfig
+from dpo_eval.data.prompt_sets import CATEGORY, first_turn
 from dpo_eval.forgetting.harness import raise_failures as raise_forgetting_failures
+from dpo_eval.generation.turns import has_second_turn
 from dpo_eval.generation.logprobs import reward_summary
 from dpo_eval.reference import reference_adapter, reference_label
 from dpo_eval.report.forgetting import forgetting_markdown
@@ -157,16 +161,23 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
         answers = pl.concat([stages.with_worker(r[0]) for r in results])
         repairs = list(dict.fromkeys(r for _, rs in results for r in rs))
         cache["generate"] = {"hits": hits, "misses": len(results) - hits}
+        if has_second_turn(pairs):  # turn 2 after each model's own turn-1 answer: answers gain `turn`
+            answers, cache["generate_turn2"] = generate_second_turn(config, pairs, answers, identity)
     answers.write_parquet(out / "answers.parquet")
     release_models_task()  # scoring needs the memory, not the model
 
     with _timed(timings, "score"):
-        texts = stages.texts_of(pairs, answers)
-        results = _score_shards(texts, config)
+        texts = stages.texts_of(pairs, first_turn(answers))
+        later = second_turn_texts(pairs, answers) if "turn" in answers.columns else None
+        results = _score_shards(texts if later is None else pl.concat([texts, later]), config)
         scores = pl.concat([r[0] for r in results])
         cache["score"] = {k: sum(r[1][k] for r in results) for k in ("hits", "misses")}
-    features = stages.features_table(texts, scores)
-    features.write_parquet(out / "features.parquet")
+    features = stages.features_table(texts, scores.head(texts.height))
+    features.write_parquet(out / "features.parquet")  # turn 1: the file every reader knows
+    by_turn = {1: features}
+    if later is not None:
+        by_turn[2] = stages.features_table(later, scores.slice(texts.height))
+        by_turn[2].write_parquet(out / "features_turn2.parquet")
     reference_features = None
     if reference is not None:
         with _timed(timings, "score_reference"):
@@ -179,6 +190,12 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
     with _timed(timings, "analyze"):
         analysis = compare_features_task(features, config.analysis, reference_features)
     rewards, rewards_summary, extra = None, None, []
+    groups = {}
+    if len(by_turn) > 1 or CATEGORY in pairs.columns:
+        with _timed(timings, "analyze_turns_categories"):
+            groups, sections = write_groups(compare_groups_task(by_turn, pairs, config.analysis, analysis.stats),
+                                            out, config.analysis.alpha)
+        extra += sections
     if config.rewards and not labeled:
         logger.info("implicit rewards skipped: the data set has no chosen and rejected answers to score")
     if config.rewards and labeled:
@@ -210,6 +227,7 @@ def evaluate_checkpoint(config: EvalConfig, judge_limit: str | None = DEFAULT_LI
                                       "workers": stages.worker_account(answers, config.generation_runner, workers),
                                       "reference": {"adapter": reference_adapter(config.model),
                                                     "label": reference_label(config.model)}}
+        summary |= groups  # turns and feature_categories of two-turn sets and categories
         if rewards_summary is not None:
             summary["implicit_reward"] = rewards_summary  # one object per split, nothing else
             summary["implicit_reward_beta"] = beta

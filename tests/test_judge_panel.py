@@ -288,3 +288,21 @@ def test_a_judge_run_replaces_its_own_member_and_drops_judges_the_summary_no_lon
     merged = merge_judgments(path, rows("openai:a:999", "tie"), "openai:a:999", panel_ids(summary))
     assert sorted(merged.rows()) == [("p0", "openai:a:999", "tie"), ("p0", "openai:b:222", "second")]
     assert pl.read_parquet(path).sort("judge").equals(merged.sort("judge"))
+
+
+def test_repeats_of_a_two_turn_set_fold_each_turn_into_its_own_judgment():
+    """A pair judged on turn 1 and turn 2 keeps two rows after folding repeats; each row's verdict is the majority of
+    its own turn's repeats (turn 1: first, first, second -> first; turn 2: second x3 -> second)."""
+    from dpo_eval.judges.repeats import fold
+
+    def table(v1: str, v2: str) -> pl.DataFrame:
+        return pl.DataFrame({"pair_id": ["p", "p"], "split": ["valid"] * 2, "comparison": ["tuned_vs_base"] * 2,
+                             "judge": ["j"] * 2, "order": ["ab"] * 2, "shown_first": ["tuned"] * 2,
+                             "verdict": [v1, v2], "winner": [{"first": "tuned", "second": "base"}[v] for v in (v1, v2)],
+                             "prompt_tokens": [1, 1], "completion_tokens": [1, 1], "cached": [False, False],
+                             "strength": [1, 1], "turn": [1, 2]})
+
+    folded, block = fold([table("first", "second"), table("first", "second"), table("second", "second")], 0.0)
+    assert folded.sort("turn")["verdict"].to_list() == ["first", "second"]
+    assert folded.sort("turn")["winner"].to_list() == ["tuned", "base"]
+    assert block["n"] == 2 and block["changed"] == 1

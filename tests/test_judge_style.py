@@ -5,7 +5,6 @@ rows, a judge that only likes list items (its raw win disappears under style con
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np

@@ -11,6 +11,7 @@ import typer
 from dpo_eval.cli.options import (
     AdapterOpt,
     BaseOpt,
+    CategoryOpt,
     ColumnsOpt,
     DatasetOpt,
     DtypeOpt,
@@ -38,12 +39,14 @@ def pairs(
     seed: int = SeedOpt,
     valid_fraction: float = ValidOpt,
     limit: Optional[int] = LimitOpt,
+    category_field: Optional[str] = CategoryOpt,
     out: Path = typer.Option(..., "--out", help="Where to write pairs.parquet."),
 ) -> None:
     """Read preference data into the pairs table; print a JSON summary of what was kept."""
     from dpo_eval.data.pairs import read_pairs
 
-    spec = dataset_spec(dataset, fmt, columns, seed=seed, valid_fraction=valid_fraction, limit=limit)
+    spec = dataset_spec(dataset, fmt, columns, seed=seed, valid_fraction=valid_fraction, limit=limit,
+                        category_field=category_field)
     table, report = read_pairs(spec)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.write_parquet(out)
@@ -58,6 +61,7 @@ def generate(
     fmt: str = FormatOpt,
     columns: Optional[str] = ColumnsOpt,
     limit: Optional[int] = LimitOpt,
+    category_field: Optional[str] = CategoryOpt,
     quantization: str = QuantOpt,
     compute_dtype: str = DtypeOpt,
     max_new_tokens: int = spec_option(GenerationSpec, "max_new_tokens", "--max-new-tokens"),
@@ -84,7 +88,7 @@ def generate(
     gen = build(GenerationSpec, {"max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size",
                                  "engine": "--engine", "merge": "--merge"},
                 max_new_tokens=max_new_tokens, batch_size=batch_size, engine=engine, merge=merge, server=server)
-    data = dataset_spec(dataset, fmt, columns, limit=limit)
+    data = dataset_spec(dataset, fmt, columns, limit=limit, category_field=category_field)
     if server is not None:
         return _generate_served(spec, gen, data, out)
     from dpo_eval.preflight import check_model
@@ -218,9 +222,13 @@ def _generate_with_progress(loaded, pairs, gen):
     from dpo_eval.generation.generate import generate_both
     from dpo_eval.progress import StageProgress
 
+    from dpo_eval.generation.turns import TURN2, generate_two_turns, has_second_turn
+
     models = 2 if loaded.has_adapter else 1
-    with StageProgress("generation", pairs.height * models, "answers") as progress:
-        return generate_both(loaded, pairs, gen, on_batch=progress.advance)
+    later = int(pairs[TURN2].is_not_null().sum()) if has_second_turn(pairs) else 0  # a two-turn set: turn 2 too
+    with StageProgress("generation", (pairs.height + later) * models, "answers") as progress:
+        answers = generate_both(loaded, pairs, gen, on_batch=progress.advance)
+        return generate_two_turns(loaded, pairs, answers, gen, progress.advance) if later else answers
 
 
 def compare(

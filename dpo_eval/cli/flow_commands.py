@@ -32,7 +32,7 @@ from dpo_eval.training.dpo import TrainSpec
 EVALUATE_FLAGS = {
     "dataset": "--dataset", "dataset.source": "--dataset", "dataset.format": "--format", "dataset.seed": "--seed",
     "dataset.columns": "--columns", "dataset.valid_fraction": "--valid-fraction", "dataset.limit": "--limit",
-    "model": "--base", "model.base": "--base", "model.adapter": "--adapter", "model.quantization": "--quantization",
+    "dataset.category_field": "--category-field", "model": "--base", "model.base": "--base", "model.adapter": "--adapter", "model.quantization": "--quantization",
     "model.reference_adapter": "--reference-adapter",
     "model.compute_dtype": "--compute-dtype", "model.prompt_template": "--prompt-template",
     "generation.max_new_tokens": "--max-new-tokens", "generation.batch_size": "--batch-size",
@@ -104,6 +104,7 @@ def evaluate(
     seed: Optional[int] = override_option(DatasetSpec, "seed", "--seed"),
     valid_fraction: Optional[float] = override_option(DatasetSpec, "valid_fraction", "--valid-fraction"),
     limit: Optional[int] = override_option(DatasetSpec, "limit", "--limit"),
+    category_field: Optional[str] = override_option(DatasetSpec, "category_field", "--category-field"),
     quantization: Optional[str] = typer.Option(None, "--quantization", help=ModelSpec.model_fields["quantization"]
                                                .description + " One of: none|8bit|4bit. Default: 4bit." + QUANT_HELP,
                                                show_default=False),
@@ -135,6 +136,7 @@ def evaluate(
     eval_config = evaluate_config(config, {
         "dataset.source": dataset[0] if dataset else None, "dataset.format": fmt, "dataset.seed": seed,
         "dataset.valid_fraction": valid_fraction, "dataset.limit": limit, "dataset.columns": mapping,
+        "dataset.category_field": category_field,
         "model.base": base, "model.adapter": adapter, "model.reference_adapter": reference_adapter,
         "model.quantization": main_quantization, "quantization_study": study,
         "model.compute_dtype": compute_dtype, "model.prompt_template": prompt_template,

@@ -78,6 +78,7 @@ ColumnsOpt = typer.Option(None, "--columns", help="Explicit column mapping, e.g.
 SeedOpt = spec_option(DatasetSpec, "seed", "--seed")
 ValidOpt = spec_option(DatasetSpec, "valid_fraction", "--valid-fraction")
 LimitOpt = spec_option(DatasetSpec, "limit", "--limit")
+CategoryOpt = spec_option(DatasetSpec, "category_field", "--category-field")
 BaseOpt = typer.Option(..., "--base", help=field_help(ModelSpec, "base"))
 AdapterOpt = spec_option(ModelSpec, "adapter", "--adapter")
 ReferenceAdapterOpt = spec_option(ModelSpec, "reference_adapter", "--reference-adapter")
@@ -96,7 +97,8 @@ def dataset_spec(dataset: str, fmt: str = field_default(DatasetSpec, "format"), 
     except ValueError as exc:
         raise DpoEvalError(str(exc)) from exc
     return build(DatasetSpec, {"source": "--dataset", "format": "--format", "columns": "--columns",
-                               "seed": "--seed", "valid_fraction": "--valid-fraction", "limit": "--limit"},
+                               "seed": "--seed", "valid_fraction": "--valid-fraction", "limit": "--limit",
+                               "category_field": "--category-field"},
                  source=dataset, format=fmt, columns=mapping, **{k: v for k, v in rest.items() if v is not None})
 
 

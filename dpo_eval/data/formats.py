@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from dpo_eval.data.prompt_sets import TURNS, is_turns_record, turns_of
 from dpo_eval.errors import DpoEvalError
 
 FORMATS = {
@@ -20,8 +21,9 @@ FORMATS = {
     "trl": "trl standard/conversational: prompt, chosen, rejected (strings or message lists), "
     "or chosen, rejected as message lists with an implicit prompt",
     "columns": "any fields, through an explicit --columns prompt=...,chosen=...,rejected=... mapping",
-    "prompts": "questions without labels: prompt (text or message list) or question, optional system; "
-    "no chosen or rejected (tuned vs base only, or --reference-dataset for the direction)",
+    "prompts": "questions without labels: prompt (text or message list) or question, optional system, or "
+    "MT-Bench's turns (one or two user turns), category and reference; no chosen or rejected (tuned vs base "
+    "only, or --reference-dataset for the direction)",
 }
 REQUIRED_FIELDS = {
     "orca": ("question", "chosen", "rejected"),
@@ -69,7 +71,7 @@ def detect_format(record: dict[str, Any], where: str) -> str:
         if isinstance(record["chosen"], list):
             return "trl"
         return "hh-rlhf"
-    if keys & {"prompt", "question"} and not keys & set(LABELS):
+    if (keys & {"prompt", "question"} and not keys & set(LABELS)) or is_turns_record(record):
         return "prompts"
     listed = "\n".join(f"  - {name}: {text}" for name, text in FORMATS.items())
     raise DpoEvalError(
@@ -144,6 +146,9 @@ def _trl(record: dict[str, Any], where: str, split: str | None) -> Pair:
 
 def _prompt_only(record: dict[str, Any], where: str, split: str | None) -> Pair:
     """A question without labels: prompt (text or messages) or question, optional system."""
+    if TURNS in record and not {"prompt", "question"} & set(record):
+        return Pair(_opt_text(record.get("system"), where, "system") or "",
+                    (("user", turns_of(record, where)[0]),), None, None, split)
     field = "prompt" if "prompt" in record else "question"
     if field not in record:
         raise DpoEvalError(f"{where}: the prompts format needs a 'prompt' or 'question' field; it has {sorted(record)}")

@@ -48,7 +48,7 @@ def read_sources(specs: Sequence[DatasetSpec]) -> tuple[pl.DataFrame, list[dict]
         unlabeled = [name for name, has in zip(names, labeled) if not has]
         raise DpoEvalError(f"--dataset {unlabeled[0]} has no chosen and rejected answers while another --dataset "
                            "has: give preference data sets only, or evaluate the questions in a run of their own")
-    return pl.concat(parts), reports
+    return pl.concat(parts, how="diagonal_relaxed"), reports  # a category or a second turn only some sources have
 
 
 def combined_report(reports: list[dict]) -> dict:

@@ -20,6 +20,7 @@ import polars as pl
 
 from dpo_eval.config import DatasetSpec
 from dpo_eval.data.formats import Pair, detect_format, normalise
+from dpo_eval.data.prompt_sets import EXTRA_COLUMNS, TURNS, extras, turns_of
 from dpo_eval.data.sources import read_records
 from dpo_eval.errors import DpoEvalError
 
@@ -93,7 +94,9 @@ def read_pairs(spec: DatasetSpec | str) -> tuple[pl.DataFrame, LoadReport]:
             left_out[reason] += 1
             continue
         prompt = pair.prompt
-        pid = pair_id(pair.system, prompt, pair.chosen, pair.rejected)
+        turn2 = turns_of(record, where)[1] if fmt == "prompts" and isinstance(record.get(TURNS), list) else None
+        pid = pair_id(pair.system, prompt if turn2 is None else json.dumps([prompt, turn2], ensure_ascii=False),
+                      pair.chosen, pair.rejected)
         if pid in seen:
             report.duplicates += 1
             continue
@@ -104,10 +107,13 @@ def read_pairs(spec: DatasetSpec | str) -> tuple[pl.DataFrame, LoadReport]:
         rows.append({"pair_id": pid, "split": split, "system": pair.system, "prompt": prompt,
                      "chosen": pair.chosen, "rejected": pair.rejected,
                      "messages": json.dumps([{"role": r, "content": c} for r, c in pair.turns],
-                                            ensure_ascii=False)})
+                                            ensure_ascii=False)}
+                    | extras(record, where, spec.category_field, turn2))
         if spec.limit is not None and len(rows) >= spec.limit:
             break
-    table = pl.DataFrame(rows, schema={c: pl.String for c in PAIR_COLUMNS})
+    present = [c for c in EXTRA_COLUMNS if any(c in row for row in rows)]  # a single-turn set keeps its columns
+    table = pl.DataFrame([{c: row.get(c) for c in PAIR_COLUMNS + present} for row in rows],
+                         schema={c: pl.String for c in PAIR_COLUMNS + present})
     report.left_out = dict(left_out)
     report.pairs = {s: int((table["split"] == s).sum()) for s in ("train", "valid")}
     if table.height == 0:

@@ -229,7 +229,9 @@ def request_record(row: dict, order: str, first: int, second: int, rendered, jud
     rendered messages, whether a text was cut, and the content key."""
     return {"pair_id": row["pair_id"], "split": row["split"], "comparison": row["comparison"], "order": order,
             "shown_first": row["roles"][first], "shown_second": row["roles"][second], "messages": rendered.messages,
-            "truncated": rendered.truncated, "has_reference": bool(row.get("reference")), **extra,
+            "truncated": rendered.truncated,
+            "has_reference": bool(row.get("reference") or row.get("reference_in_prompt")),
+            **({"turn": row["turn"]} if "turn" in row else {}), **extra,
             "key": request_key(judge, rendered.messages)}
 
 

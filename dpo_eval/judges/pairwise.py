@@ -19,6 +19,7 @@ import polars as pl
 
 from dpo_eval.config import JudgeSpec
 from dpo_eval.data.pairs import prompt_ids, prompt_table
+from dpo_eval.data.prompt_sets import TURN, first_turn
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.jsonsafe import jsonable
 from dpo_eval.judges.api import (
@@ -31,6 +32,8 @@ from dpo_eval.judges.api import (
     request_record,
     run_calls,
 )
+from dpo_eval.judges.categories import add_categories, turn_blocks
+from dpo_eval.judges.dialogue import second_turn_rows
 from dpo_eval.judges.panel import merge_judgments, panel_ids, record_judge
 from dpo_eval.judges.prompt import render
 from dpo_eval.judges.references import pair_references
@@ -93,7 +96,7 @@ def comparison_rows(pairs: pl.DataFrame, answers: pl.DataFrame | None, compariso
         if not {"tuned", "base"} <= models:
             raise DpoEvalError(f"answers.parquet holds answers of {sorted(models)}, not of both tuned and base: "
                                "judge chosen_vs_rejected only (--comparisons chosen_vs_rejected)")
-        wide = answers.filter(pl.col("model").is_in(["tuned", "base"])).pivot(
+        wide = first_turn(answers).filter(pl.col("model").is_in(["tuned", "base"])).pivot(
             on="model", index="pair_id", values="answer", aggregate_function="first")
         texts = texts.join(wide, on="pair_id", how="left")
     rows = []
@@ -145,8 +148,9 @@ def judgment_table(requests: list[dict], replies: dict, judge: str, read=read_re
                      "latency_s": reply.latency_s, "cached": cached,
                      "strength": None if failed else reading.strength,
                      "rationale": None if failed else reading.rationale,
-                     "has_reference": req.get("has_reference", False)})
-    return pl.DataFrame(rows, schema=SCHEMA)
+                     "has_reference": req.get("has_reference", False)} | ({TURN: req[TURN]} if TURN in req else {}))
+    two_turns = any(TURN in req for req in requests)  # a single-turn run's table has no turn column
+    return pl.DataFrame(rows, schema=SCHEMA | ({TURN: pl.Int64} if two_turns else {}))
 
 
 def answer_lengths(run_dir: Path, answers: pl.DataFrame | None, pairs: pl.DataFrame) -> pl.DataFrame | None:
@@ -163,6 +167,21 @@ def answer_lengths(run_dir: Path, answers: pl.DataFrame | None, pairs: pl.DataFr
             pairs.select("pair_id", "split"), on="pair_id").select(
             "pair_id", "split", role="model", length=pl.col("n_new_tokens").cast(pl.Float64))
     return None
+
+
+def _turn_summary(part: pl.DataFrame, turn: int, answers: pl.DataFrame, pairs: pl.DataFrame,
+                  prompts: pl.DataFrame) -> dict:
+    """judge_summary of a later turn's judgments: lengths are its answers' new tokens (features.parquet scores turn
+    1); the style control (hundreds of logistic fits) is the headline turn's only, so sc_reason says why it is NaN."""
+    own = answers.filter(pl.col(TURN) == turn).drop(TURN)
+    lengths = own.filter(pl.col("model").is_in(["base", "tuned"])).join(pairs.select("pair_id", "split"),
+                                                                         on="pair_id").select(
+        "pair_id", "split", role="model", length=pl.col("n_new_tokens").cast(pl.Float64))
+    stats = judge_summary(part, lengths, prompts=prompts)
+    for comparisons in stats["splits"].values():
+        if "tuned_vs_base" in comparisons:
+            comparisons["tuned_vs_base"]["sc_reason"] = "the style control is computed for turn 1 (the headline) only"
+    return stats
 
 
 def update_summary(run_dir: Path, block: dict) -> None:
@@ -191,6 +210,10 @@ def plan_requests(run_dir: Path, spec: JudgeSpec) -> tuple:
     rows = comparison_rows(pairs, answers, comparisons_of(spec), gap_pairs(pairs, spec))
     for row in rows:
         row["reference"] = references.get(row["pair_id"], "")
+    turn2 = second_turn_rows(pairs, answers, comparisons_of(spec))  # a two-turn set: turn 2 with its dialogue
+    if turn2:  # turn 2's references are in its dialogue prompt (dpo_eval.judges.dialogue), not the reference slot
+        rows = [row | {TURN: 1} for row in rows] + [
+            row | {"reference": "", "reference_in_prompt": "[Reference answer, turn" in row["prompt"]} for row in turn2]
     local = None
     if spec.kind == "hf":  # a local HF judge (dpo_eval.judges.local): cut in tokens, verdicts from log-probs
         from dpo_eval.judges.local import HFJudge
@@ -269,15 +292,22 @@ def judge_run(run_dir: Path, spec: JudgeSpec) -> dict:
     summary_file = run_dir / "summary.json"  # the other panel members' rows stay (dpo_eval.judges.panel)
     merge_judgments(run_dir / "judgments.parquet", table, judge,
                     panel_ids(json.loads(summary_file.read_text()) if summary_file.is_file() else {}))
-    lengths = answer_lengths(run_dir, answers, pairs)
-    styles = style_frame(answers, pairs, lengths) if answers is not None else None
+    main, first = first_turn(table), first_turn(answers)  # a two-turn set's headline figures are turn 1's
+    lengths = answer_lengths(run_dir, first, pairs)
+    styles = style_frame(first, pairs, lengths) if answers is not None else None
     prompts = prompt_table(pairs)
-    stats = (judge_summary(table, lengths, styles=styles, prompts=prompts) if table.height
+    stats = (judge_summary(main, lengths, styles=styles, prompts=prompts) if main.height
              else {"invalid": 0, "failed": 0, "incomplete": 0, "splits": {}})
     if spec.verdict_levels == 5:
-        add_weighted(stats, table, prompts)
+        add_weighted(stats, main, prompts)
+    add_categories(stats, main, pairs, prompts)
+    if TURN in table.columns:  # turn 1 is the headline's block; each later turn its own
+        later = table.filter(pl.col(TURN) != 1)
+        stats["turns"] = {"1": {"splits": stats["splits"]}} | turn_blocks(
+            later, lambda part, turn: _turn_summary(part, turn, answers, pairs, prompts), pairs, prompts)
     fresh = table.filter(~pl.col("cached"))
-    invalid, failed = stats.pop("invalid"), stats.pop("failed")
+    stats.pop("invalid"), stats.pop("failed")
+    invalid, failed = int((table["verdict"] == "invalid").sum()), int((table["verdict"] == "failed").sum())
     invalid_share = invalid / table.height if table.height else 0.0
     problems = []
     if invalid_share > spec.max_invalid_share:

@@ -54,7 +54,8 @@ def fold(tables: list[pl.DataFrame], temperature: float) -> tuple[pl.DataFrame, 
     k = len(tables)
     stacked = pl.concat([t.with_columns(repeat=pl.lit(r)) for r, t in enumerate(tables)], how="diagonal_relaxed")
     rows, n, changed = [], 0, 0
-    for _, group in stacked.sort("repeat").group_by(KEYS, maintain_order=True):
+    keys = KEYS + (["turn"] if "turn" in stacked.columns else [])  # a two-turn set: each turn its own judgment
+    for _, group in stacked.sort("repeat").group_by(keys, maintain_order=True):
         made = group.to_dicts()
         verdicts = [r["verdict"] for r in made]
         verdict = headline(verdicts)

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import polars as pl
 
+from dpo_eval.data.prompt_sets import first_turn
 from dpo_eval.jsonsafe import finite, jsonable
 from dpo_eval.judges.panel import own_rows
 from dpo_eval.judges.statistics import ROLES, combine_orders, judge_summary, sign_test
+from dpo_eval.report.categories import judge_categories_section
 from dpo_eval.report.page import Section, add_section, read_sections
 from dpo_eval.report.reasoning import reasoning_sentences, with_rationales
 
@@ -264,7 +266,7 @@ def _texts(run_dir: Path) -> pl.DataFrame:
     pairs = pl.read_parquet(run_dir / "pairs.parquet").select("pair_id", "prompt", "chosen", "rejected")
     answers_file = run_dir / "answers.parquet"
     if answers_file.is_file():
-        answers = pl.read_parquet(answers_file).filter(pl.col("model").is_in(["tuned", "base"]))
+        answers = first_turn(pl.read_parquet(answers_file)).filter(pl.col("model").is_in(["tuned", "base"]))
         if answers.height:
             wide = answers.pivot(on="model", index="pair_id", values="answer", aggregate_function="first")
             pairs = pairs.join(wide, on="pair_id", how="left")
@@ -335,7 +337,7 @@ def write_judge_report(run_dir: Path | str, timings: dict | None = None) -> dict
     summary = json.loads(path.read_text()) if path.is_file() else {}
     judgments_file = run_dir / "judgments.parquet"
     block = summary.get("judge")
-    judgments = pl.read_parquet(judgments_file) if block and judgments_file.is_file() else None
+    judgments = first_turn(pl.read_parquet(judgments_file)) if block and judgments_file.is_file() else None
     judgments = own_rows(judgments, (block or {}).get("id"))  # the other panel members' rows: the panel section
     summary["judge_headline"] = judge_headline(summary, judgments)
     if timings:
@@ -350,6 +352,9 @@ def write_judge_report(run_dir: Path | str, timings: dict | None = None) -> dict
         for section in judge_sections(block, judgments, _texts(run_dir), is_labeled_run(summary)):
             if kept.get(section.id) != jsonable(asdict(section)):  # each change re-renders the whole page
                 add_section(run_dir, section)
+        categories = judge_categories_section(block, run_dir)  # where pairs.parquet has a category
+        if categories is not None:
+            add_section(run_dir, categories)
     return summary
 
 

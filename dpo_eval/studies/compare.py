@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from dpo_eval.config import AnalysisSpec
+from dpo_eval.data.prompt_sets import first_turn
 from dpo_eval.errors import DpoEvalError
 
 SIDES = ("tuned", "base")
@@ -117,8 +118,8 @@ def comparison_answers(a: Side, b: Side, matched: set[str]) -> tuple[pl.DataFram
         return None
     keep = pl.col("pair_id").is_in(sorted(matched))
     pairs = pl.read_parquet(a.run / "pairs.parquet").filter(keep)
-    side_a = pl.read_parquet(a.run / "answers.parquet").filter(keep & (pl.col("model") == a.role))
-    side_b = pl.read_parquet(b.run / "answers.parquet").filter(keep & (pl.col("model") == b.role))
+    side_a = first_turn(pl.read_parquet(a.run / "answers.parquet")).filter(keep & (pl.col("model") == a.role))
+    side_b = first_turn(pl.read_parquet(b.run / "answers.parquet")).filter(keep & (pl.col("model") == b.role))
     answers = pl.concat([side_a.with_columns(model=pl.lit("base")), side_b.with_columns(model=pl.lit("tuned"))],
                         how="diagonal_relaxed")
     return pairs, answers

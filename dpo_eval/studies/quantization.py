@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 
 from dpo_eval.config import EvalConfig
+from dpo_eval.data.prompt_sets import first_turn
 from dpo_eval.jsonsafe import jsonable
 from dpo_eval.report.page import Section, add_section
 
@@ -42,7 +43,7 @@ def setting_config(config: EvalConfig, setting: str) -> EvalConfig:
 
 def identical_answers(run_a: Path, run_b: Path) -> dict:
     """{tuned, base: answers word for word the same in both runs, n: pairs both answered} (by pair_id)."""
-    a, b = (pl.read_parquet(Path(run) / "answers.parquet") for run in (run_a, run_b))
+    a, b = (first_turn(pl.read_parquet(Path(run) / "answers.parquet")) for run in (run_a, run_b))  # turn 1
     joined = a.join(b, on=["pair_id", "model"], suffix="_b")
     same = {model: int((part["answer"] == part["answer_b"]).sum())
             for model, part in ((m, joined.filter(pl.col("model") == m)) for m in ("tuned", "base"))}

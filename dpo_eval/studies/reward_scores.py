@@ -12,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
+from dpo_eval.data.prompt_sets import first_turn
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.judges.reward_model import (
     ACCURACY_METHOD,
@@ -46,7 +47,7 @@ def _read(run_dir: Path, name: str) -> pl.DataFrame:
     if not path.is_file():
         raise DpoEvalError(f"{run_dir} has no {name}: give the run directory of `dpo-eval evaluate` (pairs.parquet, "
                            "answers.parquet and features.parquet)")
-    return pl.read_parquet(path)
+    return first_turn(pl.read_parquet(path))  # a two-turn set: the reward model scores turn 1
 
 
 def reward_judge_run(run_dir: Path | str, reward_model: str | Path, *, revision: str | None = None,

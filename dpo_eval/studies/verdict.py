@@ -35,6 +35,7 @@ import numpy as np
 import polars as pl
 
 from dpo_eval.config import VerdictSpec
+from dpo_eval.data.prompt_sets import first_turn
 from dpo_eval.errors import DpoEvalError
 from dpo_eval.jsonsafe import jsonable
 from dpo_eval.judges.statistics import LC_SIDE_SHARE
@@ -87,7 +88,7 @@ def _read_json(path: Path) -> dict:
 
 def _table(run_dir: Path, name: str) -> pl.DataFrame | None:
     path = run_dir / name
-    return pl.read_parquet(path) if path.is_file() else None
+    return first_turn(pl.read_parquet(path)) if path.is_file() else None  # a two-turn set's verdict reads turn 1
 
 
 def _latest_judgments(run_dir: Path) -> pl.DataFrame | None:
