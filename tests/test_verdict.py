@@ -212,6 +212,16 @@ def test_alignment_is_unknown_without_a_held_out_split_or_labels(tmp_path):
     assert answers["better"]["answer"] == "not checked" and answers["forgetting"]["answer"] == "not checked"
 
 
+
+def test_a_judge_without_calibration_on_a_set_without_labels_says_why_it_cannot_answer(tmp_path):
+    block = {"tuned_vs_base": {"n": 10, "wins": 7, "losses": 3, "ties": 0, "win_rate": 0.7}}
+    (tmp_path / "summary.json").write_text(json.dumps({"n_pairs": {"valid": 10}, "labels": {"source": "none"},
+                                                      "judge": {"splits": {"valid": block}}}))
+    answer = verdict(tmp_path, SPEC)[0]["better"]
+    assert answer["answer"] == "unknown" and "no calibration" in answer["because"], answer
+    assert "--reference-dataset" in answer["because"]
+
+
 # ---------------------------------------------------------------- forgetting
 
 def forgetting_summary(rows: dict[str, tuple[int, int, int, int]]) -> dict:

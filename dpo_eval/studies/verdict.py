@@ -349,14 +349,17 @@ def llm_judge_blocks(summary: dict, spec: VerdictSpec) -> tuple[dict, dict, str]
     return calibration, {"split": split, **w, "ci_low": low, "ci_high": high}, split
 
 
-def better(judges: list[dict], rule: str, majority: dict | None = None) -> dict:
+def better(judges: list[dict], rule: str, majority: dict | None = None, uncalibrated: str | None = None) -> dict:
     """Is the tuned model better? From the judges' own answers (`judge_answer`), or from a panel's majority of
-    calibrated judges (`majority_answer`) where there is one."""
+    calibrated judges (`majority_answer`) where there is one; `uncalibrated` says why a judge that ran cannot
+    answer (no split with both comparisons)."""
     evidence = ["reward_model", "judge"]
     if majority is not None:
         said = "; ".join(j["because"] for j in judges)
         return _answer(majority["answer"], f"{majority['because']} (each judge: {said})", rule, evidence + ["panel"],
                        judges=judges, majority=majority)
+    if not judges and uncalibrated:
+        return _answer("unknown", uncalibrated, rule, evidence, judges=[])
     if not judges:
         return _answer("not checked", "no reward model or LLM judge was run", rule, evidence, judges=[])
     calibrated = [j for j in judges if j["calibrated"]]
@@ -706,6 +709,17 @@ def verdict(run_dir: Path, spec: VerdictSpec | None = None) -> tuple[dict, dict]
     return answers, gaps
 
 
+def _uncalibrated_judge(summary: dict, llm) -> str | None:
+    """Why an LLM judge that ran gives no answer: it judged tuned vs base on no split where it also judged chosen vs
+    rejected (a prompt set without labels, or --comparisons tuned_vs_base), so it has no calibration."""
+    splits = (summary.get("judge") or {}).get("splits") or {}
+    if llm is not None or not any("tuned_vs_base" in b for b in splits.values()):
+        return None
+    return ("an LLM judge ran, but it judged chosen vs rejected on no split where it judged tuned vs base (a prompt "
+            "set without labels, or --comparisons tuned_vs_base), so it has no calibration and its win rate does "
+            "not answer; give the run a labelled reference set (--reference-dataset) and judge both comparisons")
+
+
 def assess(run_dir: Path, spec: VerdictSpec | None = None) -> tuple[dict, dict, dict | None]:
     """(verdict, gap, panel) of the run folder `run_dir`; panel None unless several LLM judges judged it."""
     run_dir = Path(run_dir)
@@ -737,7 +751,7 @@ def assess(run_dir: Path, spec: VerdictSpec | None = None) -> tuple[dict, dict, 
     panel = panel_block(run_dir, spec, rm, judges, members, llm[2] if llm else None) if len(members) > 1 else None
     majority = majority_answer(panel["majority"]) if panel and panel["reads_verdict"] else None
     answers = {"alignment": alignment(summary, spec, said["alignment"]),
-               "better": better(judges, said["better"], majority),
+               "better": better(judges, said["better"], majority, _uncalibrated_judge(summary, llm)),
                "forgetting": forgetting(summary, spec, said["forgetting"]),
                "gaming": gaming([majority] if majority else judges, agreement, directions, said["gaming"],
                                 panel_pairs=panel["pairs"] if panel else None)}
