@@ -138,6 +138,52 @@ def test_turn_2_is_judged_with_the_whole_dialogue_and_the_reference(mt_run, ques
     assert all(any(r in u for u in users) for r in math_refs)
 
 
+def _two_turn_run(folder, questions) -> None:
+    """A judged-ready run folder of the picked questions without generation: pairs as read from question.jsonl,
+    answers to both turns, features with n_tokens (the judge's lengths)."""
+    pairs, _ = read_pairs(DatasetSpec(source=str(questions["path"])))
+    folder.mkdir()
+    pairs.write_parquet(folder / "pairs.parquet")
+    pl.DataFrame([{"pair_id": p, "model": m, "turn": t, "answer": f"{m} answer {t} to {p}", "n_new_tokens": 4}
+                  for p in pairs["pair_id"] for m in ("tuned", "base") for t in (1, 2)]).write_parquet(
+        folder / "answers.parquet")
+    pl.DataFrame([{"pair_id": p, "split": "valid", "role": m, "n_tokens": 4.0} for p in pairs["pair_id"]
+                  for m in ("tuned", "base")]).write_parquet(folder / "features.parquet")
+    (folder / "summary.json").write_text(json.dumps({"n_pairs": {"valid": pairs.height}}))
+
+
+def test_references_file_reaches_both_turns_and_wins_over_the_questions_own(questions, tmp_path):
+    """`judge --references reference_answer_gpt-4.jsonl` on a two-turn run: turn 1 shows the file's turns[0], turn
+    2's dialogue prompt both turns of the file (not question.jsonl's short references), has_reference on both."""
+    from tests.test_judge_scripted import judge_cli
+
+    run = tmp_path / "run"
+    _two_turn_run(run, questions)
+    file = shared_path("data/mt_bench/reference_answer_gpt-4.jsonl")
+    gpt4 = {str(r["question_id"]): r["choices"][0]["turns"] for r in map(json.loads, file.read_text().splitlines())}
+    with ScriptedJudge(longer_rule()) as server:
+        judge_cli(run, server, tmp_path / "cache", "--references", str(file))
+        users = [next(m["content"] for m in ms if m["role"] == "user") for ms in server.messages]
+    pairs = pl.read_parquet(run / "pairs.parquet")
+    for pair in pairs.iter_rows(named=True):
+        first = [u for u in users if pair["prompt"] in u and pair["turn2"] not in u]
+        second = [u for u in users if pair["turn2"] in u]
+        assert len(first) == 2 and len(second) == 2
+        refs = gpt4.get(pair["question_id"])
+        if refs is None:  # writing: no reference anywhere
+            assert not any("[Reference answer" in u for u in first + second)
+            continue
+        assert all(refs[0] in u and refs[1] not in u for u in first)
+        for user in second:
+            assert f"[Reference answer, turn 1]\n{refs[0]}" in user and f"[Reference answer, turn 2]\n{refs[1]}" in user
+            assert f"[Reference answer, turn 2]\n{pair['reference_turn2']}" not in user  # the file wins
+    judgments = pl.read_parquet(run / "judgments.parquet").join(pairs.select("pair_id", "question_id"), on="pair_id")
+    shown = judgments.group_by("turn", "has_reference").agg(pl.col("question_id").unique().sort()).sort(
+        "turn", "has_reference")
+    math = sorted(q for q in gpt4 if q in questions["records"])
+    assert shown.rows() == [(1, False, ["81", "82"]), (1, True, math), (2, False, ["81", "82"]), (2, True, math)]
+
+
 def test_per_turn_and_per_category_tables_in_summary_and_report(mt_run):
     from statsmodels.stats.proportion import proportion_confint
 

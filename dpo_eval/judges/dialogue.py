@@ -31,9 +31,11 @@ def dialogue_answer(turn1_answer: str, turn2_answer: str) -> str:
             f"[Its own turn-1 answer, which it saw when asked turn 2]\n{turn1_answer}")
 
 
-def second_turn_rows(pairs: pl.DataFrame, answers: pl.DataFrame | None, comparisons: tuple[str, ...]) -> list[dict]:
+def second_turn_rows(pairs: pl.DataFrame, answers: pl.DataFrame | None, comparisons: tuple[str, ...],
+                     references: dict[str, tuple[str, str]] | None = None) -> list[dict]:
     """Comparison rows (pairwise.comparison_rows' shape, `turn` 2) of tuned vs base at turn 2: pairs with a turn-2
-    question and both models' answers to both turns; none where answers.parquet has no `turn`."""
+    question and both models' answers to both turns; none where answers.parquet has no `turn`. `references`
+    (pair_id -> both turns' references, dpo_eval.judges.references.pair_references) replaces pairs' own columns."""
     if answers is None or TURN not in answers.columns or TURN2 not in pairs.columns or \
             "tuned_vs_base" not in comparisons:
         return []
@@ -53,6 +55,8 @@ def second_turn_rows(pairs: pl.DataFrame, answers: pl.DataFrame | None, comparis
     for pair in table.iter_rows(named=True):
         if any(pair.get(c) is None for c in needed):
             continue
+        if references is not None:
+            pair["reference"], pair["reference_turn2"] = references.get(pair["pair_id"], (None, None))
         rows.append({"pair_id": pair["pair_id"], "split": pair["split"], "comparison": "tuned_vs_base",
                      "system": pair["system"], "turn": 2,
                      "prompt": dialogue_prompt(pair["prompt"], pair[TURN2], pair.get("reference"),

@@ -209,11 +209,11 @@ def plan_requests(run_dir: Path, spec: JudgeSpec) -> tuple:
     template = judge_template(spec, bool(references))
     rows = comparison_rows(pairs, answers, comparisons_of(spec), gap_pairs(pairs, spec))
     for row in rows:
-        row["reference"] = references.get(row["pair_id"], "")
-    turn2 = second_turn_rows(pairs, answers, comparisons_of(spec))  # a two-turn set: turn 2 with its dialogue
+        row["reference"] = references.get(row["pair_id"], ("", ""))[0]
+    turn2 = second_turn_rows(pairs, answers, comparisons_of(spec), references)  # a two-turn set: its dialogue
     if turn2:  # turn 2's references are in its dialogue prompt (dpo_eval.judges.dialogue), not the reference slot
         rows = [row | {TURN: 1} for row in rows] + [
-            row | {"reference": "", "reference_in_prompt": "[Reference answer, turn" in row["prompt"]} for row in turn2]
+            row | {"reference": "", "reference_in_prompt": any(references.get(row["pair_id"], ()))} for row in turn2]
     local = None
     if spec.kind == "hf":  # a local HF judge (dpo_eval.judges.local): cut in tokens, verdicts from log-probs
         from dpo_eval.judges.local import HFJudge

@@ -2,11 +2,12 @@
 JSONL file joined to the pairs by `question_id` (JudgeSpec.references, `--references FILE`).
 
 The file holds one record per line, {question_id, choices: [{turns: [answer of turn 1, answer of turn 2, ...]}]}
-(MT-Bench's reference_answer_gpt-4.jsonl); a pair takes the answer of its turn (pairs.parquet's `turn` column,
-1-based; turn 1 where there is none). question_ids are compared as text, so 81 and "81" join. The file's reference
-wins over the column where both give one. A missing or unreadable file, a line that is not a JSON object, a record
-without question_id or answers, a question_id given twice, pairs without a question_id column, or a file none of
-whose questions is among the selected pairs is a DpoEvalError naming the file (and the line).
+(MT-Bench's reference_answer_gpt-4.jsonl); a pair takes turns[0] for its turn 1 and turns[1] for its turn 2 (a
+two-turn set's dialogue prompt, dpo_eval.judges.dialogue). question_ids are compared as text, so 81 and "81" join.
+On each turn the file's reference wins over pairs.parquet's (`reference`, `reference_turn2`) where both give one.
+A missing or unreadable file, a line that is not a JSON object, a record without question_id or answers, a
+question_id given twice, pairs without a question_id column, or a file none of whose questions is among the
+selected pairs is a DpoEvalError naming the file (and the line).
 """
 
 from __future__ import annotations
@@ -58,28 +59,24 @@ def read_references(path: Path) -> dict[str, list[str]]:
     return found
 
 
-def _turn_of(row: dict) -> int:
-    turn = row.get("turn")
-    return int(turn) if turn is not None else 1
-
-
 def _pick(value, turn: int) -> str:
-    """The reference of `turn` from a text or a list of texts per turn ("" where there is none)."""
+    """The reference of `turn` from a text or a list of texts per turn ("" where there is none or it is blank)."""
     if isinstance(value, (list, tuple)):
         value = value[turn - 1] if len(value) >= turn else None
-    return value if isinstance(value, str) else ""
+    return value if isinstance(value, str) and value.strip() else ""
 
 
-def pair_references(pairs: pl.DataFrame, references: Path | None, pairs_file: Path) -> dict[str, str]:
-    """pair_id -> its non-empty reference answer, for the selected `pairs` (see the module docstring)."""
-    found: dict[str, str] = {}
-    columns = [c for c in ("pair_id", "question_id", "turn", "reference") if c in pairs.columns]
+def pair_references(pairs: pl.DataFrame, references: Path | None, pairs_file: Path) -> dict[str, tuple[str, str]]:
+    """pair_id -> (turn 1's reference, turn 2's; "" where none), for the selected `pairs` that have at least one
+    (see the module docstring)."""
+    found: dict[str, tuple[str, str]] = {}
+    columns = [c for c in ("pair_id", "question_id", "reference", "reference_turn2") if c in pairs.columns]
     rows = pairs.select(columns).to_dicts()
-    if "reference" in pairs.columns:
-        for row in rows:
-            text = _pick(row["reference"], _turn_of(row))
-            if text.strip():
-                found[row["pair_id"]] = text
+    for row in rows:
+        second = row.get("reference_turn2") or _pick(row.get("reference"), 2)  # a list column: one per turn
+        own = (_pick(row.get("reference"), 1), _pick(second, 1))
+        if any(own):
+            found[row["pair_id"]] = own
     if references is None:
         return found
     by_question = read_references(references)
@@ -89,9 +86,10 @@ def pair_references(pairs: pl.DataFrame, references: Path | None, pairs_file: Pa
     joined = 0
     for row in rows:
         turns = by_question.get(str(row["question_id"])) if row["question_id"] is not None else None
-        text = _pick(turns, _turn_of(row)) if turns else ""
-        if text.strip():
-            found[row["pair_id"]] = text
+        given = tuple(_pick(turns, turn) if turns else "" for turn in (1, 2))
+        if any(given):
+            own = found.get(row["pair_id"], ("", ""))
+            found[row["pair_id"]] = tuple(g or o for g, o in zip(given, own))
             joined += 1
     if not joined:
         ours = sorted({str(q) for q in pairs["question_id"].drop_nulls().to_list()})[:5]
