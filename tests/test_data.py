@@ -274,3 +274,20 @@ def test_an_unreadable_json_file_is_one_error_naming_it(tmp_path, name, content)
     path.write_bytes(content)
     with pytest.raises(DpoEvalError, match=f"{name}: cannot read"):
         read_pairs(str(path))
+
+
+def test_labelled_records_keep_their_category_reference_and_question_id_fields_unread(tmp_path):
+    """Only a prompt set (`turns`) reads category/reference/question_id; a labelled record's fields of those names
+    (any type) change nothing, and --category-field still reads its category."""
+    path = tmp_path / "labelled.jsonl"
+    extra = [{"category": ["math"]}, {"reference": {"text": "4"}}, {"reference": "4", "question_id": 7},
+             {"category": "math"}]
+    path.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": "4", "rejected": "5"} | e) + "\n"
+                            for i, e in enumerate(extra)))
+    pairs, _ = read_pairs(DatasetSpec(source=str(path)))
+    assert pairs.columns == PAIR_COLUMNS and pairs.height == 4
+    tagged = path.with_name("tagged.jsonl")
+    tagged.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": "4", "rejected": "5", "category": f"c{i}",
+                                          "reference": "4"}) + "\n" for i in range(2)))
+    pairs, _ = read_pairs(DatasetSpec(source=str(tagged), category_field="category"))
+    assert pairs.columns == PAIR_COLUMNS + ["category"] and pairs["category"].to_list() == ["c0", "c1"]

@@ -3,7 +3,8 @@
 MT-Bench's question file is the model (`{question_id, category, turns: [q1, q2], reference: [r1, r2]?}`): a record
 with a `turns` list of one or two user turns and no chosen or rejected is such a prompt set. Turn 1 is the pair's
 prompt; turn 2 is asked later, after each model's own turn-1 answer (dpo_eval.generation.turns). A category comes
-from the record's own `category` field or from DatasetSpec.category_field (`--category-field NAME`) for any format.
+from the record's own `category` field or from DatasetSpec.category_field (`--category-field NAME`) for any format;
+`question_id` and `reference` are read from such records only (a labelled set's fields of those names stay unread).
 
 The extra columns of pairs.parquet (present only where the data set has them, so single-turn sets keep the table
 they always had): `turn2` (the turn-2 question), `question_id`, `category`, `reference` (turn 1's reference answer,
@@ -47,19 +48,21 @@ def _text_or_none(value: Any, where: str, field: str) -> str | None:
 
 
 def extras(record: dict[str, Any], where: str, category_field: str | None, turn2: str | None) -> dict:
-    """The extra pairs.parquet columns of one record (module docstring); only the keys this record set has."""
+    """The extra pairs.parquet columns of one record (module docstring); only the keys this record set has. Other
+    formats' records (labelled pairs, prompts) keep their fields as they were: only --category-field reads them."""
     out: dict[str, str | None] = {}
     if TURNS in record and isinstance(record[TURNS], list):
         out[TURN2] = turn2
-    if "question_id" in record:
+    prompt_set = is_turns_record(record)
+    if prompt_set and "question_id" in record:
         out["question_id"] = _text_or_none(record["question_id"], where, "question_id")
-    field = category_field or (CATEGORY if CATEGORY in record else None)
+    field = category_field or (CATEGORY if prompt_set and CATEGORY in record else None)
     if field is not None:
         if field not in record:
             raise DpoEvalError(f"{where}: --category-field {field!r} is not among its fields {sorted(record)}; name "
                                "the field that holds each record's category")
         out[CATEGORY] = _text_or_none(record[field], where, field)
-    if "reference" in record:
+    if prompt_set and "reference" in record:
         out["reference"], out["reference_turn2"] = _references(record["reference"], where)
     return out
 
