@@ -341,3 +341,17 @@ def test_generate_command_answers_both_turns_of_the_mt_bench_file(tmp_path, ques
     from tests.test_cli import _params
 
     assert "category_field" in _params("evaluate") and "category_field" in _params("generate")
+
+
+def test_generate_engine_openai_refuses_a_two_turn_set_before_any_request(tmp_path, questions, stories260k, capsys):
+    """The server path answers turn 1 only: on MT-Bench it is refused (no server runs: nothing is asked)."""
+    from dpo_eval.cli.main import main
+
+    out = tmp_path / "answers.parquet"
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--base", str(stories260k), "--dataset", str(questions["path"]), "--limit", "2",
+              "--engine", "openai", "--base-url", "http://127.0.0.1:9/v1", "--served-base", "b", "--served-tuned", "t",
+              "--out", str(out)])
+    assert exc.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "--engine openai answers one turn only" in err and str(questions["path"]) in err and "two-turn" in err

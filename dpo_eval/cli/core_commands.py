@@ -138,8 +138,15 @@ def _generate_served(spec, gen: GenerationSpec, data, out: Path) -> None:
     from dpo_eval.data.pairs import load_pairs
     from dpo_eval.generation.openai_engine import generate_served, normalised_url
 
+    from dpo_eval.generation.turns import has_second_turn
+
+    pairs = load_pairs(data)
+    if has_second_turn(pairs):  # turn 2 needs each model's own turn-1 answer in its prompt: not done by the server path
+        raise DpoEvalError(f"--engine openai answers one turn only, and {data.source} is a two-turn data set (its "
+                           "records have a second turn); generate it with an in-process engine (--engine hf, "
+                           "dequantized, continuous or static), or give a single-turn data set")
     repairs: list[str] = []
-    answers, account = generate_served(spec, gen, load_pairs(data), repairs=repairs)
+    answers, account = generate_served(spec, gen, pairs, repairs=repairs)
     out.parent.mkdir(parents=True, exist_ok=True)
     answers.write_parquet(out)
     print(json.dumps({"answers": answers.height, "models": sorted(set(answers["model"])), "engine": "openai",
