@@ -195,7 +195,7 @@ def test_per_turn_and_per_category_tables_in_summary_and_report(mt_run):
     assert features2.height == 16 and set(features2["role"]) == {"base", "tuned"}
     assert pl.read_parquet(out / "features.parquet").height == 16  # turn 1 only, the file's contract
     cats = summary["feature_categories"]
-    assert cats["1"]["math"]["tested"] and not cats["1"]["writing"]["tested"]  # 6 prompts vs 2
+    assert cats["1"]["valid"]["math"]["tested"] and not cats["1"]["valid"]["writing"]["tested"]  # 6 prompts vs 2
     table = pl.read_parquet(out / "stats_categories.parquet")
     math_rows = table.filter((pl.col("turn") == 2) & (pl.col("category") == "math") & pl.col("p_value").is_not_nan())
     assert math_rows.height > 0
@@ -296,6 +296,28 @@ def test_feature_tests_per_category_match_scipy_and_statsmodels():
     assert np.isnan(rows["c"]["p_value"]) and "fewer than" in rows["c"]["reason"]  # 3 prompts: untested
     adjusted = multipletests([p["a"], p["b"]], method="fdr_bh")[1]
     assert [rows["a"]["p_adjusted"], rows["b"]["p_adjusted"]] == pytest.approx(list(adjusted))
+
+
+def test_feature_tests_per_category_keep_splits_apart_and_count_the_values_tested():
+    """Train and valid are tested apart (scipy on each split's deltas); a category whose prompts lack the feature's
+    value below MIN_PROMPTS is untested even with enough prompts."""
+    from dpo_eval.stats.groups import MIN_PROMPTS, category_tests
+
+    rng = np.random.default_rng(2)
+    ids = [f"{s}{i}" for s in ("t", "v") for i in range(10)]
+    base = rng.normal(size=20)
+    tuned = base + np.where(np.arange(20) < 10, 1.0, -0.1) + rng.normal(scale=0.3, size=20)
+    sparse = np.where(np.arange(20) % 10 < 10 - MIN_PROMPTS + 1, np.nan, 1.0)  # valid and train: MIN_PROMPTS - 1 values
+    features = pl.DataFrame({"pair_id": ids * 2, "split": ["train" if i[0] == "t" else "valid" for i in ids] * 2,
+                             "role": ["base"] * 20 + ["tuned"] * 20, "f0": np.concatenate([base, tuned]),
+                             "f1": np.concatenate([sparse * 0, sparse * rng.normal(size=20)])})
+    table = category_tests(features, pl.DataFrame({"pair_id": ids, "category": ["a"] * 20}), turn=1)
+    rows = {(r["split"], r["feature"]): r for r in table.iter_rows(named=True)}
+    d = tuned - base
+    for split, part in (("train", slice(0, 10)), ("valid", slice(10, 20))):
+        assert rows[(split, "f0")]["p_value"] == pytest.approx(sps.wilcoxon(d[part]).pvalue)
+        assert rows[(split, "f0")]["n"] == 10
+        assert rows[(split, "f1")]["n"] == MIN_PROMPTS - 1 and np.isnan(rows[(split, "f1")]["p_value"])
 
 
 def test_category_field_and_single_turn_sets_keep_their_columns(tmp_path, orca_jsonl):

@@ -33,13 +33,13 @@ def feature_groups_section(summary: dict, categories: pl.DataFrame | None, alpha
                           "per turn (turn 1 is the statistics above; turn 2's rows are in stats_turns.parquet); moved: "
                           f"features with q < {alpha:g} across the features of the turn.")
     if categories is not None:
-        paragraphs.append("Per category: a two-sided Wilcoxon test per feature on the category's prompts, "
+        paragraphs.append("Per category and split: a two-sided Wilcoxon test per feature on the category's prompts, "
                           f"Benjamini-Hochberg across the categories tested (moved: adjusted p < {alpha:g}); a "
                           "category with too few prompts is listed untested. Every row is in stats_categories.parquet.")
-        for (turn, name), part in categories.group_by("turn", "category", maintain_order=True):
+        for (turn, split, name), part in categories.group_by("turn", "split", "category", maintain_order=True):
             tested = part.filter(pl.col("p_value").is_not_nan())
             top = tested.sort("p_adjusted").head(3)
-            rows.append([f"turn {turn}", "", name, int(part["n"].max() or 0), "yes" if tested.height else "no",
+            rows.append([f"turn {turn}", split, name, int(part["n"].max() or 0), "yes" if tested.height else "no",
                          int((tested["p_adjusted"] < alpha).sum()),
                          ", ".join(f"{r['feature']} ({_p(r['p_adjusted'])})" for r in top.iter_rows(named=True))
                          or (part["reason"][0] or "")])
