@@ -164,6 +164,15 @@ def test_a_bad_references_file_is_named_with_its_line(labelled_run, tmp_path, co
                                         cache_dir=tmp_path / "cache"))
 
 
+def test_a_question_id_on_two_pairs_is_refused_with_references(tmp_path):
+    run = even_run(tmp_path / "run", extra={f"p{i}": {"question_id": str(101 if i < 2 else 110 + i)}
+                                            for i in range(len(DESIGN))})
+    with pytest.raises(DpoEvalError, match=r"--references .*reference_answer_gpt-4.jsonl: question_id 101 is on 2 "
+                                           r"pairs in .*run/pairs.parquet \(pair_ids p0, p1\)"):
+        dry_run(run, JudgeSpec(model="m", base_url="http://127.0.0.1:9/v1", references=MT_BENCH_REFERENCES,
+                               cache_dir=tmp_path / "cache"))
+
+
 def test_a_justification_without_a_final_verdict_is_invalid_and_not_cached(tmp_path, capsys):
     run = even_run(tmp_path / "run")
     reply = "At first I thought [[A]] was right.\nOn reflection I cannot decide."  # a verdict-only reader would say A

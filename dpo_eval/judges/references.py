@@ -6,8 +6,8 @@ The file holds one record per line, {question_id, choices: [{turns: [answer of t
 two-turn set's dialogue prompt, dpo_eval.judges.dialogue). question_ids are compared as text, so 81 and "81" join.
 On each turn the file's reference wins over pairs.parquet's (`reference`, `reference_turn2`) where both give one.
 A missing or unreadable file, a line that is not a JSON object, a record without question_id or answers, a
-question_id given twice, pairs without a question_id column, or a file none of whose questions is among the
-selected pairs is a DpoEvalError naming the file (and the line).
+question_id given twice (in the file or among the selected pairs), pairs without a question_id column, or a file
+none of whose questions is among the selected pairs is a DpoEvalError naming the file (and the line).
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ def pair_references(pairs: pl.DataFrame, references: Path | None, pairs_file: Pa
     if "question_id" not in pairs.columns:
         raise DpoEvalError(f"--references {references}: {pairs_file} has no question_id column to join it on; give "
                            "references only for a prompt set whose pairs carry their question_id (e.g. MT-Bench)")
+    twice = pairs.filter(pl.col("question_id").is_not_null() & pl.col("question_id").is_duplicated())
+    if twice.height:  # which record's reference is which would be a guess
+        raise DpoEvalError(f"--references {references}: question_id {twice['question_id'][0]} is on {twice.height} "
+                           f"pairs in {pairs_file} (pair_ids {', '.join(twice['pair_id'].head(3))}); give each "
+                           "question of the prompt set its own question_id")
     joined = 0
     for row in rows:
         turns = by_question.get(str(row["question_id"])) if row["question_id"] is not None else None
