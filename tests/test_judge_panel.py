@@ -184,7 +184,7 @@ def test_repeats_measure_the_share_of_verdicts_that_change(servers, tmp_path, ca
     assert block["tokens"]["prompt"] == sum(len(user) // 4 for user in users)  # the server's usage, every call
     flaky = 2 * len(FLAKY_PAIRS)  # tuned vs base of those pairs, both orders
     assert block["repeatability"] | {"note": None, "rule": None} == {
-        "k": 3, "n": judgments, "changed": flaky, "share_changed": flaky / judgments, "temperature": 0.0,
+        "k": 3, "n": judgments, "changed": flaky, "share_changed": flaky / judgments, "strength_changed": 0, "temperature": 0.0,
         "note": None, "rule": None}
     assert "nondeterminism" in block["repeatability"]["note"]
     tvb = block["splits"]["valid"]["tuned_vs_base"]  # the majority of 3 repeats is the marker rule's verdict
@@ -306,3 +306,55 @@ def test_repeats_of_a_two_turn_set_fold_each_turn_into_its_own_judgment():
     assert folded.sort("turn")["verdict"].to_list() == ["first", "second"]
     assert folded.sort("turn")["winner"].to_list() == ["tuned", "base"]
     assert block["n"] == 2 and block["changed"] == 1
+
+
+def test_two_judges_of_a_set_without_labels_still_get_their_agreement(tmp_path):
+    """Judges that judged tuned vs base only (no chosen vs rejected: no calibration) cannot vote, but the panel still
+    gives their kappa (sklearn's on their per-prompt verdicts), and each says it has no calibration."""
+    from sklearn.metrics import cohen_kappa_score
+
+    from dpo_eval.config import VerdictSpec
+    from dpo_eval.judges.statistics import judge_summary
+    from dpo_eval.studies.verdict import assess
+    from tests.test_verdict import judgments_of, planted, write_run
+
+    n, rng = 40, np.random.default_rng(5)
+    run = write_run(tmp_path / "run", planted(n=n))
+    a = rng.choice(["tuned", "base", "tie"], n, p=[0.6, 0.3, 0.1]).tolist()
+    b = [x if rng.random() < 0.7 else "base" for x in a]
+    tables, blocks = [], {}
+    for name, said in (("a", a), ("b", b)):
+        judge = f"openai:judge-{name}:{name * 12}"
+        rows = judgments_of({"tuned_vs_base": said}).with_columns(judge=pl.lit(judge))
+        tables.append(rows)
+        blocks[f"openai:judge-{name}"] = judge_summary(rows) | {"id": judge, "model": f"judge-{name}"}
+    pl.concat(tables).write_parquet(run / "judgments.parquet")
+    summary = json.loads((run / "summary.json").read_text())
+    summary |= {"judge": blocks["openai:judge-b"], "judges": blocks}
+    summary.pop("reward_model", None)
+    (run / "summary.json").write_text(json.dumps(summary, allow_nan=True))
+
+    answers, _, panel = assess(run, VerdictSpec(resamples=100))
+    pair = next(p for p in panel["pairs"] if {p["a"], p["b"]} == {"openai:judge-a", "openai:judge-b"})
+    assert pair["n"] == n and pair["kappa"] == pytest.approx(cohen_kappa_score(a, b), abs=1e-12)
+    assert panel["reads_verdict"] is False
+    assert answers["better"]["answer"] == "unknown"
+    assert all("no calibration" in j["because"] for j in answers["better"]["judges"] if j["judge"].startswith("LLM"))
+
+
+def test_repeats_keep_the_strength_most_repeats_give():
+    """Five levels, three repeats A>>B, A>B, A>B: the verdict is first with the majority's strength 1 (not the first
+    repeat's 2), and the change of strength is counted apart from changes of verdict."""
+    from dpo_eval.judges.repeats import fold
+
+    def table(strength: int) -> pl.DataFrame:
+        return pl.DataFrame({"pair_id": ["p"], "split": ["valid"], "comparison": ["tuned_vs_base"], "judge": ["j"],
+                             "order": ["ab"], "shown_first": ["tuned"], "verdict": ["first"], "winner": ["tuned"],
+                             "prompt_tokens": [1], "completion_tokens": [1], "cached": [False],
+                             "strength": [strength]})
+
+    folded, block = fold([table(2), table(1), table(1)], 0.7)
+    assert folded["strength"].to_list() == [1] and folded["verdict"].to_list() == ["first"]
+    assert (block["changed"], block["strength_changed"]) == (0, 1)
+    folded, _ = fold([table(2), table(2), table(1)], 0.7)
+    assert folded["strength"].to_list() == [2]

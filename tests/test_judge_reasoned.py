@@ -173,6 +173,18 @@ def test_a_question_id_on_two_pairs_is_refused_with_references(tmp_path):
                                cache_dir=tmp_path / "cache"))
 
 
+def test_a_template_that_never_shows_the_reference_is_refused_with_references(labelled_run, tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{{ prompt }}\n[A] {{ answer_a }}\n[B] {{ answer_b }}\nReply [[A]], [[B]] or [[tie]].")
+    references = tmp_path / "refs.jsonl"
+    references.write_text('{"question_id": 100, "choices": [{"turns": ["REF"]}]}\n')
+    with pytest.raises(DpoEvalError, match=r"plain.jinja never shows `reference`.*--references"):
+        dry_run(labelled_run, JudgeSpec(model="m", base_url="http://127.0.0.1:9/v1", references=references,
+                                        template=template, cache_dir=tmp_path / "cache"))
+    plan = dry_run(labelled_run, JudgeSpec(model="m", base_url="http://127.0.0.1:9/v1", references=references,
+                                           cache_dir=tmp_path / "cache"))
+    assert plan["with_reference"] > 0  # the project's template shows it
+
 def test_a_justification_without_a_final_verdict_is_invalid_and_not_cached(tmp_path, capsys):
     run = even_run(tmp_path / "run")
     reply = "At first I thought [[A]] was right.\nOn reflection I cannot decide."  # a verdict-only reader would say A

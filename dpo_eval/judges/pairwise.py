@@ -40,7 +40,7 @@ from dpo_eval.judges.references import pair_references
 from dpo_eval.judges.repeats import expand, fold
 from dpo_eval.judges.statistics import GAP_COMPARISONS, ROLES, judge_summary
 from dpo_eval.judges.style import style_frame
-from dpo_eval.judges.templates import judge_template
+from dpo_eval.judges.templates import judge_template, uses_reference
 from dpo_eval.judges.verdicts import add_weighted, read_reply, reader, settings_block
 
 log = logging.getLogger(__name__)
@@ -208,8 +208,9 @@ def plan_requests(run_dir: Path, spec: JudgeSpec) -> tuple:
     references = pair_references(pairs, spec.references, run_dir / "pairs.parquet")
     template = judge_template(spec, bool(references))
     rows = comparison_rows(pairs, answers, comparisons_of(spec), gap_pairs(pairs, spec))
+    shown = uses_reference(template)  # a user's template without {{ reference }} shows none: has_reference false
     for row in rows:
-        row["reference"] = references.get(row["pair_id"], ("", ""))[0]
+        row["reference"] = references.get(row["pair_id"], ("", ""))[0] if shown else ""
     turn2 = second_turn_rows(pairs, answers, comparisons_of(spec), references)  # a two-turn set: its dialogue
     if turn2:  # turn 2's references are in its dialogue prompt (dpo_eval.judges.dialogue), not the reference slot
         rows = [row | {TURN: 1} for row in rows] + [

@@ -6,12 +6,13 @@ are real calls, not cache hits. judgments.parquet keeps one row per judgment: it
 repeats with a readable verdict (first, second, tie); where two verdicts have the most votes (e.g. one first and one
 second of two repeats) it is a tie, as two orders that disagree are; with no readable repeat it is the first
 repeat's (invalid or failed). Its `raw`, `p_first` and `latency_s` are those of the first repeat naming the headline
-verdict (the first repeat where none does), its tokens the sum over the repeats, `cached` true where every repeat
+verdict (the first repeat where none does), its five-level `strength` the one most of the repeats naming the headline
+verdict give (the weaker on a tie; 0 for a tie by an even split), its tokens the sum over the repeats, `cached` true where every repeat
 came from the cache; `repeat_verdicts` lists the K verdicts in repeat order.
 
 summary.json's judge block gains `repeatability` {k, n, changed, share_changed, temperature, note}: n the judgments
 whose K repeats all have a readable verdict, share_changed the share of them whose verdict is not the same in
-every repeat.
+every repeat, strength_changed (five levels) the judgments whose verdict held but whose strength changed.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def fold(tables: list[pl.DataFrame], temperature: float) -> tuple[pl.DataFrame, 
     """(one row per judgment, the repeatability block) from the judgment tables of repeats 0..K-1 (in order)."""
     k = len(tables)
     stacked = pl.concat([t.with_columns(repeat=pl.lit(r)) for r, t in enumerate(tables)], how="diagonal_relaxed")
-    rows, n, changed = [], 0, 0
+    rows, n, changed, strength_changed = [], 0, 0, 0
     keys = KEYS + (["turn"] if "turn" in stacked.columns else [])  # a two-turn set: each turn its own judgment
     for _, group in stacked.sort("repeat").group_by(keys, maintain_order=True):
         made = group.to_dicts()
@@ -64,17 +65,24 @@ def fold(tables: list[pl.DataFrame], temperature: float) -> tuple[pl.DataFrame, 
         if len(made) == k and all(v in READABLE for v in verdicts):
             n += 1
             changed += len(set(verdicts)) > 1
+        strength = {}
+        if "strength" in shown:  # five levels: the strength most repeats naming the verdict give (ties: the weaker)
+            named = [r["strength"] for r in made if r["verdict"] == verdict and r["strength"] is not None]
+            strength = {"strength": 0 if shown["verdict"] != verdict else
+                        min(set(named), key=lambda v: (-named.count(v), v)) if named else shown["strength"]}
+            if len(made) == k and all(v in READABLE for v in verdicts) and len(set(verdicts)) == 1:
+                strength_changed += len({r["strength"] for r in made}) > 1
         rows.append({**{c: v for c, v in shown.items() if c != "repeat"}, "verdict": verdict, "winner": winner,
                      "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in made),
                      "completion_tokens": sum(r["completion_tokens"] or 0 for r in made),
-                     "cached": all(r["cached"] for r in made), "repeat_verdicts": verdicts,
-                     **({"strength": 0} if "strength" in shown and shown["verdict"] != verdict else {})})
+                     "cached": all(r["cached"] for r in made), "repeat_verdicts": verdicts, **strength})
     table = pl.DataFrame(rows, schema=tables[0].schema | {"repeat_verdicts": pl.List(pl.String)})
     note = ("at temperature 0 the judge's most likely verdict is asked each time: repeats measure only the server's "
             "nondeterminism (batching, kernels), not the judge's sampling" if temperature == 0 else
             f"repeats sampled at temperature {temperature:g}: the share of verdicts that change is the judge's own "
             "variance at that temperature")
     return table, {"k": k, "n": n, "changed": changed, "share_changed": changed / n if n else None,
+                   "strength_changed": strength_changed,
                    "temperature": temperature, "note": note,
                    "rule": "headline verdict: majority over the repeats with a readable verdict; a tie where two "
                            "verdicts share the most votes"}

@@ -12,6 +12,8 @@ reference anywhere) keeps prompt.DEFAULT_TEMPLATE itself, so its judge identity 
 
 from __future__ import annotations
 
+from dpo_eval.errors import DpoEvalError
+
 from dpo_eval.judges.prompt import DEFAULT_TEMPLATE, JudgeTemplate, load_template
 
 ROLE = ("You are an impartial judge. You compare two answers to the same user prompt and decide which one is more "
@@ -64,9 +66,22 @@ def project_source(style: str, levels: int, with_reference: bool) -> str:
 def judge_template(spec, with_reference: bool) -> JudgeTemplate:
     """The user's template (spec.template) or the project's one for spec's style and levels (see project_source)."""
     if spec.template is not None:
-        return load_template(spec.template)
+        template = load_template(spec.template)
+        if with_reference and spec.references is not None and not uses_reference(template):
+            raise DpoEvalError(f"--template {spec.template} never shows `reference`, but --references "
+                               f"{spec.references} gives reference answers: add {{{{ reference }}}} to the template "
+                               "(empty where a pair has none), or drop --references")
+        return template
     source = project_source(spec.judge_style, spec.verdict_levels, with_reference)
     if source == DEFAULT_TEMPLATE:
         return load_template()
     name = f"default ({spec.judge_style}, {spec.verdict_levels} levels{', reference-guided' if with_reference else ''})"
     return load_template(default=source, name=name)
+
+
+def uses_reference(template: JudgeTemplate) -> bool:
+    """Whether the template's source reads the `reference` variable (so a reference answer is shown)."""
+    import jinja2
+    from jinja2 import meta
+
+    return "reference" in meta.find_undeclared_variables(jinja2.Environment().parse(template.source))

@@ -9,6 +9,7 @@ answers by, and `gaming` reads the majority's win and every pair's agreement (dp
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from dpo_eval.config import VerdictSpec
@@ -17,6 +18,8 @@ from dpo_eval.judges.panel import CI_METHOD, MAJORITY_RULE, WIN_CI_METHOD, agree
 from dpo_eval.judges.statistics import length_differences, split_lc_win_rate
 from dpo_eval.studies.verdict import (
     RM,
+    _at_level,
+    _held_out_split,
     _lc_usable,
     _num,
     _pct,
@@ -34,10 +37,24 @@ def panel_members(summary: dict, spec: VerdictSpec) -> list[tuple[str, str | Non
     (dpo_eval.judges.panel) with a held-out split of both comparisons."""
     members = []
     for name, block in (summary.get("judges") or {}).items():
-        found = llm_judge_blocks({"judge": block}, spec)
+        found = llm_judge_blocks({"judge": block}, spec) or uncalibrated_block(block, spec)
         if found is not None:
             members.append((name, block.get("id"), *found))
     return members
+
+
+def uncalibrated_block(block: dict, spec: VerdictSpec) -> tuple[dict, dict, str] | None:
+    """(calibration, tuned-vs-base block, split) of a judge that judged tuned vs base but no chosen vs rejected on
+    that split (a prompt set without labels): it has no calibration (n 0), so it never votes, but its verdicts
+    still enter the panel's agreement."""
+    splits = {s: b for s, b in (block.get("splits") or {}).items() if "tuned_vs_base" in b}
+    split = _held_out_split(splits) or next(iter(sorted(splits)), None)
+    if split is None:
+        return None
+    w = splits[split]["tuned_vs_base"]
+    low, high = _at_level(w["wins"] + w["ties"] / 2, w["n"], spec) if "wins" in w else (math.nan, math.nan)
+    calibration = {"agreement": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
+    return calibration, {"split": split, **w, "ci_low": low, "ci_high": high}, split
 
 
 def panel_block(run_dir: Path, spec: VerdictSpec, rm: tuple | None, judges: list[dict], members: list[tuple],

@@ -247,6 +247,10 @@ def judge_answer(name: str, calibration: dict, win: dict, spec: VerdictSpec) -> 
            "lc_extrapolated": win.get("lc_extrapolated"), "length_diff": win.get("length_diff"),
            "sc_win_rate": win.get("sc_win_rate"), "sc_extrapolated": win.get("sc_extrapolated"),
            "longer_wins": win.get("longer_wins")}
+    if not calibration["n"]:
+        return out | {"calibrated": False, "answer": "unknown",
+                      "because": f"the {name} has no calibration: it judged no chosen-vs-rejected pair on this split "
+                                 "(a prompt set without labels: give a reference set)"}
     if not (_num(calibration["ci_low"]) > spec.calibration_bar):
         return out | {"calibrated": False, "answer": "unknown",
                       "because": f"the {name} could not tell chosen from rejected ({agree}, bar {spec.calibration_bar:g})"}
