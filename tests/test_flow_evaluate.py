@@ -122,8 +122,8 @@ def test_sigkill_mid_run_resumes_from_finished_shards(tmp_path, adapters, orca_j
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "dpo_eval", "evaluate", "--base", str(stories260k), "--adapter",
-               str(adapters["a"]), "--dataset", str(orca_jsonl), "--limit", "32", "--shard-size", "2",
-               "--max-new-tokens", "24", "--bootstrap", "200", "--cache-dir", str(tmp_path / "scores")]
+               str(adapters["a"]), "--dataset", str(orca_jsonl), "--limit", "20", "--shard-size", "2",
+               "--max-new-tokens", "16", "--bootstrap", "100", "--cache-dir", str(tmp_path / "scores")]
     killed = subprocess.Popen(command + ["--out", str(tmp_path / "killed")], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     finished = 0
@@ -143,7 +143,7 @@ def test_sigkill_mid_run_resumes_from_finished_shards(tmp_path, adapters, orca_j
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     cache = json.loads((tmp_path / "killed" / "summary.json").read_text())["cache"]
     assert cache["generate"]["hits"] >= 3
-    assert cache["generate"]["hits"] + cache["generate"]["misses"] == 2 * n_shards(orca_jsonl, 32, 2)
+    assert cache["generate"]["hits"] + cache["generate"]["misses"] == 2 * n_shards(orca_jsonl, 20, 2)
     # an uninterrupted run in a fresh environment gives the same answers and statistics
     fresh_env = dict(env, PREFECT_HOME=str(tmp_path / "prefect-fresh"))
     clean = subprocess.run(command[:-2] + ["--cache-dir", str(tmp_path / "scores-fresh"), "--out",

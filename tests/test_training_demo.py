@@ -120,10 +120,10 @@ def test_real_orca_data_end_to_end(harness, stories260k, orca_jsonl, tmp_path):
     from dpo_eval.flows.train import train_dpo_flow
 
     spec = TrainSpec(base=str(stories260k), dataset=DatasetSpec(source=str(orca_jsonl)), out=tmp_path / "ckpt",
-                     steps=24, save_every=24, batch_size=4, max_length=512)
+                     steps=12, save_every=12, batch_size=4, max_length=512)
     folders = train_dpo_flow(spec)
     config = eval_config(orca_jsonl, stories260k, folders[-1], tmp_path / "run", tmp_path / "s")
-    summary = evaluate_checkpoint(config.model_copy(update={"generation": GenerationSpec(max_new_tokens=32,
+    summary = evaluate_checkpoint(config.model_copy(update={"generation": GenerationSpec(max_new_tokens=16,
                                                                                          batch_size=16)}))
     assert (tmp_path / "run" / "report.html").is_file()
     assert summary["n_pairs"]["train"] + summary["n_pairs"]["valid"] == 284
