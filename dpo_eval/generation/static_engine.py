@@ -87,7 +87,7 @@ def generate_static(model, tokenizer, prompts: list[list[int]], spec, seeds: lis
     `halvings` times) with bucketed widths and a static KV cache; padding counted in `ledger`."""
     import torch
 
-    from dpo_eval.generation.generate import _eos_ids, _finished, check_batch_budget, per_prompt_sampler
+    from dpo_eval.generation.decoding import _eos_ids, _finished, check_batch_budget, sampling_kwargs
 
     eos = _eos_ids(model, tokenizer)
     ledger = ledger if ledger is not None else PaddingLedger()
@@ -109,9 +109,7 @@ def generate_static(model, tokenizer, prompts: list[list[int]], spec, seeds: lis
         ids, mask = left_padded([prompts[i] for i in batch], tokenizer.pad_token_id, width)
         check_batch_budget(len(batch), width, spec)
         ledger.add(lengths, width)
-        sampling = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p,
-                    "logits_processor": per_prompt_sampler([seeds[i] for i in batch], device)} \
-            if spec.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        sampling = sampling_kwargs(spec, [seeds[i] for i in batch], device)
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
