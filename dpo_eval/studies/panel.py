@@ -16,7 +16,7 @@ from dpo_eval.config import VerdictSpec
 from dpo_eval.judges.pairwise import answer_lengths
 from dpo_eval.judges.panel import CI_METHOD, MAJORITY_RULE, WIN_CI_METHOD, agreement_rows, majority, own_rows, win_block
 from dpo_eval.judges.statistics import length_differences, split_lc_win_rate
-from dpo_eval.studies.verdict import (
+from dpo_eval.studies.readings import (
     RM,
     _at_level,
     _held_out_split,
