@@ -338,8 +338,8 @@ def test_two_judges_of_a_set_without_labels_still_get_their_agreement(tmp_path):
     pair = next(p for p in panel["pairs"] if {p["a"], p["b"]} == {"openai:judge-a", "openai:judge-b"})
     assert pair["n"] == n and pair["kappa"] == pytest.approx(cohen_kappa_score(a, b), abs=1e-12)
     assert panel["reads_verdict"] is False
-    assert answers["better"]["answer"] == "unknown"
-    assert all("no calibration" in j["because"] for j in answers["better"]["judges"] if j["judge"].startswith("LLM"))
+    assert answers["better"]["answer"] == "unknown" and "no calibration" in answers["better"]["because"]
+    assert [panel["judges"][name]["calibrated"] for name in ("openai:judge-a", "openai:judge-b")] == [False, False]
 
 
 def test_repeats_keep_the_strength_most_repeats_give():
@@ -358,3 +358,36 @@ def test_repeats_keep_the_strength_most_repeats_give():
     assert (block["changed"], block["strength_changed"]) == (0, 1)
     folded, _ = fold([table(2), table(2), table(1)], 0.7)
     assert folded["strength"].to_list() == [2]
+
+
+def test_a_judge_without_calibration_beside_calibrated_ones_changes_no_answer(tmp_path):
+    """A reward model, a calibrated LLM judge A and a judge B that judged tuned vs base only: B enters the panel's
+    agreement, but the four answers are those of the run without B."""
+    from dpo_eval.config import VerdictSpec
+    from dpo_eval.judges.statistics import judge_summary
+    from dpo_eval.studies.verdict import assess
+    from tests.test_verdict import judgments_of, planted, write_run
+
+    n, rng = 60, np.random.default_rng(11)
+    scores = planted(n=n)
+    a = rng.choice(["tuned", "base", "tie"], n, p=[0.7, 0.2, 0.1]).tolist()
+    b = rng.choice(["tuned", "base"], n, p=[0.3, 0.7]).tolist()
+    runs = {}
+    for label, with_b in (("with", True), ("without", False)):
+        run = write_run(tmp_path / label, scores)
+        rows_a = judgments_of({"tuned_vs_base": a, "chosen_vs_rejected": ["chosen"] * n}).with_columns(
+            judge=pl.lit("openai:judge-a:" + "a" * 12))
+        rows_b = judgments_of({"tuned_vs_base": b}).with_columns(judge=pl.lit("openai:judge-b:" + "b" * 12))
+        blocks = {"openai:judge-a": judge_summary(rows_a) | {"id": "openai:judge-a:" + "a" * 12}}
+        if with_b:
+            blocks["openai:judge-b"] = judge_summary(rows_b) | {"id": "openai:judge-b:" + "b" * 12}
+        pl.concat([rows_a, rows_b] if with_b else [rows_a]).write_parquet(run / "judgments.parquet")
+        summary = json.loads((run / "summary.json").read_text()) | {"judge": blocks["openai:judge-a"],
+                                                                     "judges": blocks}
+        (run / "summary.json").write_text(json.dumps(summary, allow_nan=True))
+        runs[label] = assess(run, VerdictSpec(resamples=100))
+    (with_b, _, panel), (without, _, _) = runs["with"], runs["without"]
+    assert panel is not None and any("openai:judge-b" in (p["a"], p["b"]) for p in panel["pairs"])
+    for question in ("better", "gaming"):
+        assert (with_b[question]["answer"], with_b[question]["because"]) == \
+            (without[question]["answer"], without[question]["because"]), question

@@ -53,7 +53,7 @@ def uncalibrated_block(block: dict, spec: VerdictSpec) -> tuple[dict, dict, str]
         return None
     w = splits[split]["tuned_vs_base"]
     low, high = _at_level(w["wins"] + w["ties"] / 2, w["n"], spec) if "wins" in w else (math.nan, math.nan)
-    calibration = {"agreement": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
+    calibration = {"agreement": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0, "none": True}
     return calibration, {"split": split, **w, "ci_low": low, "ci_high": high}, split
 
 

@@ -181,7 +181,7 @@ def judge_answer(name: str, calibration: dict, win: dict, spec: VerdictSpec) -> 
            "lc_extrapolated": win.get("lc_extrapolated"), "length_diff": win.get("length_diff"),
            "sc_win_rate": win.get("sc_win_rate"), "sc_extrapolated": win.get("sc_extrapolated"),
            "longer_wins": win.get("longer_wins")}
-    if not calibration["n"]:
+    if calibration.get("none"):
         return out | {"calibrated": False, "answer": "unknown",
                       "because": f"the {name} has no calibration: it judged no chosen-vs-rejected pair on this split "
                                  "(a prompt set without labels: give a reference set)"}
@@ -644,9 +644,10 @@ def assess(run_dir: Path, spec: VerdictSpec | None = None) -> tuple[dict, dict, 
     from dpo_eval.studies.panel import majority_answer, panel_block, panel_members
 
     llm = llm_judge_blocks(summary, spec)
-    members = panel_members(summary, spec)
-    if len(members) > 1:  # a panel: each LLM judge answers under its own name
-        judges += [judge_answer(f"LLM judge {m[0]}", m[2], m[3], spec) for m in members]
+    members = panel_members(summary, spec)  # judges without calibration too: they enter the agreement only
+    scored = [m for m in members if not m[2].get("none")]
+    if len(scored) > 1:  # a panel: each LLM judge with a calibration answers under its own name
+        judges += [judge_answer(f"LLM judge {m[0]}", m[2], m[3], spec) for m in scored]
     elif llm is not None:
         judges.append(judge_answer("LLM judge", llm[0], llm[1], spec))
     if llm is not None:
@@ -657,12 +658,13 @@ def assess(run_dir: Path, spec: VerdictSpec | None = None) -> tuple[dict, dict, 
                                  calibrated=all(j["calibrated"] for j in judges)) if rm and llm else None)
     directions = _feature_directions(_table(run_dir, "stats.parquet"), spec.alpha)
     panel = panel_block(run_dir, spec, rm, judges, members, llm[2] if llm else None) if len(members) > 1 else None
-    majority = majority_answer(panel["majority"]) if panel and panel["reads_verdict"] else None
+    reads = panel is not None and panel["reads_verdict"] and len(scored) > 1  # else the panel informs only
+    majority = majority_answer(panel["majority"]) if reads else None
     answers = {"alignment": alignment(summary, spec, said["alignment"]),
                "better": better(judges, said["better"], majority, _uncalibrated_judge(summary, llm)),
                "forgetting": forgetting(summary, spec, said["forgetting"]),
                "gaming": gaming([majority] if majority else judges, agreement, directions, said["gaming"],
-                                panel_pairs=panel["pairs"] if panel else None)}
+                                panel_pairs=panel["pairs"] if reads else None)}
     if gaps:
         answers["gap_line"] = " ".join(block["sentence"] for block in gaps.values())
     return answers, gaps, panel
